@@ -1,0 +1,128 @@
+"""Rank allocation: how many rank-1 terms g_c each input channel keeps (pure numpy).
+
+Within a layer every kept term costs the same and its value (alpha_c s_ci^2) is
+non-increasing in i, so greedy choices are exactly optimal per layer:
+  LEGO  min G  s.t. e <= beta  -> drop the smallest scores while their sum stays <= beta;
+  MEGO  min e  s.t. G <= budget -> keep the top-`budget` scores.
+Across layers a term costs `term_cost` MACs (output pixels x (K + M/groups)); the network
+budget is a knapsack that `allocate_macs` fills greedily by score / cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _order(scores: np.ndarray, descending: bool) -> np.ndarray:
+    """Flat indices of a (C, r) score array, ties broken so each channel stays a prefix."""
+    c_idx, r_idx = np.indices(scores.shape)
+    flat = scores.ravel()
+    if descending:  # larger score first; on ties lower rank index first, then lower channel
+        return np.lexsort((c_idx.ravel(), r_idx.ravel(), -flat))
+    return np.lexsort((-c_idx.ravel(), -r_idx.ravel(), flat))
+
+
+def _ranks_from_kept(kept: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(shape[0] * shape[1], dtype=bool)
+    mask[kept] = True
+    return mask.reshape(shape).sum(axis=1).astype(np.int64)
+
+
+def lego(scores: np.ndarray, beta: float) -> np.ndarray:
+    """Error-constrained minimum complexity: fewest terms with dropped score sum <= beta."""
+    order = _order(scores, descending=False)
+    dropped = np.cumsum(scores.ravel()[order]) <= beta
+    n_drop = int(np.count_nonzero(dropped))  # cumsum is non-decreasing: dropped is a prefix
+    return _ranks_from_kept(order[n_drop:], scores.shape)
+
+
+def mego(scores: np.ndarray, budget: int) -> np.ndarray:
+    """Complexity-constrained minimum error: keep the `budget` largest scores."""
+    budget = max(0, min(int(budget), scores.size))
+    return _ranks_from_kept(_order(scores, descending=True)[:budget], scores.shape)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What the network-level allocator needs to know about one rewritable layer."""
+
+    scores: np.ndarray  # (C, r) alpha_c s_ci^2
+    term_cost: float  # MACs of one kept term (pixels x (K + M/groups))
+    original_cost: float  # MACs of the original conv
+
+
+@dataclass(frozen=True)
+class MacAllocation:
+    """Result of `allocate_macs`: ranks per layer (None = keep the original conv)."""
+
+    ranks: list[np.ndarray | None]
+    total_cost: float
+    feasible: bool
+
+
+def gdws_cost(layer: LayerCost, ranks: np.ndarray) -> float:
+    return float(ranks.sum()) * layer.term_cost
+
+
+def allocate_macs(layers: list[LayerCost], budget: float) -> MacAllocation:
+    """Greedy knapsack over all layers' terms by score / term cost, total cost <= budget.
+
+    Each rewritten layer keeps at least its best term. A layer whose GDWS cost is not below
+    its original cost is reverted to the original and the freed MACs go back to the others,
+    until no layer changes. If even one term per layer does not fit, every layer gets one
+    term and `feasible` is False.
+    """
+    active = [True] * len(layers)
+    while True:
+        ranks = _greedy_fill(layers, active, budget)
+        feasible = ranks is not None
+        if ranks is None:  # the minimum (one term per active layer) is over budget
+            ranks = [_best_term(l.scores) if a else None for l, a in zip(layers, active)]
+        changed = False
+        for i, (layer, r) in enumerate(zip(layers, ranks)):
+            if r is not None and gdws_cost(layer, r) >= layer.original_cost:
+                active[i], ranks[i], changed = False, None, True
+        if not changed:
+            total = sum(gdws_cost(l, r) if r is not None else l.original_cost
+                        for l, r in zip(layers, ranks))
+            return MacAllocation(ranks=ranks, total_cost=total, feasible=feasible)
+
+
+def _best_term(scores: np.ndarray) -> np.ndarray:
+    return mego(scores, 1)
+
+
+def _greedy_fill(layers: list[LayerCost], active: list[bool], budget: float
+                 ) -> list[np.ndarray | None] | None:
+    fixed = sum(l.original_cost for l, a in zip(layers, active) if not a)
+    left = budget - fixed - sum(l.term_cost for l, a in zip(layers, active) if a)
+    if left < 0:
+        return None
+    ids = [i for i, a in enumerate(active) if a]
+    if not ids:
+        return [None] * len(layers)
+    # Every active layer keeps its best term; the rest compete by score per MAC.
+    ratio, layer_of, flat_of = [], [], []
+    for i in ids:
+        l = layers[i]
+        order = _order(l.scores, descending=True)[1:]
+        ratio.append(l.scores.ravel()[order] / l.term_cost)
+        layer_of.append(np.full(order.size, i))
+        flat_of.append(order)
+    ratio, layer_of, flat_of = map(np.concatenate, (ratio, layer_of, flat_of))
+    costs = np.array([layers[i].term_cost for i in range(len(layers))])[layer_of]
+    # Stable sort keeps each layer's own (prefix-preserving) order among equal ratios.
+    order = np.argsort(-ratio, kind="stable")
+    take = np.zeros(order.size, dtype=bool)
+    for pos in order:  # a term that does not fit is skipped; cheaper ones may still fit
+        if costs[pos] <= left:
+            left -= costs[pos]
+            take[pos] = True
+    ranks: list[np.ndarray | None] = [None] * len(layers)
+    for i in ids:
+        sel = (layer_of == i) & take
+        kept = np.concatenate([_order(layers[i].scores, True)[:1], flat_of[sel]])
+        ranks[i] = _ranks_from_kept(kept, layers[i].scores.shape)
+    return ranks

@@ -1,0 +1,60 @@
+"""What every subcommand shares: error handling, consoles, atomic text output, shape options."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+
+import click
+from rich.console import Console
+
+from ..errors import GateFailed, GDWSError
+from ..runtime import parse_input_shapes
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def handle_errors(fn):
+    """GDWSError -> one 'error:' line and exit 2; GateFailed -> its message and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GDWSError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except GateFailed as e:
+            click.echo(f"FAILED: {e}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def input_shape_option(fn):
+    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
+                        help="Fix an input's shape (repeatable), e.g. input:1,3,224,224.")(fn)
+
+
+def shapes_from(specs) -> dict[str, list[int]]:
+    return parse_input_shapes(list(specs))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write text to `path` through a temporary file in the same folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".gdws-tmp-", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise GDWSError(f"cannot write {path}: {e}") from None

@@ -1,0 +1,45 @@
+"""`onnx-gdws inspect MODEL`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.table import Table
+
+from ..inspect import TOP_RANKS, inspect_model, to_dicts
+from ..report import human
+from .common import handle_errors, input_shape_option, shapes_from, stdout_console
+
+
+@click.command("inspect")
+@click.argument("model")
+@input_shape_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@handle_errors
+def inspect_cmd(model: str, input_shapes, as_json: bool) -> None:
+    """Per-conv shapes, MACs, eligibility and per-channel spectrum summary.
+
+    'top-r energy' is the fraction of ||W||_F^2 kept when every input channel keeps its
+    r largest singular values: high at low r means GDWS can cut much at little error.
+    """
+    infos = inspect_model(model, shapes_from(input_shapes))
+    if as_json:
+        click.echo(json.dumps(to_dicts(infos), indent=2))
+        return
+    t = Table(title=f"Convs of {model}")
+    for col in ("conv", "kernel", "C->M (g)", "stride", "dil.", "MACs", "params", "max rank",
+                *(f"top-{r} energy" for r in TOP_RANKS), "eligible"):
+        t.add_column(col, overflow="fold")
+    for i in infos:
+        t.add_row(i.name, "x".join(map(str, i.kernel)),
+                  f"{i.in_channels}->{i.out_channels}" + (f" ({i.groups})" if i.groups > 1 else ""),
+                  ",".join(map(str, i.strides)), ",".join(map(str, i.dilations)), human(i.macs),
+                  human(i.params), str(i.max_rank),
+                  *(f"{i.energy_kept[f'top{r}']:.1%}" if i.energy_kept else "-" for r in TOP_RANKS),
+                  "yes" if i.eligible else f"no: {i.reason}")
+    console = stdout_console()
+    console.print(t)
+    eligible = [i for i in infos if i.eligible]
+    console.print(f"{len(infos)} convs, {len(eligible)} eligible; total conv MACs "
+                  f"{human(sum(i.macs for i in infos) if all(i.macs is not None for i in infos) else None)}")

@@ -1,0 +1,79 @@
+"""`onnx-gdws optimize MODEL -o OUT`."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ..errors import GateFailed
+from ..model_io import check_output_path, load_model, save_model
+from ..optimize import DEFAULT_ERROR_BUDGET, OptimizeOptions, optimize_loaded
+from ..report import optimize_table, verification_lines
+from .common import (handle_errors, input_shape_option, shapes_from, stderr_console, stdout_console,
+                     write_text_atomic)
+
+
+@click.command("optimize")
+@click.argument("model")
+@click.option("-o", "--output", required=True, help="Path of the optimized model.")
+@click.option("--error-budget", type=float, default=None,
+              help=f"Per-layer relative weighted error, 0 <= EPS < 1 (default {DEFAULT_ERROR_BUDGET} "
+                   "when no budget is given).")
+@click.option("--mac-reduction", type=float, default=None,
+              help="Divide the model's total conv MACs by R, ranks allocated across layers.")
+@click.option("--alphas", type=str, default=None,
+              help="Per-layer, per-channel error weights: .json or .npz keyed by conv name.")
+@click.option("--skip-first/--no-skip-first", default=True, show_default=True,
+              help="Leave the first conv as it is.")
+@click.option("--include", default=None, metavar="REGEX", help="Only convs whose name matches.")
+@click.option("--exclude", default=None, metavar="REGEX", help="Skip convs whose name matches.")
+@click.option("--force", is_flag=True, help="Rewrite eligible convs even where GDWS is not cheaper.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare original and optimized outputs in ONNX Runtime.")
+@click.option("--data", default=None, help="Verification inputs: .npz with 'x' (or arrays named after inputs).")
+@input_shape_option
+@click.option("--max-error", type=float, default=None,
+              help="Gate: fail (exit 1, no output written) if any output's relative error exceeds TOL.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random verification inputs.")
+@click.option("--report", "report_path", default=None, help="Write a JSON report here.")
+@click.option("--overwrite-input", is_flag=True, help="Allow -o to be the input file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@handle_errors
+def optimize_cmd(model, output, error_budget, mac_reduction, alphas, skip_first, include, exclude,
+                 force, verify, data, input_shapes, max_error, seed, report_path, overwrite_input,
+                 quiet) -> None:
+    """Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."""
+    start = time.perf_counter()
+    opts = OptimizeOptions(error_budget=error_budget, mac_reduction=mac_reduction, alphas=alphas,
+                           skip_first=skip_first, include=include, exclude=exclude, force=force,
+                           verify=verify, data=data, input_shapes=shapes_from(input_shapes),
+                           max_error=max_error, seed=seed)
+    opts.validate()
+    check_output_path(output, model, overwrite_input)
+    with stderr_console().status("optimizing..."):
+        t0 = time.perf_counter()
+        loaded = load_model(model)
+        load_time = time.perf_counter() - t0
+        optimized, report = optimize_loaded(loaded, opts)
+    report.timings = {"load": load_time, **report.timings}
+    out = stdout_console()
+    if not quiet:
+        out.print(optimize_table(report))
+        if report.budget.message:
+            out.print(f"note: {report.budget.message}")
+        for line in verification_lines(report.verification):
+            out.print(line)
+    if not report.verification.passed:
+        report.timings["total"] = time.perf_counter() - start
+        if report_path:
+            write_text_atomic(report_path, report.to_json())
+        raise GateFailed(f"verification gate failed; {output} was not written")
+    t0 = time.perf_counter()
+    save_model(optimized, output, external_data=loaded.external_data)
+    report.timings["save"] = time.perf_counter() - t0
+    report.timings["total"] = time.perf_counter() - start
+    if report_path:
+        write_text_atomic(report_path, report.to_json())
+    if not quiet:
+        out.print(f"wrote {output}")

@@ -1,0 +1,221 @@
+"""Find the Conv nodes of a model, their constant weights, attributes, shapes and MACs (no runtime)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike",
+                        "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+@dataclass
+class ConvSite:
+    """One Conv node of the top-level graph and everything the rewrite needs to know of it."""
+
+    index: int  # position in graph.node
+    node: onnx.NodeProto
+    name: str  # node name, or its output name when the node is unnamed
+    weight: np.ndarray | None  # None when the weight is computed at run time
+    weight_source: str  # "initializer", "Constant", "folded subgraph" or why it is not constant
+    weight_producers: set[str] = field(default_factory=set)  # outputs of its weight subgraph's nodes
+    group: int = 1
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+    out_spatial: tuple[int, ...] | None = None  # output spatial dims (per sample), if known
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.weight.shape[2:]) if self.weight is not None else ()
+
+    @property
+    def kernel_size(self) -> int:
+        return int(np.prod(self.kernel_shape, dtype=np.int64))
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[1]) * self.group
+
+    @property
+    def pixels(self) -> int | None:
+        return int(np.prod(self.out_spatial, dtype=np.int64)) if self.out_spatial else None
+
+    @property
+    def macs_per_pixel(self) -> int:
+        return self.out_channels * (self.in_channels // self.group) * self.kernel_size
+
+    @property
+    def params(self) -> int:
+        bias = self.out_channels if len(self.node.input) > 2 and self.node.input[2] else 0
+        return int(self.weight.size) + bias
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """The name a node is known by in reports and option files."""
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class ConstantResolver:
+    """Evaluates tensors that depend only on initializers and Constant nodes."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str = ""):
+        g = model.graph
+        self.model = model
+        self.base_dir = base_dir
+        self.initializers = {t.name: t for t in g.initializer}
+        self.producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+
+    def ancestors(self, name: str) -> tuple[list[int] | None, str]:
+        """Indices of the nodes computing `name`, or (None, reason) if it is not constant."""
+        nodes, stack, seen = set(), [name], set()
+        g = self.model.graph
+        while stack:
+            t = stack.pop()
+            if t in seen or t in self.initializers:
+                continue
+            seen.add(t)
+            if t not in self.producer:
+                return None, f"weight '{name}' is computed at run time (depends on input '{t}')"
+            i = self.producer[t]
+            n = g.node[i]
+            if n.op_type in NONDETERMINISTIC_OPS or n.domain not in ("", "ai.onnx") or any(
+                    a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    for a in n.attribute):
+                return None, f"weight '{name}' is produced by {n.op_type}, which is not folded"
+            nodes.add(i)
+            stack.extend(x for x in n.input if x)
+        return sorted(nodes), ""
+
+    def value(self, name: str) -> tuple[np.ndarray | None, list[int], str]:
+        """(array, producing node indices, source description) for a tensor name."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name], self.base_dir), [], "initializer"
+        nodes, reason = self.ancestors(name)
+        if nodes is None:
+            return None, [], reason
+        g = self.model.graph
+        first = g.node[nodes[0]]
+        if len(nodes) == 1 and first.op_type == "Constant" and first.attribute[0].name == "value":
+            return numpy_helper.to_array(first.attribute[0].t, self.base_dir), nodes, "Constant"
+        return self._evaluate(name, nodes), nodes, "folded subgraph"
+
+    def _evaluate(self, name: str, nodes: list[int]) -> np.ndarray:
+        from onnx.reference import ReferenceEvaluator
+
+        g = self.model.graph
+        sub_nodes = [g.node[i] for i in nodes]
+        needed = {x for n in sub_nodes for x in n.input if x in self.initializers}
+        inits = [numpy_helper.from_array(numpy_helper.to_array(self.initializers[x], self.base_dir), x)
+                 for x in sorted(needed)]
+        out = helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)
+        sub = helper.make_model(helper.make_graph(sub_nodes, "weight", [], [out], inits),
+                                opset_imports=self.model.opset_import)
+        return np.asarray(ReferenceEvaluator(sub).run(None, {})[0])
+
+
+def _skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A light copy for shape inference: large initializers become typed inputs (no data)."""
+    g = model.graph
+    inputs = {i.name for i in g.input}
+    small, extra_inputs = [], []
+    for t in g.initializer:
+        if t.data_type == onnx.TensorProto.INT64 or int(np.prod(t.dims, dtype=np.int64)) <= 64:
+            small.append(t)
+        elif t.name not in inputs:
+            extra_inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    graph_inputs = []
+    for vi in g.input:
+        vi = onnx.ValueInfoProto.FromString(vi.SerializeToString())
+        if vi.name in input_shapes:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in input_shapes[vi.name]:
+                dims.add().dim_value = int(d)
+        graph_inputs.append(vi)
+    skel_graph = helper.make_graph(list(g.node), g.name, graph_inputs + extra_inputs,
+                                   list(g.output), small, value_info=list(g.value_info))
+    skel = helper.make_model(skel_graph, opset_imports=model.opset_import,
+                             ir_version=max(model.ir_version, 4))
+    return skel
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | None]:
+    if not vi.type.tensor_type.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+                 ) -> dict[str, list[int | None]]:
+    """Tensor name -> dims (None where unknown), by ONNX shape inference on a light copy."""
+    skel = _skeleton(model, input_shapes or {})
+    try:
+        inferred = shape_inference.infer_shapes(skel, data_prop=True)
+    except Exception:  # noqa: BLE001 - shapes only improve reports; a model may defeat inference
+        inferred = skel
+    g = inferred.graph
+    return {vi.name: _dims(vi) for vi in [*g.input, *g.value_info, *g.output]}
+
+
+def _conv_out_spatial(in_spatial, kernel, strides, pads, dilations, auto_pad):
+    out = []
+    n = len(kernel)
+    for i in range(n):
+        size, k, s, d = in_spatial[i], kernel[i], strides[i], dilations[i]
+        if size is None:
+            return None
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-size // s))
+        else:
+            pad = 0 if auto_pad == "VALID" else pads[i] + pads[i + n]
+            out.append((size + pad - ((k - 1) * d + 1)) // s + 1)
+    return tuple(out)
+
+
+def find_convs(model: onnx.ModelProto, base_dir: str = "",
+               input_shapes: dict[str, list[int]] | None = None) -> list[ConvSite]:
+    """Every Conv of the top-level graph, with its constant weight when it has one."""
+    resolver = ConstantResolver(model, base_dir)
+    shapes: dict[str, list[int | None]] | None = None
+    sites = []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        if shapes is None:
+            shapes = infer_shapes(model, input_shapes)
+        weight, wnodes, source = resolver.value(node.input[1])
+        site = ConvSite(index=idx, node=node, name=node_label(node), weight=weight,
+                        weight_source=source,
+                        weight_producers={o for i in wnodes for o in model.graph.node[i].output})
+        if weight is not None:
+            a = _attrs(node)
+            nsp = weight.ndim - 2
+            site.group = int(a.get("group", 1))
+            site.strides = tuple(a.get("strides", [1] * nsp))
+            site.pads = tuple(a.get("pads", [0] * 2 * nsp))
+            site.dilations = tuple(a.get("dilations", [1] * nsp))
+            ap = a.get("auto_pad", b"NOTSET")
+            site.auto_pad = ap.decode() if isinstance(ap, bytes) else str(ap)
+            out = shapes.get(node.output[0], [])
+            if len(out) == nsp + 2 and all(d for d in out[2:]):
+                site.out_spatial = tuple(int(d) for d in out[2:])
+            else:
+                inp = shapes.get(node.input[0], [])
+                if len(inp) == nsp + 2:
+                    site.out_spatial = _conv_out_spatial(inp[2:], site.kernel_shape, site.strides,
+                                                         site.pads, site.dilations, site.auto_pad)
+        sites.append(site)
+    return sites

@@ -1,0 +1,177 @@
+"""Per-channel SVD of a convolution weight and the GDWS factors it yields (pure numpy).
+
+A Conv weight W has shape (M, C/groups, *kernel). For input channel c (in group j) the
+block W_c = W[rows of group j, c_local] reshaped to (M/groups) x K, K = prod(kernel), acts
+on channel c's K-patch. GDWS keeps g_c rank-1 terms of each block:
+W_c ~ P_c D_c with P_c = U_c[:, :g] diag(s_c[:g]) and D_c = V_c[:g]^T (Eckart-Young optimal),
+and error e = sum_c alpha_c sum_{i >= g_c} s_ci^2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Per-channel SVD of one conv weight.
+
+    u: (C, Mg, r), s: (C, r), vt: (C, r, K) with r = min(Mg, K), Mg = M / groups.
+    """
+
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+    out_channels: int
+    groups: int
+    kernel_shape: tuple[int, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return self.s.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return self.s.shape[1]
+
+    @property
+    def kernel_size(self) -> int:
+        return int(np.prod(self.kernel_shape))
+
+    def channel_group(self) -> np.ndarray:
+        """Group index of every input channel."""
+        per_group = self.in_channels // self.groups
+        return np.arange(self.in_channels) // per_group
+
+
+def channel_blocks(weight: np.ndarray, groups: int = 1) -> np.ndarray:
+    """Stack the per-input-channel blocks W_c, shape (C, M/groups, K)."""
+    m, c_per_group = weight.shape[:2]
+    k = int(np.prod(weight.shape[2:], dtype=np.int64))
+    mg = m // groups
+    w = weight.reshape(groups, mg, c_per_group, k)  # (groups, Mg, Cg, K)
+    return w.transpose(0, 2, 1, 3).reshape(groups * c_per_group, mg, k)
+
+
+def spectrum(weight: np.ndarray, groups: int = 1) -> Spectrum:
+    """Batched per-channel SVD of a conv weight, computed in float64."""
+    if weight.ndim < 3:
+        raise ValueError(f"conv weight must have rank >= 3, got shape {weight.shape}")
+    m = weight.shape[0]
+    if groups < 1 or m % groups:
+        raise ValueError(f"output channels {m} not divisible by groups {groups}")
+    blocks = channel_blocks(np.asarray(weight, dtype=np.float64), groups)
+    u, s, vt = np.linalg.svd(blocks, full_matrices=False)
+    return Spectrum(u=u, s=s, vt=vt, out_channels=m, groups=groups,
+                    kernel_shape=tuple(int(d) for d in weight.shape[2:]))
+
+
+def scores(spec: Spectrum, alpha: np.ndarray | float = 1.0) -> np.ndarray:
+    """Value of each rank-1 term: alpha_c * s_ci^2, shape (C, r), non-increasing in i."""
+    a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (spec.in_channels,))
+    return a[:, None] * spec.s**2
+
+
+def weighted_energy(spec: Spectrum, alpha: np.ndarray | float = 1.0) -> float:
+    """sum_c alpha_c ||W_c||_F^2."""
+    return float(scores(spec, alpha).sum())
+
+
+def weighted_error(spec: Spectrum, ranks: np.ndarray, alpha: np.ndarray | float = 1.0) -> float:
+    """e = sum_c alpha_c sum_{i >= g_c} s_ci^2: the exact weighted squared error at ranks g."""
+    sc = scores(spec, alpha)
+    dropped = np.arange(spec.max_rank)[None, :] >= np.asarray(ranks)[:, None]
+    return float(sc[dropped].sum())
+
+
+def energy_kept(spec: Spectrum, rank: int) -> float:
+    """Fraction of ||W||_F^2 kept when every channel keeps its top `rank` terms."""
+    total = float((spec.s**2).sum())
+    return float((spec.s[:, :rank] ** 2).sum()) / total if total > 0 else 1.0
+
+
+def group_width(spec: Spectrum, ranks: np.ndarray) -> int:
+    """Intermediate channels per group: the largest group total (groups are padded to it)."""
+    totals = np.bincount(spec.channel_group(), weights=np.asarray(ranks), minlength=spec.groups)
+    return max(int(totals.max()), 1)
+
+
+def gdws_cost_per_pixel(spec: Spectrum, ranks: np.ndarray) -> int:
+    """MACs (and weight parameters) per output pixel: groups * width * K + M * width.
+    For groups = 1 this is the paper's G (K + M)."""
+    width = group_width(spec, ranks)
+    return spec.groups * width * spec.kernel_size + spec.out_channels * width
+
+
+def original_cost_per_pixel(spec: Spectrum) -> int:
+    """M * (C / groups) * K."""
+    return spec.out_channels * (spec.in_channels // spec.groups) * spec.kernel_size
+
+
+@dataclass(frozen=True)
+class GDWSFactors:
+    """Weights of the GDWS realization at ranks g (G = sum g_c).
+
+    gather: (G,) input channel of each intermediate channel (c repeated g_c times);
+    depthwise: (G, 1, *kernel); pointwise: (M, G / groups, *ones).
+    Intermediate channels are ordered by group, then channel, then rank, so a grouped
+    pointwise conv sees each group's channels contiguously. Groups are padded to the same
+    width with zero kernels when their totals differ.
+    """
+
+    gather: np.ndarray
+    depthwise: np.ndarray
+    pointwise: np.ndarray
+    groups: int
+
+
+def factors(spec: Spectrum, ranks: np.ndarray, dtype: np.dtype = np.float32) -> GDWSFactors:
+    """Build the depthwise and pointwise weights for per-channel ranks g."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    if ranks.shape != (spec.in_channels,) or ranks.min() < 0 or ranks.max() > spec.max_rank:
+        raise ValueError("ranks must be one integer in [0, max_rank] per input channel")
+    groups, kshape = spec.groups, spec.kernel_shape
+    mg = spec.out_channels // groups
+    group_of = spec.channel_group()
+    width = group_width(spec, ranks)
+
+    gather = np.zeros((groups, width), dtype=np.int64)
+    dw = np.zeros((groups, width, spec.kernel_size))
+    pw = np.zeros((groups, mg, width))
+    for j in range(groups):
+        channels = np.flatnonzero(group_of == j)
+        gather[j] = channels[0]  # padding slots read any channel of the group with a zero kernel
+        pos = 0
+        for c in channels:
+            g = int(ranks[c])
+            gather[j, pos:pos + g] = c
+            dw[j, pos:pos + g] = spec.vt[c, :g]
+            pw[j, :, pos:pos + g] = spec.u[c, :, :g] * spec.s[c, :g]
+            pos += g
+    ones = (1,) * len(kshape)
+    return GDWSFactors(
+        gather=gather.reshape(-1),
+        depthwise=dw.reshape(groups * width, 1, *kshape).astype(dtype),
+        pointwise=pw.reshape(groups * mg, width, *ones).astype(dtype),
+        groups=groups,
+    )
+
+
+def reconstruct(f: GDWSFactors, in_channels: int) -> np.ndarray:
+    """The dense weight Q the factors realize, shape (M, C/groups, *kernel) (for tests and errors)."""
+    groups = f.groups
+    g_total, _, *kshape = f.depthwise.shape
+    width = g_total // groups
+    m = f.pointwise.shape[0]
+    mg, cg = m // groups, in_channels // groups
+    k = int(np.prod(kshape, dtype=np.int64))
+    q = np.zeros((groups, mg, cg, k))
+    dw = f.depthwise.reshape(groups, width, k).astype(np.float64)
+    pw = f.pointwise.reshape(groups, mg, width).astype(np.float64)
+    gather = f.gather.reshape(groups, width)
+    for j in range(groups):
+        for t in range(width):
+            q[j, :, gather[j, t] - j * cg] += np.outer(pw[j, :, t], dw[j, t])
+    return q.reshape(m, cg, *kshape)

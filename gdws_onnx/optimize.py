@@ -1,0 +1,272 @@
+"""`optimize`: analyze -> decompose -> allocate -> rewrite -> verify, in named steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from . import allocate, decompose
+from .convs import ConvSite, find_convs
+from .errors import GDWSError
+from .model_io import LoadedModel, load_model
+from .report import BudgetReport, LayerReport, OptimizeReport, VerificationReport, versions
+from .rewrite import GDWSRewritePass, LayerRewrite
+from .runtime import data_feeds, make_session, random_feeds, run_and_compare
+
+DEFAULT_ERROR_BUDGET = 0.1
+
+
+@dataclass
+class OptimizeOptions:
+    """The options of `onnx-gdws optimize` (CLI flags in kebab-case, same meaning)."""
+
+    error_budget: float | None = None  # per-layer relative weighted error, 0 <= eps < 1
+    mac_reduction: float | None = None  # whole-model conv MACs / R
+    alphas: str | dict | None = None  # per-layer, per-channel weights (file or dict)
+    skip_first: bool = True
+    include: str | None = None  # regex on conv names
+    exclude: str | None = None
+    force: bool = False  # rewrite even when GDWS is not cheaper
+    verify: bool = True
+    data: str | None = None  # .npz with `x` (or arrays named after the inputs)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    max_error: float | None = None  # gate on the relative output error
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.error_budget is not None and self.mac_reduction is not None:
+            raise GDWSError("give either --error-budget or --mac-reduction, not both")
+        if self.error_budget is not None and not 0 <= self.error_budget < 1:
+            raise GDWSError(f"--error-budget must be in [0, 1), got {self.error_budget}")
+        if self.mac_reduction is not None and not self.mac_reduction >= 1:
+            raise GDWSError(f"--mac-reduction must be >= 1, got {self.mac_reduction}")
+        if self.max_error is not None and not self.max_error >= 0:
+            raise GDWSError(f"--max-error must be >= 0, got {self.max_error}")
+        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise GDWSError(f"{flag} is not a valid regular expression: {e}") from None
+
+
+def load_alphas(source: str | dict | None) -> dict[str, np.ndarray]:
+    """Per-layer alpha vectors keyed by conv name, from a dict, a .json or an .npz file."""
+    if source is None:
+        return {}
+    if isinstance(source, dict):
+        return {k: np.asarray(v, dtype=np.float64) for k, v in source.items()}
+    if not os.path.isfile(source):
+        raise GDWSError(f"--alphas file not found: {source}")
+    try:
+        if source.endswith(".npz"):
+            with np.load(source) as z:
+                return {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
+        with open(source) as f:
+            return {k: np.asarray(v, dtype=np.float64) for k, v in json.load(f).items()}
+    except (ValueError, OSError) as e:
+        raise GDWSError(f"cannot read --alphas {source}: {e}") from None
+
+
+def _alpha_for(site: ConvSite, alphas: dict[str, np.ndarray]) -> np.ndarray:
+    a = alphas.get(site.name, np.ones(1))
+    if a.size not in (1, site.in_channels) or np.any(a < 0) or not np.all(np.isfinite(a)):
+        raise GDWSError(f"alphas for '{site.name}' must be 1 or {site.in_channels} non-negative "
+                        f"finite values, got {a.size}")
+    return np.broadcast_to(a.ravel(), (site.in_channels,)).astype(np.float64)
+
+
+def skip_reason(site: ConvSite, first: bool, opts: OptimizeOptions) -> str:
+    """Why a conv is not a candidate ('' if it is)."""
+    if site.weight is None:
+        return site.weight_source
+    if site.kernel_size == 1:
+        return "1x1 conv (already pointwise)"
+    if site.in_channels // site.group == 1:
+        return "depthwise conv (nothing to gain)"
+    if first and opts.skip_first:
+        return "first conv (--no-skip-first to include)"
+    if opts.include is not None and not re.search(opts.include, site.name):
+        return "not matched by --include"
+    if opts.exclude is not None and re.search(opts.exclude, site.name):
+        return "matched by --exclude"
+    return ""
+
+
+@dataclass
+class _Candidate:
+    site: ConvSite
+    spec: decompose.Spectrum
+    alpha: np.ndarray
+    ranks: np.ndarray | None = None
+    reason: str = ""
+
+
+def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOptions) -> BudgetReport:
+    """Choose ranks for every candidate; set `reason` on those left as they are."""
+    if opts.mac_reduction is None:
+        eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
+        for c in cands:
+            sc = decompose.scores(c.spec, c.alpha)
+            c.ranks = allocate.lego(sc, eps * float(sc.sum()))
+            if c.ranks.sum() == 0:  # a layer keeps at least one term
+                c.ranks = allocate.mego(sc, 1)
+        return BudgetReport(mode="error", target=eps, achieved=None)
+
+    unknown = [s.name for s in sites if s.weight is not None and s.pixels is None]
+    if unknown:
+        raise GDWSError("--mac-reduction needs every conv's output size; shapes are unknown for "
+                        f"{unknown[:3]}{'...' if len(unknown) > 3 else ''}: give --input-shape NAME:DIMS")
+    cand_names = {c.site.name for c in cands}
+    fixed = sum(s.pixels * s.macs_per_pixel for s in sites if s.weight is not None and s.name not in cand_names)
+    total = fixed + sum(c.site.pixels * c.site.macs_per_pixel for c in cands)
+    layers = [allocate.LayerCost(
+        scores=decompose.scores(c.spec, c.alpha),
+        term_cost=c.site.pixels * (c.spec.kernel_size + c.spec.out_channels / c.spec.groups),
+        original_cost=c.site.pixels * c.site.macs_per_pixel) for c in cands]
+    result = allocate.allocate_macs(layers, total / opts.mac_reduction - fixed)
+    for c, r in zip(cands, result.ranks):
+        c.ranks = r
+        if r is None:
+            c.reason = "not chosen by the MAC budget (GDWS would not be cheaper)"
+    return BudgetReport(mode="macs", target=opts.mac_reduction, achieved=None, met=result.feasible,
+                        message="" if result.feasible else
+                        "budget cannot be met with the eligible layers: every rewritten layer keeps one term")
+
+
+def _layer_report(site: ConvSite, reason: str, cand: _Candidate | None) -> LayerReport:
+    w = site.weight
+    rep = LayerReport(name=site.name, kernel=list(site.kernel_shape) if w is not None else [],
+                      in_channels=site.in_channels if w is not None else 0,
+                      out_channels=site.out_channels if w is not None else 0,
+                      groups=site.group, status="skipped", reason=reason, weight_source=site.weight_source,
+                      pixels=site.pixels)
+    if w is None:
+        return rep
+    rep.macs_per_pixel_before = rep.macs_per_pixel_after = site.macs_per_pixel
+    rep.params_before = rep.params_after = site.params
+    if cand is not None and not reason:
+        spec, ranks = cand.spec, cand.ranks
+        rep.status = "rewritten"
+        rep.max_rank, rep.total_rank = spec.max_rank, int(ranks.sum())
+        rep.macs_per_pixel_after = decompose.gdws_cost_per_pixel(spec, ranks)
+        rep.params_after = rep.macs_per_pixel_after + (site.params - int(w.size))
+        energy = decompose.weighted_energy(spec, cand.alpha)
+        rep.relative_error = decompose.weighted_error(spec, ranks, cand.alpha) / energy if energy > 0 else 0.0
+    return rep
+
+
+def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, opts: OptimizeOptions
+           ) -> VerificationReport:
+    """Run both models in ONNX Runtime on the same inputs and compare every output."""
+    ref = make_session(original)
+    new = make_session(optimized)
+    if opts.data:
+        if not os.path.isfile(opts.data):
+            raise GDWSError(f"--data file not found: {opts.data}")
+        try:
+            with np.load(opts.data) as z:
+                feeds = data_feeds(ref, {k: z[k] for k in z.files})
+        except (ValueError, OSError) as e:
+            raise GDWSError(f"cannot read --data {opts.data}: {e}") from None
+        desc = f"data file {opts.data}"
+    else:
+        try:
+            feeds = random_feeds(ref, opts.input_shapes, seed=opts.seed)
+        except GDWSError as e:
+            return VerificationReport(ran=False, message=str(e))
+        desc = "random inputs in [0,1) (seed {}, shapes {})".format(
+            opts.seed, ", ".join(f"{k}:{','.join(map(str, v.shape))}" for k, v in feeds.items()))
+    outputs = run_and_compare(ref, new, feeds)
+    passed = opts.max_error is None or all(o.relative <= opts.max_error for o in outputs)
+    return VerificationReport(ran=True, inputs=desc, outputs=outputs, max_error=opts.max_error, passed=passed)
+
+
+def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.ModelProto, OptimizeReport]:
+    """The pipeline on a loaded model; the model object is rewritten in place."""
+    opts.validate()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = loaded.model
+    sites = find_convs(model, loaded.base_dir, opts.input_shapes)
+    if not sites:
+        raise GDWSError("the model has no Conv node (in its top-level graph): nothing to optimize")
+    alphas = load_alphas(opts.alphas)
+    unknown = sorted(set(alphas) - {s.name for s in sites})
+    if unknown:
+        raise GDWSError(f"--alphas names convs that are not in the model: {unknown[:5]}")
+    timings["analyze"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reasons = {s.name: skip_reason(s, i == 0, opts) for i, s in enumerate(sites)}
+    cands = [_Candidate(s, decompose.spectrum(s.weight, s.group), _alpha_for(s, alphas))
+             for s in sites if not reasons[s.name]]
+    budget = _allocate(cands, sites, opts)
+    for c in cands:
+        if c.ranks is not None and not opts.force and \
+                decompose.gdws_cost_per_pixel(c.spec, c.ranks) >= decompose.original_cost_per_pixel(c.spec):
+            c.reason = (f"GDWS would not reduce MACs at the chosen ranks (G={int(c.ranks.sum())}); "
+                        "--force to rewrite anyway")
+        reasons[c.site.name] = reasons[c.site.name] or c.reason
+    chosen = [c for c in cands if not c.reason]
+    rewrites = [LayerRewrite(c.site, decompose.factors(c.spec, c.ranks, c.site.weight.dtype)) for c in chosen]
+    timings["decompose"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    original_src: onnx.ModelProto | str | None = None
+    if opts.verify:  # keep the original for the comparison before it is rewritten in place
+        original_src = loaded.path or model.SerializeToString()
+    GDWSRewritePass(rewrites).call(model)
+    timings["rewrite"] = time.perf_counter() - t0
+
+    by_name = {c.site.name: c for c in cands}
+    layers = [_layer_report(s, reasons[s.name], by_name.get(s.name)) for s in sites]
+    report = OptimizeReport(layers=layers, budget=budget, verification=VerificationReport(ran=False),
+                            options=_options_dict(opts), versions=versions())
+    report.budget.achieved = report.mac_reduction
+    if budget.mode == "macs" and budget.met and report.mac_reduction is not None \
+            and report.mac_reduction < budget.target * (1 - 1e-3):
+        budget.met = False
+        budget.message = (f"reached conv MACs / {report.mac_reduction:.3f}, short of / {budget.target:g}: "
+                          "the eligible layers cannot give more")
+
+    t0 = time.perf_counter()
+    if not opts.verify:
+        report.verification.message = "--no-verify"
+    elif not rewrites:
+        report.verification.message = "no conv was rewritten"
+    else:
+        src = original_src if isinstance(original_src, str) else onnx.ModelProto.FromString(original_src)
+        report.verification = verify(src, model, opts)
+    timings["verify"] = time.perf_counter() - t0
+    report.timings = timings
+    return model, report
+
+
+def _options_dict(opts: OptimizeOptions) -> dict:
+    d = asdict(opts)
+    if isinstance(opts.alphas, dict):
+        d["alphas"] = "<dict>"
+    return d
+
+
+def optimize(model_or_path: onnx.ModelProto | str, **options) -> tuple[onnx.ModelProto, OptimizeReport]:
+    """Rewrite eligible convs of a model (object or path) into GDWS form.
+
+    Keyword options are the fields of OptimizeOptions. Returns (optimized model, report);
+    a model object passed in is not modified.
+    """
+    opts = OptimizeOptions(**options)
+    if isinstance(model_or_path, str):
+        loaded = load_model(model_or_path)
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model_or_path)
+        loaded = LoadedModel(model=copy, path=None, base_dir="", external_data=False)
+    return optimize_loaded(loaded, opts)

@@ -1,0 +1,188 @@
+"""Report dataclasses for `optimize` and their renderings (a rich table, JSON)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+
+from .runtime import OutputComparison
+
+
+@dataclass
+class LayerReport:
+    """One Conv: what it was, what happened to it, and why."""
+
+    name: str
+    kernel: list[int]
+    in_channels: int
+    out_channels: int
+    groups: int
+    status: str  # "rewritten" or "skipped"
+    reason: str = ""
+    weight_source: str = ""
+    max_rank: int = 0  # min(M / groups, K)
+    total_rank: int = 0  # G = sum_c g_c
+    realization: str = ""  # "gather+dw+pw" or "dw+pw" (no Gather needed)
+    macs_per_pixel_before: int = 0
+    macs_per_pixel_after: int = 0
+    pixels: int | None = None  # output pixels per sample, when the shape is known
+    params_before: int = 0
+    params_after: int = 0
+    relative_error: float = 0.0  # sum alpha ||W - Q||^2 / sum alpha ||W||^2
+
+    @property
+    def macs_before(self) -> int | None:
+        return None if self.pixels is None else self.pixels * self.macs_per_pixel_before
+
+    @property
+    def macs_after(self) -> int | None:
+        return None if self.pixels is None else self.pixels * self.macs_per_pixel_after
+
+
+@dataclass
+class BudgetReport:
+    """The budget asked for and what was achieved."""
+
+    mode: str  # "error" or "macs"
+    target: float
+    achieved: float | None  # model-level conv MAC ratio (before / after) when known
+    met: bool = True
+    message: str = ""
+
+
+@dataclass
+class VerificationReport:
+    """Original vs optimized outputs in ONNX Runtime."""
+
+    ran: bool
+    inputs: str = ""  # "random (seed 0, shapes ...)" or "data file ..."
+    outputs: list[OutputComparison] = field(default_factory=list)
+    max_error: float | None = None  # the gate on relative error, if any
+    passed: bool = True
+    message: str = ""
+
+
+@dataclass
+class OptimizeReport:
+    """Everything `optimize` did, for the summary table and `--report FILE.json`."""
+
+    layers: list[LayerReport]
+    budget: BudgetReport
+    verification: VerificationReport
+    options: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def _total(self, attr: str) -> int | None:
+        vals = [getattr(layer, attr) for layer in self.layers]
+        return None if any(v is None for v in vals) else int(sum(vals))
+
+    @property
+    def conv_macs_before(self) -> int | None:
+        return self._total("macs_before")
+
+    @property
+    def conv_macs_after(self) -> int | None:
+        return self._total("macs_after")
+
+    @property
+    def mac_reduction(self) -> float | None:
+        b, a = self.conv_macs_before, self.conv_macs_after
+        return b / a if b and a else None
+
+    @property
+    def rewritten(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status == "rewritten"]
+
+    def to_dict(self) -> dict:
+        layers = []
+        for layer in self.layers:
+            d = asdict(layer)
+            d["macs_before"], d["macs_after"] = layer.macs_before, layer.macs_after
+            layers.append(d)
+        return {
+            "summary": {
+                "convs": len(self.layers), "rewritten": len(self.rewritten),
+                "conv_macs_before": self.conv_macs_before, "conv_macs_after": self.conv_macs_after,
+                "mac_reduction": self.mac_reduction,
+                "params_before": sum(layer.params_before for layer in self.layers),
+                "params_after": sum(layer.params_after for layer in self.layers),
+            },
+            "budget": asdict(self.budget),
+            "verification": {**asdict(self.verification),
+                             "outputs": [o.to_dict() for o in self.verification.outputs]},
+            "layers": layers, "options": self.options, "timings": self.timings,
+            "versions": self.versions,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    from . import __version__
+
+    return {"onnx-gdws": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+
+
+def human(n: float | None) -> str:
+    """1234567 -> '1.23M'."""
+    if n is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def optimize_table(report: OptimizeReport):
+    """A rich Table: one row per Conv, a totals row."""
+    from rich.table import Table
+
+    t = Table(title="GDWS rewrite", show_lines=False)
+    for col, justify in (("conv", "left"), ("kernel", "left"), ("C->M (g)", "left"), ("G/max", "right"),
+                         ("MACs before", "right"), ("MACs after", "right"), ("params before", "right"),
+                         ("params after", "right"), ("rel. err", "right"), ("status", "left")):
+        t.add_column(col, justify=justify, overflow="fold")
+    for layer in report.layers:
+        rewritten = layer.status == "rewritten"
+        grp = f" ({layer.groups})" if layer.groups > 1 else ""
+        t.add_row(
+            layer.name, "x".join(map(str, layer.kernel)), f"{layer.in_channels}->{layer.out_channels}{grp}",
+            f"{layer.total_rank}/{layer.in_channels * layer.max_rank}" if rewritten else "-",
+            human(layer.macs_before), human(layer.macs_after),
+            human(layer.params_before), human(layer.params_after),
+            f"{layer.relative_error:.4f}" if rewritten else "-",
+            "rewritten" + (f" ({layer.realization})" if layer.realization else "") if rewritten
+            else f"skipped: {layer.reason}",
+        )
+    ratio = report.mac_reduction
+    t.add_row("total", "", "", "", human(report.conv_macs_before), human(report.conv_macs_after),
+              human(sum(x.params_before for x in report.layers)),
+              human(sum(x.params_after for x in report.layers)), "",
+              f"{len(report.rewritten)}/{len(report.layers)} rewritten"
+              + (f", conv MACs / {ratio:.2f}" if ratio else ""), style="bold")
+    return t
+
+
+def verification_lines(v: VerificationReport) -> list[str]:
+    """Plain lines describing the verification, for the CLI."""
+    if not v.ran:
+        return [f"verification skipped: {v.message}"]
+    lines = [f"verified in ONNX Runtime on {v.inputs}:"]
+    for o in v.outputs:
+        top1 = f", top-1 agreement {o.top1_agreement:.1%}" if o.top1_agreement is not None else ""
+        lines.append(f"  {o.name}: max abs {o.max_abs:.3g}, mean abs {o.mean_abs:.3g}, "
+                     f"relative {o.relative:.3g}{top1}")
+    if v.max_error is not None:
+        lines.append(f"  gate --max-error {v.max_error:g} (relative): {'PASS' if v.passed else 'FAIL'}")
+    if v.message:
+        lines.append(f"  {v.message}")
+    return lines

@@ -1,0 +1,138 @@
+"""The graph pass: replace planned Conv nodes by Gather -> depthwise Conv -> pointwise Conv.
+
+Operates on the ModelProto in place and touches nothing else: IR version, opsets, metadata,
+graph I/O and every tensor it does not rewrite (external-data references included) stay as
+they are. New nodes are named `<conv>/gdws/gather|dw|pw` so profiles map back to layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .convs import ConvSite
+from .decompose import GDWSFactors
+
+
+@dataclass(frozen=True)
+class LayerRewrite:
+    """One Conv to replace and the GDWS factors that replace it."""
+
+    site: ConvSite
+    factors: GDWSFactors
+
+
+class _Names:
+    """Fresh, deterministic names that collide with nothing in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used = {x for n in graph.node for x in (n.name, *n.input, *n.output)}
+        self.used |= {t.name for t in graph.initializer}
+        self.used |= {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
+def _consumed(graph: onnx.GraphProto) -> set[str]:
+    """Names read by any node (subgraphs included, they may capture outer tensors) or output."""
+    names = {o.name for o in graph.output}
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        a.graphs if a.type == onnx.AttributeProto.GRAPHS else []):
+                names |= _consumed(sub)
+    return names
+
+
+class GDWSRewritePass:
+    """`call(model)` replaces each planned Conv and removes the weight subgraphs it orphaned."""
+
+    def __init__(self, rewrites: list[LayerRewrite]):
+        self.rewrites = {r.site.index: r for r in rewrites}
+
+    def call(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        graph = model.graph
+        names = _Names(graph)
+        as_constants = model.ir_version < 4  # IR < 4 wants every initializer listed as an input
+        new_inits: list[onnx.TensorProto] = []
+        nodes: list[onnx.NodeProto] = []
+        for i, node in enumerate(graph.node):
+            r = self.rewrites.get(i)
+            if r is None:
+                nodes.append(node)
+                continue
+            weights, gdws_nodes = self._subgraph(r, names)
+            if as_constants:
+                nodes.extend(helper.make_node("Constant", [], [t.name], name=t.name, value=t)
+                             for t in weights)
+            else:
+                new_inits.extend(weights)
+            nodes.extend(gdws_nodes)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(new_inits)
+        self._remove_orphans(graph)
+        return model
+
+    @staticmethod
+    def _subgraph(r: LayerRewrite, names: _Names) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+        site, f = r.site, r.factors
+        conv = site.node
+        base = f"{site.name}/gdws"
+        x, out = conv.input[0], conv.output[0]
+        weights, nodes = [], []
+        g_total = f.depthwise.shape[0]
+        if not np.array_equal(f.gather, np.arange(site.in_channels)):
+            idx = numpy_helper.from_array(f.gather, names.fresh(f"{base}/gather_indices"))
+            gathered = names.fresh(f"{base}/gather_out")
+            weights.append(idx)
+            nodes.append(helper.make_node("Gather", [x, idx.name], [gathered],
+                                          name=names.fresh(f"{base}/gather"), axis=1))
+            x = gathered
+        dw_w = numpy_helper.from_array(f.depthwise, names.fresh(f"{base}/dw_weight"))
+        pw_w = numpy_helper.from_array(f.pointwise, names.fresh(f"{base}/pw_weight"))
+        weights += [dw_w, pw_w]
+        dw_out = names.fresh(f"{base}/dw_out")
+        spatial = dict(kernel_shape=list(site.kernel_shape), strides=list(site.strides),
+                       dilations=list(site.dilations), group=g_total)
+        if site.auto_pad == "NOTSET":
+            spatial["pads"] = list(site.pads)
+        else:
+            spatial["auto_pad"] = site.auto_pad
+        nodes.append(helper.make_node("Conv", [x, dw_w.name], [dw_out],
+                                      name=names.fresh(f"{base}/dw"), **spatial))
+        ones = [1] * len(site.kernel_shape)
+        pw_inputs = [dw_out, pw_w.name] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
+        nodes.append(helper.make_node("Conv", pw_inputs, [out], name=names.fresh(f"{base}/pw"),
+                                      kernel_shape=ones, group=f.groups))
+        return weights, nodes
+
+    def _remove_orphans(self, graph: onnx.GraphProto) -> None:
+        """Drop the rewritten convs' weight nodes and initializers that nothing reads anymore."""
+        old_names = {r.site.node.input[1] for r in self.rewrites.values()}
+        cand_outputs = {o for r in self.rewrites.values() for o in r.site.weight_producers}
+        while True:
+            consumed = _consumed(graph)
+            dead = [k for k, n in enumerate(graph.node)
+                    if n.output and set(n.output) <= cand_outputs and not (set(n.output) & consumed)]
+            if not dead:
+                break
+            for k in reversed(dead):
+                old_names.update(graph.node[k].input)
+                del graph.node[k]
+        consumed = _consumed(graph)
+        inputs = {i.name for i in graph.input}
+        unused = [k for k, t in enumerate(graph.initializer)
+                  if t.name in old_names and t.name not in consumed and t.name not in inputs]
+        for k in reversed(unused):
+            del graph.initializer[k]

@@ -1,0 +1,147 @@
+"""ONNX Runtime sessions, inputs for them, and output comparison (no CLI, no graph edits)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import GDWSError
+
+ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
+    """Session options with intra-op spinning off by default (fair when sessions alternate)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return so
+
+
+def make_session(model: onnx.ModelProto | str, threads: int | None = None,
+                 providers: list | None = None) -> ort.InferenceSession:
+    """A CPU (or given-provider) session for a model object or a path.
+
+    A model object over protobuf's 2 GB limit is written to a temporary folder with
+    external data first (ONNX Runtime reads it all while the session is created)."""
+    try:
+        if isinstance(model, str) or model.ByteSize() < 2**31 - 1:
+            src = model if isinstance(model, str) else model.SerializeToString()
+            return ort.InferenceSession(src, session_options(threads),
+                                        providers=providers or ["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving with external data moves bytes out of the proto
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(copy, path, save_as_external_data=True, location="model.data")
+            return make_session(path, threads, providers)
+    except GDWSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises several types for unloadable models
+        raise GDWSError(f"ONNX Runtime cannot load the model: {e}") from None
+
+
+def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
+    """'name:1,3,224,224' strings -> {name: [1, 3, 224, 224]} (a name may contain ':')."""
+    shapes = {}
+    for spec in specs:
+        m = re.fullmatch(r"(.+):(\d+(?:,\d+)*)", spec.strip())
+        if not m:
+            raise GDWSError(f"bad --input-shape '{spec}': expected NAME:D1,D2,... e.g. input:1,3,224,224")
+        shapes[m.group(1)] = [int(d) for d in m.group(2).split(",")]
+    return shapes
+
+
+def resolve_shape(name: str, dims: list, given: dict[str, list[int]], batch: int) -> list[int]:
+    """Concrete dims for an input: the user's, else the model's with a dynamic leading
+    (batch) dimension set to `batch`. Raises GDWSError naming any other unknown dimension."""
+    if name in given:
+        if len(given[name]) != len(dims):
+            raise GDWSError(f"--input-shape {name} has {len(given[name])} dims, the model has {len(dims)}")
+        return given[name]
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        elif i == 0:
+            out.append(batch)
+        else:
+            raise GDWSError(f"input '{name}' has unknown dimension {i} ({d!r}); "
+                            f"give it with --input-shape {name}:" + ",".join(
+                                str(x) if isinstance(x, int) and x > 0 else "?" for x in dims))
+    return out
+
+
+def random_feeds(sess: ort.InferenceSession, given: dict[str, list[int]] | None = None,
+                 batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input: floats uniform in [0, 1), integers in [0, 10)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = resolve_shape(i.name, list(i.shape), given or {}, batch)
+        dtype = ORT_TYPES.get(i.type)
+        if dtype is None:
+            raise GDWSError(f"input '{i.name}' has type {i.type}, which random inputs do not cover")
+        if np.issubdtype(dtype, np.floating):
+            feeds[i.name] = rng.random(shape).astype(dtype)
+        else:
+            feeds[i.name] = rng.integers(0, 10, size=shape).astype(dtype)
+    return feeds
+
+
+def data_feeds(sess: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs from user data: arrays keyed by input name, or `x` for a single-input model."""
+    inputs = sess.get_inputs()
+    if len(inputs) == 1 and inputs[0].name not in arrays and "x" in arrays:
+        arrays = {inputs[0].name: arrays["x"]}
+    missing = [i.name for i in inputs if i.name not in arrays]
+    if missing:
+        raise GDWSError(f"--data has no array for input(s) {missing}; give 'x' or arrays named after inputs")
+    return {i.name: np.asarray(arrays[i.name], dtype=ORT_TYPES.get(i.type, np.float32)) for i in inputs}
+
+
+@dataclass
+class OutputComparison:
+    """How far one output of the optimized model is from the original's."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    relative: float  # ||y' - y||_2 / ||y||_2
+    top1_agreement: float | None  # for (batch, classes) outputs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(name: str, ref: np.ndarray, new: np.ndarray) -> OutputComparison:
+    ref64, new64 = np.asarray(ref, np.float64), np.asarray(new, np.float64)
+    diff = np.abs(new64 - ref64)
+    norm = float(np.linalg.norm(ref64))
+    rel = float(np.linalg.norm(new64 - ref64)) / norm if norm > 0 else float(diff.max(initial=0.0))
+    top1 = None
+    if ref64.ndim == 2 and ref64.shape[1] > 1:
+        top1 = float(np.mean(ref64.argmax(1) == new64.argmax(1)))
+    return OutputComparison(name, float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0,
+                            rel, top1)
+
+
+def run_and_compare(original: ort.InferenceSession, optimized: ort.InferenceSession,
+                    feeds: dict[str, np.ndarray]) -> list[OutputComparison]:
+    """Run both sessions on the same feeds and compare every output by name."""
+    names = [o.name for o in original.get_outputs()]
+    ref = original.run(names, feeds)
+    new = optimized.run(names, feeds)
+    return [compare(n, r, o) for n, r, o in zip(names, ref, new)]

@@ -1,0 +1,133 @@
+"""Small ONNX models for tests: one Conv in every form ONNX allows, built with onnx.helper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+WEIGHT_SOURCES = ("initializer", "constant", "fp16_cast")
+
+
+@dataclass
+class ConvCase:
+    """One Conv configuration of the fuzz corpus."""
+
+    kernel: tuple[int, ...]
+    in_channels: int
+    out_channels: int
+    group: int = 1
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+    bias: bool = True
+    weight_source: str = "initializer"
+    fp16: bool = False
+    dynamic_batch: bool = False
+    spatial: tuple[int, ...] = field(default=())
+    relu_after: bool = False
+    seed: int = 0
+
+    @property
+    def nd(self) -> int:
+        return len(self.kernel)
+
+
+def random_case(rng: np.random.Generator, seed: int) -> ConvCase:
+    """A random Conv form: 1-3 spatial dims, strides, pads/auto_pad, dilations, groups, bias,
+    weight as initializer / Constant node / fp16 initializer + Cast, fp16 models, dynamic batch."""
+    nd = int(rng.choice([1, 2, 2, 2, 3]))
+    while True:
+        kernel = tuple(int(k) for k in rng.integers(1, 5 if nd < 3 else 4, size=nd))
+        if np.prod(kernel) > 1:
+            break
+    group = int(rng.choice([1, 1, 1, 2, 3]))
+    cg = int(rng.integers(2, 5))
+    mg = int(rng.integers(1, 7))  # includes M/groups < K (rank = min(M/g, K))
+    dil = tuple(int(d) for d in rng.choice([1, 1, 2], size=nd))
+    strides = tuple(int(s) for s in rng.choice([1, 1, 2, 3], size=nd))
+    auto_pad = str(rng.choice(AUTO_PADS))
+    pads = tuple(int(p) for p in rng.integers(0, 3, size=2 * nd)) if auto_pad == "NOTSET" else ()
+    if auto_pad.startswith("SAME"):  # ONNX Runtime rejects SAME_* with dilation > 1
+        dil = (1,) * nd
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    low = 3 if nd == 3 else 5
+    spatial = tuple(int(e + rng.integers(0, low + 4)) for e in eff)
+    return ConvCase(kernel=kernel, in_channels=group * cg, out_channels=group * mg, group=group,
+                    strides=strides, dilations=dil, pads=pads, auto_pad=auto_pad,
+                    bias=bool(rng.random() < 0.6), weight_source=str(rng.choice(WEIGHT_SOURCES)),
+                    fp16=bool(rng.random() < 0.15), dynamic_batch=bool(rng.random() < 0.4),
+                    spatial=spatial, relu_after=bool(rng.random() < 0.3), seed=seed)
+
+
+def conv_model(case: ConvCase, opset: int = 17, ir_version: int = 8) -> onnx.ModelProto:
+    """A model computing x -> Conv(case) [-> Relu] -> y."""
+    rng = np.random.default_rng(case.seed)
+    dtype = np.float16 if case.fp16 else np.float32
+    elem = TensorProto.FLOAT16 if case.fp16 else TensorProto.FLOAT
+    w = rng.standard_normal((case.out_channels, case.in_channels // case.group, *case.kernel))
+    nodes, inits = [], []
+    if case.weight_source == "initializer":
+        inits.append(numpy_helper.from_array(w.astype(dtype), "W"))
+    elif case.weight_source == "constant":
+        nodes.append(helper.make_node("Constant", [], ["W"], name="W_const",
+                                      value=numpy_helper.from_array(w.astype(dtype), "W_value")))
+    else:  # stored in fp16, cast to the compute type by a constant-foldable subgraph
+        inits.append(numpy_helper.from_array(w.astype(np.float16), "W_half"))
+        nodes.append(helper.make_node("Cast", ["W_half"], ["W"], name="W_cast", to=elem))
+    inputs = ["x", "W"]
+    if case.bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(case.out_channels).astype(dtype), "B"))
+        inputs.append("B")
+    attrs = dict(kernel_shape=list(case.kernel), group=case.group)
+    if case.strides:
+        attrs["strides"] = list(case.strides)
+    if case.dilations:
+        attrs["dilations"] = list(case.dilations)
+    if case.auto_pad != "NOTSET":
+        attrs["auto_pad"] = case.auto_pad
+    elif case.pads:
+        attrs["pads"] = list(case.pads)
+    conv_out = "conv_out" if case.relu_after else "y"
+    nodes.append(helper.make_node("Conv", inputs, [conv_out], name="conv", **attrs))
+    if case.relu_after:
+        nodes.append(helper.make_node("Relu", [conv_out], ["y"], name="relu"))
+    batch = "N" if case.dynamic_batch else 2
+    x = helper.make_tensor_value_info("x", elem, [batch, case.in_channels, *case.spatial])
+    y = helper.make_tensor_value_info("y", elem, [batch, case.out_channels, *(f"s{i}" for i in range(case.nd))])
+    model = helper.make_model(helper.make_graph(nodes, "conv_case", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", opset)], producer_name="tests")
+    model.ir_version = ir_version
+    return model
+
+
+def small_cnn(seed: int = 0, channels: tuple[int, ...] = (8, 16, 16), classes: int = 10,
+              size: int = 12, dynamic_batch: bool = True) -> onnx.ModelProto:
+    """Conv-Relu stack -> global average pool -> Gemm logits; input x: (N, 3, size, size)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev, c_in = [], [], "x", 3
+    for i, c in enumerate(channels):
+        inits += [numpy_helper.from_array((rng.standard_normal((c, c_in, 3, 3)) / np.sqrt(9 * c_in))
+                                          .astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(c).astype(np.float32) * 0.1, f"b{i}")]
+        nodes += [helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}",
+                                   kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        prev, c_in = f"r{i}", c
+    inits += [numpy_helper.from_array(rng.standard_normal((classes, c_in)).astype(np.float32), "fc_w"),
+              numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b")]
+    nodes += [helper.make_node("GlobalAveragePool", [prev], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
+    batch = "N" if dynamic_batch else 1
+    model = helper.make_model(
+        helper.make_graph(nodes, "small_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                            [batch, 3, size, size])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], inits),
+        opset_imports=[helper.make_opsetid("", 17)], producer_name="tests", producer_version="1.0")
+    model.ir_version = 8
+    return model
