@@ -114,7 +114,9 @@ def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOpti
         eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
         for c in cands:
             sc = decompose.scores(c.spec, c.alpha)
-            c.ranks = allocate.lego(sc, eps * float(sc.sum()))
+            # terms below the weight's own rounding noise are free to drop even at eps = 0
+            floor = (8 * float(np.finfo(c.site.weight.dtype).eps)) ** 2
+            c.ranks = allocate.lego(sc, max(eps, floor) * float(sc.sum()))
             if c.ranks.sum() == 0:  # a layer keeps at least one term
                 c.ranks = allocate.mego(sc, 1)
         return BudgetReport(mode="error", target=eps, achieved=None)
@@ -140,7 +142,8 @@ def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOpti
                         "budget cannot be met with the eligible layers: every rewritten layer keeps one term")
 
 
-def _layer_report(site: ConvSite, reason: str, cand: _Candidate | None) -> LayerReport:
+def _layer_report(site: ConvSite, reason: str, cand: _Candidate | None,
+                  factors: decompose.GDWSFactors | None) -> LayerReport:
     w = site.weight
     rep = LayerReport(name=site.name, kernel=list(site.kernel_shape) if w is not None else [],
                       in_channels=site.in_channels if w is not None else 0,
@@ -151,9 +154,11 @@ def _layer_report(site: ConvSite, reason: str, cand: _Candidate | None) -> Layer
         return rep
     rep.macs_per_pixel_before = rep.macs_per_pixel_after = site.macs_per_pixel
     rep.params_before = rep.params_after = site.params
-    if cand is not None and not reason:
+    if cand is not None and factors is not None:
         spec, ranks = cand.spec, cand.ranks
         rep.status = "rewritten"
+        identity = np.array_equal(factors.gather, np.arange(site.in_channels))
+        rep.realization = "dw+pw" if identity else "gather+dw+pw"
         rep.max_rank, rep.total_rank = spec.max_rank, int(ranks.sum())
         rep.macs_per_pixel_after = decompose.gdws_cost_per_pixel(spec, ranks)
         rep.params_after = rep.macs_per_pixel_after + (site.params - int(w.size))
@@ -226,7 +231,8 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     timings["rewrite"] = time.perf_counter() - t0
 
     by_name = {c.site.name: c for c in cands}
-    layers = [_layer_report(s, reasons[s.name], by_name.get(s.name)) for s in sites]
+    factors = {r.site.name: r.factors for r in rewrites}
+    layers = [_layer_report(s, reasons[s.name], by_name.get(s.name), factors.get(s.name)) for s in sites]
     report = OptimizeReport(layers=layers, budget=budget, verification=VerificationReport(ran=False),
                             options=_options_dict(opts), versions=versions())
     report.budget.achieved = report.mac_reduction

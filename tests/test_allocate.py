@@ -1,0 +1,110 @@
+"""LEGO and MEGO are exactly optimal per layer (brute force); the network allocator keeps budgets."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from gdws_onnx import allocate, decompose
+
+
+def _scores(rng, c, m, k, ties=False):
+    w = rng.standard_normal((m, c, k))
+    if ties:  # repeated singular values and a dead channel
+        w[:, 0] = np.ones((m, k))
+        w[:, 1] = 2 * w[:, 0]
+        w[:, -1] = 0
+    spec = decompose.spectrum(w)
+    return decompose.scores(spec, rng.random(c) + 0.2)
+
+
+def _all_ranks(scores):
+    return [np.array(r) for r in itertools.product(*(range(scores.shape[1] + 1) for _ in range(scores.shape[0])))]
+
+
+def _error(scores, ranks):
+    return float(sum(scores[c, g:].sum() for c, g in enumerate(ranks)))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_lego_is_minimal_complexity_under_the_error_budget(seed):
+    rng = np.random.default_rng(seed)
+    sc = _scores(rng, c=3, m=int(rng.integers(1, 5)), k=3, ties=seed % 3 == 0)
+    total = float(sc.sum())
+    for beta in [0.0, 0.05 * total, 0.2 * total, 0.5 * total, total]:
+        ranks = allocate.lego(sc, beta)
+        assert _error(sc, ranks) <= beta * (1 + 1e-12)
+        best = min(int(r.sum()) for r in _all_ranks(sc) if _error(sc, r) <= beta)
+        assert int(ranks.sum()) == best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_mego_is_minimal_error_under_the_complexity_budget(seed):
+    rng = np.random.default_rng(100 + seed)
+    sc = _scores(rng, c=3, m=int(rng.integers(1, 5)), k=3, ties=seed % 3 == 0)
+    for budget in range(sc.size + 1):
+        ranks = allocate.mego(sc, budget)
+        assert int(ranks.sum()) == budget
+        best = min(_error(sc, r) for r in _all_ranks(sc) if r.sum() <= budget)
+        assert _error(sc, ranks) == pytest.approx(best, abs=1e-12)
+
+
+def test_mego_handles_m_smaller_than_k():
+    sc = _scores(np.random.default_rng(5), c=4, m=2, k=9)  # rank is 2, not 9
+    assert sc.shape == (4, 2)
+    assert allocate.mego(sc, 100).tolist() == [2, 2, 2, 2]
+
+
+def _layers(rng, n=3):
+    out = []
+    for i in range(n):
+        sc = _scores(rng, c=4, m=6, k=9)
+        pixels = float(rng.integers(4, 64))
+        out.append(allocate.LayerCost(scores=sc, term_cost=pixels * (9 + 6), original_cost=pixels * 6 * 4 * 9))
+    return out
+
+
+@pytest.mark.parametrize("ratio", [1.2, 2.0, 4.0, 8.0])
+def test_mac_allocation_respects_the_budget(ratio):
+    layers = _layers(np.random.default_rng(6))
+    total = sum(layer.original_cost for layer in layers)
+    res = allocate.allocate_macs(layers, total / ratio)
+    assert res.feasible
+    assert res.total_cost <= total / ratio + 1e-9
+    for layer, r in zip(layers, res.ranks):
+        if r is not None:
+            assert allocate.gdws_cost(layer, r) < layer.original_cost and r.sum() >= 1
+
+
+def test_mac_allocation_is_near_optimal_on_small_cases():
+    """Greedy by score/cost vs brute force over per-layer MEGO choices (exact per layer)."""
+    rng = np.random.default_rng(7)
+    layers = _layers(rng, n=2)
+    total = sum(layer.original_cost for layer in layers)
+    budget = total / 2.5
+    res = allocate.allocate_macs(layers, budget)
+
+    def err(i, r):
+        return 0.0 if r is None else _error(layers[i].scores, r)
+
+    got = sum(err(i, r) for i, r in enumerate(res.ranks))
+    options = [[None] + [allocate.mego(layer.scores, g) for g in range(1, layer.scores.size + 1)] for layer in layers]
+    best = min(sum(err(i, r) for i, r in enumerate(choice)) for choice in itertools.product(*options)
+               if sum(layer.original_cost if r is None else allocate.gdws_cost(layer, r)
+                      for layer, r in zip(layers, choice)) <= budget)
+    assert got <= best * 1.25 + 1e-12  # greedy is exact in the fractional relaxation
+
+
+def test_infeasible_budget_is_reported():
+    layers = _layers(np.random.default_rng(8))
+    res = allocate.allocate_macs(layers, 1.0)
+    assert not res.feasible
+    assert all(r is not None and r.sum() == 1 for r in res.ranks)
+
+
+def test_layers_that_would_cost_more_are_left_original():
+    rng = np.random.default_rng(9)
+    sc = _scores(rng, c=2, m=2, k=9)  # GDWS at full rank costs more than the conv
+    layer = allocate.LayerCost(scores=sc, term_cost=11.0, original_cost=2 * 2 * 9.0)
+    res = allocate.allocate_macs([layer], 1e9)
+    assert res.ranks == [None] and res.total_cost == layer.original_cost
