@@ -44,6 +44,15 @@ def mego(scores: np.ndarray, budget: int) -> np.ndarray:
     return _ranks_from_kept(_order(scores, descending=True)[:budget], scores.shape)
 
 
+def relative_lego(scores: np.ndarray, eps: float, dtype: np.dtype = np.float32) -> tuple[np.ndarray, float]:
+    """LEGO at beta = eps * total score (at least the weight dtype's rounding noise, so eps = 0
+    still drops numerically-zero terms); keeps at least one term. Returns (ranks, beta)."""
+    floor = (8 * float(np.finfo(dtype).eps)) ** 2
+    beta = max(eps, floor) * float(scores.sum())
+    ranks = lego(scores, beta)
+    return (mego(scores, 1) if ranks.sum() == 0 else ranks), beta
+
+
 @dataclass(frozen=True)
 class LayerCost:
     """What the network-level allocator needs to know about one rewritable layer."""
@@ -126,3 +135,39 @@ def _greedy_fill(layers: list[LayerCost], active: list[bool], budget: float
         kept = np.concatenate([_order(layers[i].scores, True)[:1], flat_of[sel]])
         ranks[i] = _ranks_from_kept(kept, layers[i].scores.shape)
     return ranks
+
+
+def choose_options(options: list[list[tuple[float, float]]], required: float, bins: int = 400
+                   ) -> tuple[list[int], bool]:
+    """Multiple-choice knapsack: one (saving, error) option per layer, total saving >= `required`,
+    minimum total error. Dynamic program over `bins` saving steps (savings rounded to the
+    nearest step: the total may be short by at most half a step per layer).
+
+    Returns (option index per layer, met). When `required` cannot be met, returns the choice
+    with the largest saving. Option 0 of each layer is conventionally (0, 0): keep it as is.
+    """
+    if required <= 0 or not options:
+        return [0] * len(options), True
+    step = required / bins
+    inf = float("inf")
+    dp = [0.0] + [inf] * bins  # dp[s]: least error with saving min(steps, bins)
+    trace = []
+    for opts in options:
+        steps = [max(int(round(saving / step)), 0) for saving, _ in opts]
+        new, pick, prev = [inf] * (bins + 1), [0] * (bins + 1), [0] * (bins + 1)
+        for s, base in enumerate(dp):
+            if base == inf:
+                continue
+            for j, (_, error) in enumerate(opts):
+                t = min(s + steps[j], bins)
+                if base + error < new[t]:
+                    new[t], pick[t], prev[t] = base + error, j, s
+        trace.append((pick, prev))
+        dp = new
+    met = dp[bins] < inf
+    state = bins if met else max(s for s, v in enumerate(dp) if v < inf)
+    choice = [0] * len(options)
+    for layer in range(len(options) - 1, -1, -1):
+        pick, prev = trace[layer]
+        choice[layer], state = pick[state], prev[state]
+    return choice, met

@@ -28,6 +28,7 @@ class ConvSite:
     dilations: tuple[int, ...] = ()
     auto_pad: str = "NOTSET"
     out_spatial: tuple[int, ...] | None = None  # output spatial dims (per sample), if known
+    in_spatial: tuple[int, ...] | None = None  # input spatial dims, if known
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -175,8 +176,6 @@ def _conv_out_spatial(in_spatial, kernel, strides, pads, dilations, auto_pad):
     n = len(kernel)
     for i in range(n):
         size, k, s, d = in_spatial[i], kernel[i], strides[i], dilations[i]
-        if size is None:
-            return None
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             out.append(-(-size // s))
         else:
@@ -209,13 +208,14 @@ def find_convs(model: onnx.ModelProto, base_dir: str = "",
             site.dilations = tuple(a.get("dilations", [1] * nsp))
             ap = a.get("auto_pad", b"NOTSET")
             site.auto_pad = ap.decode() if isinstance(ap, bytes) else str(ap)
+            inp = shapes.get(node.input[0], [])
+            if len(inp) == nsp + 2 and all(d for d in inp[2:]):
+                site.in_spatial = tuple(int(d) for d in inp[2:])
             out = shapes.get(node.output[0], [])
             if len(out) == nsp + 2 and all(d for d in out[2:]):
                 site.out_spatial = tuple(int(d) for d in out[2:])
-            else:
-                inp = shapes.get(node.input[0], [])
-                if len(inp) == nsp + 2:
-                    site.out_spatial = _conv_out_spatial(inp[2:], site.kernel_shape, site.strides,
-                                                         site.pads, site.dilations, site.auto_pad)
+            elif site.in_spatial:
+                site.out_spatial = _conv_out_spatial(site.in_spatial, site.kernel_shape, site.strides,
+                                                     site.pads, site.dilations, site.auto_pad)
         sites.append(site)
     return sites

@@ -125,13 +125,20 @@ class GDWSFactors:
     depthwise: np.ndarray
     pointwise: np.ndarray
     groups: int
+    multiplier: bool = False  # every channel has the same width: no Gather, depthwise group = C
 
 
-def factors(spec: Spectrum, ranks: np.ndarray, dtype: np.dtype = np.float32) -> GDWSFactors:
-    """Build the depthwise and pointwise weights for per-channel ranks g."""
+def factors(spec: Spectrum, ranks: np.ndarray, dtype: np.dtype = np.float32,
+            multiplier: bool = False) -> GDWSFactors:
+    """Build the depthwise and pointwise weights for per-channel ranks g.
+
+    multiplier=True pads every channel to max(g) kernels (zero kernels) so the depthwise
+    stage is a channel-multiplier conv (group = C) and needs no Gather."""
     ranks = np.asarray(ranks, dtype=np.int64)
     if ranks.shape != (spec.in_channels,) or ranks.min() < 0 or ranks.max() > spec.max_rank:
         raise ValueError("ranks must be one integer in [0, max_rank] per input channel")
+    if multiplier:
+        return _multiplier_factors(spec, ranks, dtype)
     groups, kshape = spec.groups, spec.kernel_shape
     mg = spec.out_channels // groups
     group_of = spec.channel_group()
@@ -157,6 +164,30 @@ def factors(spec: Spectrum, ranks: np.ndarray, dtype: np.dtype = np.float32) -> 
         pointwise=pw.reshape(groups * mg, width, *ones).astype(dtype),
         groups=groups,
     )
+
+
+def _multiplier_factors(spec: Spectrum, ranks: np.ndarray, dtype: np.dtype) -> GDWSFactors:
+    r = max(int(ranks.max()), 1)
+    c, mg, groups = spec.in_channels, spec.out_channels // spec.groups, spec.groups
+    keep = (np.arange(r)[None, :] < ranks[:, None])  # (C, r) zero beyond each channel's rank
+    rr = min(r, spec.max_rank)
+    dw = np.zeros((c, r, spec.kernel_size))
+    dw[:, :rr] = spec.vt[:, :rr] * keep[:, :rr, None]
+    pw_c = np.zeros((c, mg, r))  # per channel: M_g x r
+    pw_c[:, :, :rr] = spec.u[:, :, :rr] * (spec.s[:, :rr] * keep[:, :rr])[:, None, :]
+    cg = c // groups
+    pw = pw_c.reshape(groups, cg, mg, r).transpose(0, 2, 1, 3).reshape(groups * mg, cg * r)
+    ones = (1,) * len(spec.kernel_shape)
+    return GDWSFactors(gather=np.repeat(np.arange(c), r),
+                       depthwise=dw.reshape(c * r, 1, *spec.kernel_shape).astype(dtype),
+                       pointwise=pw.reshape(groups * mg, cg * r, *ones).astype(dtype),
+                       groups=groups, multiplier=True)
+
+
+def multiplier_cost_per_pixel(spec: Spectrum, ranks: np.ndarray) -> int:
+    """MACs per output pixel of the channel-multiplier form: C r (K + M / groups), r = max g."""
+    r = max(int(np.max(ranks)), 1)
+    return spec.in_channels * r * (spec.kernel_size + spec.out_channels // spec.groups)
 
 
 def reconstruct(f: GDWSFactors, in_channels: int) -> np.ndarray:

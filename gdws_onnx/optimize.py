@@ -6,14 +6,16 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from . import allocate, decompose
+from . import allocate, decompose, latency
 from .convs import ConvSite, find_convs
 from .errors import GDWSError
+from .latency import Probe
 from .model_io import LoadedModel, load_model
 from .report import BudgetReport, LayerReport, OptimizeReport, VerificationReport, versions
 from .rewrite import GDWSRewritePass, LayerRewrite
@@ -38,10 +40,30 @@ class OptimizeOptions:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     max_error: float | None = None  # gate on the relative output error
     seed: int = 0
+    # hardware-aware allocation (target="latency")
+    target: str = "macs"  # "macs": decide by MACs; "latency": by measured latency on `ep`
+    ep: str = "cpu"
+    batches: list[int] = field(default_factory=lambda: [1])
+    threads: int | None = None
+    latency_reduction: float | None = None  # whole-model latency / R
+    cache: str | None = None  # latency-table JSON; None = the user cache, "" = no cache
+    runs: int = 20  # timed runs per measurement
+    probe_factory: Callable[[int, str], Probe] | None = None  # (batch, "layer"|"model") -> Probe
 
     def validate(self) -> None:
-        if self.error_budget is not None and self.mac_reduction is not None:
-            raise GDWSError("give either --error-budget or --mac-reduction, not both")
+        budgets = [b for b in (self.error_budget, self.mac_reduction, self.latency_reduction) if b is not None]
+        if len(budgets) > 1:
+            raise GDWSError("give one of --error-budget, --mac-reduction, --latency-reduction, not several")
+        if self.target not in ("macs", "latency"):
+            raise GDWSError(f"--target must be 'macs' or 'latency', got {self.target!r}")
+        if self.latency_reduction is not None and self.target != "latency":
+            raise GDWSError("--latency-reduction needs --target latency")
+        if self.mac_reduction is not None and self.target == "latency":
+            raise GDWSError("--mac-reduction decides by MACs; with --target latency use --latency-reduction")
+        if self.latency_reduction is not None and not self.latency_reduction >= 1:
+            raise GDWSError(f"--latency-reduction must be >= 1, got {self.latency_reduction}")
+        if not self.batches or any(b < 1 for b in self.batches) or self.runs < 3:
+            raise GDWSError("--batch needs positive sizes and --runs at least 3")
         if self.error_budget is not None and not 0 <= self.error_budget < 1:
             raise GDWSError(f"--error-budget must be in [0, 1), got {self.error_budget}")
         if self.mac_reduction is not None and not self.mac_reduction >= 1:
@@ -105,20 +127,17 @@ class _Candidate:
     spec: decompose.Spectrum
     alpha: np.ndarray
     ranks: np.ndarray | None = None
+    multiplier: bool = False
+    measured_ratio: dict[int, float] | None = None  # batch -> layer latency ratio (latency target)
     reason: str = ""
 
 
 def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOptions) -> BudgetReport:
-    """Choose ranks for every candidate; set `reason` on those left as they are."""
+    """Choose ranks for every candidate by error or MAC budget; set `reason` on those left alone."""
     if opts.mac_reduction is None:
         eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
         for c in cands:
-            sc = decompose.scores(c.spec, c.alpha)
-            # terms below the weight's own rounding noise are free to drop even at eps = 0
-            floor = (8 * float(np.finfo(c.site.weight.dtype).eps)) ** 2
-            c.ranks = allocate.lego(sc, max(eps, floor) * float(sc.sum()))
-            if c.ranks.sum() == 0:  # a layer keeps at least one term
-                c.ranks = allocate.mego(sc, 1)
+            c.ranks, _ = allocate.relative_lego(decompose.scores(c.spec, c.alpha), eps, c.site.weight.dtype)
         return BudgetReport(mode="error", target=eps, achieved=None)
 
     unknown = [s.name for s in sites if s.weight is not None and s.pixels is None]
@@ -158,9 +177,12 @@ def _layer_report(site: ConvSite, reason: str, cand: _Candidate | None,
         spec, ranks = cand.spec, cand.ranks
         rep.status = "rewritten"
         identity = np.array_equal(factors.gather, np.arange(site.in_channels))
-        rep.realization = "dw+pw" if identity else "gather+dw+pw"
+        rep.realization = ("multiplier dw+pw" if factors.multiplier else
+                           "dw+pw" if identity else "gather+dw+pw")
+        rep.measured_ratio = cand.measured_ratio
         rep.max_rank, rep.total_rank = spec.max_rank, int(ranks.sum())
-        rep.macs_per_pixel_after = decompose.gdws_cost_per_pixel(spec, ranks)
+        rep.macs_per_pixel_after = (decompose.multiplier_cost_per_pixel(spec, ranks) if factors.multiplier
+                                    else decompose.gdws_cost_per_pixel(spec, ranks))
         rep.params_after = rep.macs_per_pixel_after + (site.params - int(w.size))
         energy = decompose.weighted_energy(spec, cand.alpha)
         rep.relative_error = decompose.weighted_error(spec, ranks, cand.alpha) / energy if energy > 0 else 0.0
@@ -212,15 +234,20 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     reasons = {s.name: skip_reason(s, i == 0, opts) for i, s in enumerate(sites)}
     cands = [_Candidate(s, decompose.spectrum(s.weight, s.group), _alpha_for(s, alphas))
              for s in sites if not reasons[s.name]]
-    budget = _allocate(cands, sites, opts)
+    latency_report = None
+    if opts.target == "latency":
+        budget, latency_report = latency.plan(cands, model, opts)
+    else:
+        budget = _allocate(cands, sites, opts)
     for c in cands:
-        if c.ranks is not None and not opts.force and \
+        if c.ranks is not None and not opts.force and opts.target == "macs" and \
                 decompose.gdws_cost_per_pixel(c.spec, c.ranks) >= decompose.original_cost_per_pixel(c.spec):
             c.reason = (f"GDWS would not reduce MACs at the chosen ranks (G={int(c.ranks.sum())}); "
                         "--force to rewrite anyway")
         reasons[c.site.name] = reasons[c.site.name] or c.reason
     chosen = [c for c in cands if not c.reason]
-    rewrites = [LayerRewrite(c.site, decompose.factors(c.spec, c.ranks, c.site.weight.dtype)) for c in chosen]
+    rewrites = [LayerRewrite(c.site, decompose.factors(c.spec, c.ranks, c.site.weight.dtype, c.multiplier))
+                for c in chosen]
     timings["decompose"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -234,7 +261,7 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     factors = {r.site.name: r.factors for r in rewrites}
     layers = [_layer_report(s, reasons[s.name], by_name.get(s.name), factors.get(s.name)) for s in sites]
     report = OptimizeReport(layers=layers, budget=budget, verification=VerificationReport(ran=False),
-                            options=_options_dict(opts), versions=versions())
+                            options=_options_dict(opts), versions=versions(), latency=latency_report)
     report.budget.achieved = report.mac_reduction
     if budget.mode == "macs" and budget.met and report.mac_reduction is not None \
             and report.mac_reduction < budget.target * (1 - 1e-3):
@@ -257,6 +284,7 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
 
 def _options_dict(opts: OptimizeOptions) -> dict:
     d = asdict(opts)
+    d.pop("probe_factory")
     if isinstance(opts.alphas, dict):
         d["alphas"] = "<dict>"
     return d

@@ -30,6 +30,7 @@ class LayerReport:
     params_before: int = 0
     params_after: int = 0
     relative_error: float = 0.0  # sum alpha ||W - Q||^2 / sum alpha ||W||^2
+    measured_ratio: dict[int, float] | None = None  # batch -> GDWS / original layer latency
 
     @property
     def macs_before(self) -> int | None:
@@ -73,6 +74,7 @@ class OptimizeReport:
     options: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    latency: dict | None = None  # --target latency: environment, cache, whole-model checks
 
     def _total(self, attr: str) -> int | None:
         vals = [getattr(layer, attr) for layer in self.layers]
@@ -112,7 +114,7 @@ class OptimizeReport:
             "budget": asdict(self.budget),
             "verification": {**asdict(self.verification),
                              "outputs": [o.to_dict() for o in self.verification.outputs]},
-            "layers": layers, "options": self.options, "timings": self.timings,
+            "layers": layers, "latency": self.latency, "options": self.options, "timings": self.timings,
             "versions": self.versions,
         }
 
@@ -160,8 +162,9 @@ def optimize_table(report: OptimizeReport):
             human(layer.macs_before), human(layer.macs_after),
             human(layer.params_before), human(layer.params_after),
             f"{layer.relative_error:.4f}" if rewritten else "-",
-            "rewritten" + (f" ({layer.realization})" if layer.realization else "") if rewritten
-            else f"skipped: {layer.reason}",
+            "rewritten" + (f" ({layer.realization})" if layer.realization else "")
+            + (f", measured x{1 / max(layer.measured_ratio.values()):.2f}" if layer.measured_ratio else "")
+            if rewritten else f"skipped: {layer.reason}",
         )
     ratio = report.mac_reduction
     t.add_row("total", "", "", "", human(report.conv_macs_before), human(report.conv_macs_after),
@@ -170,6 +173,23 @@ def optimize_table(report: OptimizeReport):
               f"{len(report.rewritten)}/{len(report.layers)} rewritten"
               + (f", conv MACs / {ratio:.2f}" if ratio else ""), style="bold")
     return t
+
+
+def latency_lines(lat: dict | None) -> list[str]:
+    """Plain lines on the measured whole-model latency (--target latency)."""
+    if not lat:
+        return []
+    env = lat["environment"]
+    lines = [f"latency on {lat['ep']} ({env['cpu']}, threads {env['threads'] or 'default'}, "
+             f"onnxruntime {env['ort']}; layer cache hits {lat['cache']['hits']}, misses {lat['cache']['misses']}):"]
+    for step in lat["checks"]:
+        ratios = ", ".join(f"batch {b}: {r['median']:.3f} [{r['p10']:.3f}-{r['p90']:.3f}]"
+                           for b, r in step["ratios"].items())
+        tail = f" -> not faster, reverting {step['reverted']}" if step["reverted"] else " -> faster"
+        lines.append(f"  {len(step['rewritten'])} layers rewritten: optimized/original {ratios}{tail}")
+    if lat["message"]:
+        lines.append(f"  {lat['message']}")
+    return lines
 
 
 def verification_lines(v: VerificationReport) -> list[str]:

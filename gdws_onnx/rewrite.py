@@ -92,7 +92,7 @@ class GDWSRewritePass:
         x, out = conv.input[0], conv.output[0]
         weights, nodes = [], []
         g_total = f.depthwise.shape[0]
-        if not np.array_equal(f.gather, np.arange(site.in_channels)):
+        if not f.multiplier and not np.array_equal(f.gather, np.arange(site.in_channels)):
             idx = numpy_helper.from_array(f.gather, names.fresh(f"{base}/gather_indices"))
             gathered = names.fresh(f"{base}/gather_out")
             weights.append(idx)
@@ -104,7 +104,8 @@ class GDWSRewritePass:
         weights += [dw_w, pw_w]
         dw_out = names.fresh(f"{base}/dw_out")
         spatial = dict(kernel_shape=list(site.kernel_shape), strides=list(site.strides),
-                       dilations=list(site.dilations), group=g_total)
+                       dilations=list(site.dilations),
+                       group=site.in_channels if f.multiplier else g_total)
         if site.auto_pad == "NOTSET":
             spatial["pads"] = list(site.pads)
         else:
@@ -136,3 +137,30 @@ class GDWSRewritePass:
                   if t.name in old_names and t.name not in consumed and t.name not in inputs]
         for k in reversed(unused):
             del graph.initializer[k]
+
+
+def layer_model(site: ConvSite, batch: int, factors: GDWSFactors | None = None,
+                opset: int = 17) -> onnx.ModelProto:
+    """A model holding just this conv (or its GDWS form) at its real input shape, for timing."""
+    if site.in_spatial is None or site.weight is None:
+        raise ValueError(f"conv '{site.name}' needs a constant weight and a known input shape")
+    dtype = site.weight.dtype
+    elem = helper.np_dtype_to_tensor_dtype(dtype)
+    has_bias = len(site.node.input) > 2 and bool(site.node.input[2])
+    inits = [numpy_helper.from_array(site.weight, "W")]
+    if has_bias:
+        inits.append(numpy_helper.from_array(np.zeros(site.out_channels, dtype), "B"))
+    node = onnx.NodeProto()
+    node.CopyFrom(site.node)
+    del node.input[:]
+    node.input.extend(["x", "W"] + (["B"] if has_bias else []))
+    node.output[0] = "y"
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info(
+        "x", elem, [batch, site.in_channels, *site.in_spatial])], [helper.make_tensor_value_info("y", elem, None)],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    if factors is not None:
+        local = ConvSite(**{**site.__dict__, "index": 0, "node": model.graph.node[0], "weight_producers": set()})
+        GDWSRewritePass([LayerRewrite(local, factors)]).call(model)
+    return model

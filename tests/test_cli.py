@@ -117,7 +117,7 @@ def test_model_without_conv(runner, tmp_path):
     (["--error-budget", "1.5"], "--error-budget must be in [0, 1)"),
     (["--error-budget", "-0.1"], "--error-budget must be in [0, 1)"),
     (["--mac-reduction", "0.5"], "--mac-reduction must be >= 1"),
-    (["--mac-reduction", "2", "--error-budget", "0.1"], "not both"),
+    (["--mac-reduction", "2", "--error-budget", "0.1"], "not several"),
     (["--input-shape", "x=1,3"], "bad --input-shape"),
     (["--include", "("], "--include is not a valid regular expression"),
     (["--alphas", "nope.json"], "--alphas file not found"),

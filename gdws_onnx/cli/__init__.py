@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .bench import bench_cmd
 from .inspect import inspect_cmd
 from .optimize import optimize_cmd
 
@@ -20,3 +21,5 @@ def main() -> None:
 
 main.add_command(optimize_cmd)
 main.add_command(inspect_cmd)
+main.add_command(__import__('gdws_onnx.cli.validate', fromlist=['validate_cmd']).validate_cmd)
+main.add_command(bench_cmd)

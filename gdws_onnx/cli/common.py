@@ -48,6 +48,17 @@ def shapes_from(specs) -> dict[str, list[int]]:
     return parse_input_shapes(list(specs))
 
 
+def parse_ints(spec: str, flag: str) -> list[int]:
+    """'1,32' -> [1, 32]."""
+    try:
+        values = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise GDWSError(f"{flag} takes comma-separated integers, got {spec!r}") from None
+    if not values or min(values) < 1:
+        raise GDWSError(f"{flag} takes positive integers, got {spec!r}")
+    return values
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write text to `path` through a temporary file in the same folder."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -9,8 +9,9 @@ import click
 from ..errors import GateFailed
 from ..model_io import check_output_path, load_model, save_model
 from ..optimize import DEFAULT_ERROR_BUDGET, OptimizeOptions, optimize_loaded
-from ..report import optimize_table, verification_lines
-from .common import (handle_errors, input_shape_option, shapes_from, stderr_console, stdout_console,
+from ..report import latency_lines, optimize_table, verification_lines
+from ..providers import parse_eps
+from .common import (handle_errors, parse_ints, input_shape_option, shapes_from, stderr_console, stdout_console,
                      write_text_atomic)
 
 
@@ -24,6 +25,17 @@ from .common import (handle_errors, input_shape_option, shapes_from, stderr_cons
               help="Divide the model's total conv MACs by R, ranks allocated across layers.")
 @click.option("--alphas", type=str, default=None,
               help="Per-layer, per-channel error weights: .json or .npz keyed by conv name.")
+@click.option("--target", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
+              help="Decide by MAC counts, or by latency measured on --ep (never returns a slower model).")
+@click.option("--latency-reduction", type=float, default=None,
+              help="With --target latency: divide the measured whole-model latency by R.")
+@click.option("--ep", default="cpu", show_default=True, help="Execution provider to measure on (--target latency).")
+@click.option("--batch", "batches", default="1", show_default=True,
+              help="Batch size(s) to measure at, comma-separated; a layer must win at all of them.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for measurements (default: ORT's).")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per latency measurement.")
+@click.option("--cache", "cache", default=None,
+              help="Latency-table cache file (default ~/.cache/onnx-gdws/latency.json; '' disables).")
 @click.option("--skip-first/--no-skip-first", default=True, show_default=True,
               help="Leave the first conv as it is.")
 @click.option("--include", default=None, metavar="REGEX", help="Only convs whose name matches.")
@@ -40,15 +52,17 @@ from .common import (handle_errors, input_shape_option, shapes_from, stderr_cons
 @click.option("--overwrite-input", is_flag=True, help="Allow -o to be the input file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @handle_errors
-def optimize_cmd(model, output, error_budget, mac_reduction, alphas, skip_first, include, exclude,
-                 force, verify, data, input_shapes, max_error, seed, report_path, overwrite_input,
-                 quiet) -> None:
+def optimize_cmd(model, output, error_budget, mac_reduction, alphas, target, latency_reduction, ep, batches,
+                 threads, runs, cache, skip_first, include, exclude, force, verify, data, input_shapes,
+                 max_error, seed, report_path, overwrite_input, quiet) -> None:
     """Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."""
     start = time.perf_counter()
     opts = OptimizeOptions(error_budget=error_budget, mac_reduction=mac_reduction, alphas=alphas,
                            skip_first=skip_first, include=include, exclude=exclude, force=force,
                            verify=verify, data=data, input_shapes=shapes_from(input_shapes),
-                           max_error=max_error, seed=seed)
+                           max_error=max_error, seed=seed, target=target, latency_reduction=latency_reduction,
+                           ep=parse_eps(ep)[0], batches=parse_ints(batches, "--batch"), threads=threads,
+                           runs=runs, cache=cache)
     opts.validate()
     check_output_path(output, model, overwrite_input)
     with stderr_console().status("optimizing..."):
@@ -62,6 +76,8 @@ def optimize_cmd(model, output, error_budget, mac_reduction, alphas, skip_first,
         out.print(optimize_table(report))
         if report.budget.message:
             out.print(f"note: {report.budget.message}")
+        for line in latency_lines(report.latency):
+            out.print(line)
         for line in verification_lines(report.verification):
             out.print(line)
     if not report.verification.passed:

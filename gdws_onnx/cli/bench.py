@@ -1,0 +1,92 @@
+"""`onnx-gdws bench MODEL [MODEL ...]`: interleaved latency on chosen EPs and batch sizes."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import onnx
+from rich.table import Table
+
+from .. import bench
+from ..model_io import load_model
+from ..providers import parse_eps
+from .common import handle_errors, input_shape_option, parse_ints, shapes_from, stdout_console, write_text_atomic
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--ep", default="cpu", show_default=True, help="Execution providers, comma-separated: "
+              "cpu, cuda, tensorrt, openvino.")
+@click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: ORT's).")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--runs", type=int, default=50, show_default=True, help="Timed rounds (each runs every model once).")
+@input_shape_option
+@click.option("--profile", is_flag=True, help="Per-conv times from ORT's profiler (first EP and batch).")
+@click.option("--report", "report_path", default=None, help="Write a JSON report here.")
+@handle_errors
+def bench_cmd(models, ep, batches, threads, warmup, runs, input_shapes, profile, report_path) -> None:
+    """Time MODELS interleaved (A B, B A, ...; spinning off) and report each vs the first.
+
+    Ratios are medians of per-round ratios with their 10-90 % spread: the only honest
+    comparison on a shared, noisy machine.
+    """
+    eps, sizes, shapes = parse_eps(ep), parse_ints(batches, "--batch"), shapes_from(input_shapes)
+    loaded = [load_model(m) for m in models]
+    console = stdout_console()
+    result = {"models": list(models), "runs": []}
+    for e in eps:
+        for b in sizes:
+            cfg = bench.BenchConfig(ep=e, batch=b, threads=threads, warmup=warmup, runs=runs, input_shapes=shapes)
+            stats, ratios = bench.compare_models(list(models), list(models), cfg)
+            t = Table(title=f"{e}, batch {stats[0].batch}, {runs} interleaved rounds")
+            for col in ("model", "median ms", "p90 ms", "p99 ms", "samples/s", "ratio vs first [p10-p90]"):
+                t.add_column(col)
+            for i, s in enumerate(stats):
+                rtxt = "-" if i == 0 else f"{ratios[i - 1].median:.3f} [{ratios[i - 1].p10:.3f}-{ratios[i - 1].p90:.3f}]"
+                t.add_row(s.name, f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.throughput:.1f}", rtxt)
+            console.print(t)
+            result["runs"].append({"ep": e, "batch": b, "environment": bench.environment(cfg),
+                                   "stats": [bench.as_dict(s) for s in stats],
+                                   "ratios": [bench.as_dict(r) for r in ratios]})
+    if profile:
+        result["profile"] = _profile(loaded, models, bench.BenchConfig(
+            ep=eps[0], batch=sizes[0], threads=threads, warmup=warmup, runs=runs, input_shapes=shapes), console)
+    if report_path:
+        write_text_atomic(report_path, json.dumps(result, indent=2))
+
+
+def _profile(loaded, names, cfg: bench.BenchConfig, console) -> dict:
+    """Per-conv times of each model; with 2+ models, each layer's speed-up next to its MAC cut."""
+    per_model = []
+    for lm, name in zip(loaded, names):
+        times = bench.per_conv_times(lm.model, bench.profile_nodes(name, cfg))
+        per_model.append({"times_us": times, "macs": bench.conv_macs(lm.model, cfg.input_shapes)})
+    base = per_model[0]
+    t = Table(title=f"per-conv kernel time (us, median of {cfg.runs} runs), {cfg.ep}, batch {cfg.batch}")
+    t.add_column("conv")
+    for name in names:
+        t.add_column(name, overflow="fold")
+    if len(names) > 1:
+        t.add_column("speed-up")
+        t.add_column("MAC cut")
+        t.add_column("speed-up / MAC cut")
+    rows = []
+    for layer in sorted(set(base["times_us"]) - {"other"}, key=lambda k: -base["times_us"][k]) + ["other"]:
+        cells = [f"{pm['times_us'].get(layer, 0.0):.0f}" for pm in per_model]
+        row = {"conv": layer, "times_us": [pm["times_us"].get(layer) for pm in per_model]}
+        if len(names) > 1 and layer != "other":
+            t0, t1 = base["times_us"].get(layer), per_model[1]["times_us"].get(layer)
+            m0, m1 = base["macs"].get(layer), per_model[1]["macs"].get(layer)
+            sp = t0 / t1 if t0 and t1 else None
+            mc = m0 / m1 if m0 and m1 else None
+            row.update(speedup=sp, mac_reduction=mc, efficiency=sp / mc if sp and mc else None)
+            cells += [f"{sp:.2f}x" if sp else "-", f"{mc:.2f}x" if mc else "-",
+                      f"{sp / mc:.2f}" if sp and mc else "-"]
+        elif len(names) > 1:
+            cells += ["", "", ""]
+        t.add_row(layer, *cells)
+        rows.append(row)
+    console.print(t)
+    return {"ep": cfg.ep, "batch": cfg.batch, "layers": rows}

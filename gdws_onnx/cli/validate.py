@@ -1,0 +1,108 @@
+"""`onnx-gdws validate ORIGINAL OPTIMIZED --data fashion-mnist:test --attack pgd --eps 0.1`."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..attacks import ATTACKS
+from ..errors import GateFailed
+from ..validation import GRADIENT_CHOICES, ValidateOptions, validate
+from .common import handle_errors, stderr_console, stdout_console, write_text_atomic
+
+
+@contextmanager
+def _progress(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr_console(), transient=True) as p:
+        def factory(desc: str, total: int):
+            task = p.add_task(desc, total=total)
+            return lambda k: p.advance(task, k)
+        yield factory
+
+
+def _pct(v, interval=None) -> str:
+    if v is None:
+        return "-"
+    s = f"{100 * v:.2f}%"
+    return s + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
+
+
+@click.command("validate")
+@click.argument("original")
+@click.argument("optimized")
+@click.option("--data", default="fashion-mnist:test", show_default=True,
+              help="fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and y, or an image folder.")
+@click.option("--n", "n", type=int, default=None, help="Use the first N samples (same for both models).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--attack", "attacks", multiple=True, type=click.Choice(ATTACKS + ("none",)),
+              help="Attack(s) to run (repeatable; default pgd). Robust accuracy is the per-sample worst case.")
+@click.option("--eps", type=float, default=0.1, show_default=True, help="Perturbation budget in pixel units.")
+@click.option("--steps", type=int, default=20, show_default=True, help="PGD steps.")
+@click.option("--step-size", type=float, default=None, help="PGD step size (default eps/4).")
+@click.option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
+@click.option("--random-start/--no-random-start", default=True, show_default=True)
+@click.option("--queries", type=int, default=1000, show_default=True, help="Square attack iterations.")
+@click.option("--gradient", type=click.Choice(GRADIENT_CHOICES), default="auto", show_default=True,
+              help="Gradient source for white-box attacks.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-drop-clean", type=float, default=None, metavar="PP",
+              help="Gate: exit 1 if clean accuracy drops by more than PP percentage points.")
+@click.option("--max-drop-robust", type=float, default=None, metavar="PP",
+              help="Gate: exit 1 if robust accuracy drops by more than PP percentage points.")
+@click.option("--report", "report_path", default=None, help="Write a JSON report here.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors and gate failures.")
+@handle_errors
+def validate_cmd(original, optimized, data, n, batch_size, attacks, eps, steps, step_size, restarts,
+                 random_start, queries, gradient, seed, max_drop_clean, max_drop_robust, report_path,
+                 quiet) -> None:
+    """Clean and adversarially robust accuracy of ORIGINAL vs OPTIMIZED on the same samples.
+
+    Each model is attacked with its own gradients (white-box), checked first against ONNX
+    Runtime; every adversarial example is re-scored in ONNX Runtime.
+    """
+    attacks = tuple(a for a in (attacks or ("pgd",)) if a != "none")
+    opts = ValidateOptions(data=data, n=n, batch_size=batch_size, attacks=attacks, eps=eps, steps=steps,
+                           step_size=step_size, restarts=restarts, random_start=random_start,
+                           queries=queries, seed=seed, gradient=gradient, max_drop_clean=max_drop_clean,
+                           max_drop_robust=max_drop_robust)
+    opts.check()
+    with _progress(sys.stderr.isatty() and not quiet) as factory:
+        report = validate(original, optimized, opts, progress=factory)
+    if report_path:
+        write_text_atomic(report_path, report.to_json())
+    if not quiet:
+        out = stdout_console()
+        t = Table(title=f"{report.data['spec']}, n={report.data['n']}, eps={eps:g} "
+                        f"({', '.join(attacks) or 'no attack'})")
+        for col in ("model", "clean acc. [95% CI]", "robust acc. [95% CI]",
+                    *(f"{a}" for a in attacks), "gradient"):
+            t.add_column(col)
+        for label, r in (("original", report.original), ("optimized", report.optimized)):
+            t.add_row(label, _pct(r.clean_accuracy, r.clean_accuracy_interval),
+                      _pct(r.robust_accuracy, r.robust_accuracy_interval),
+                      *(_pct(r.robust_accuracy_by_attack.get(a)) for a in attacks), r.gradient_source or "-")
+        out.print(t)
+        e = report.output_error
+        out.print(f"agreement {_pct(report.agreement, report.agreement_interval)}; logits max abs "
+                  f"{e['max_abs']:.3g}, mean abs {e['mean_abs']:.3g}, relative {e['relative']:.3g}, "
+                  f"min cosine {e['cosine_min']:.6f}")
+        c = report.clean_difference_test
+        line = f"clean drop {report.clean_drop_pp:+.2f} pp (McNemar p={c['p_value']:.3g})"
+        if report.robust_drop_pp is not None:
+            line += (f"; robust drop {report.robust_drop_pp:+.2f} pp "
+                     f"(McNemar p={report.robust_difference_test['p_value']:.3g})")
+        out.print(line)
+        for w in report.warnings:
+            out.print(f"warning: {w}")
+        if report_path:
+            out.print(f"wrote {report_path}")
+    if not report.passed:
+        raise GateFailed("; ".join(report.gates["failures"]))

@@ -1,0 +1,756 @@
+"""Input gradients of an ONNX classifier, checked against ONNX Runtime (no CLI).
+
+Two gradient sources share one numpy interface (`GradientSource`):
+
+* ``onnx-ad``: the reverse-mode graph of `onnx_ad.reverse`, run in ONNX Runtime. The model's
+  batch is fixed (onnx-ad needs static shapes); batches are padded/chunked to it.
+* ``torch``: `TorchReplica`, a small explicit ONNX -> torch.nn.functional interpreter for the
+  operators these CNNs use; an unsupported operator raises GDWSError naming it.
+
+`check_gradient_source` is the gate every attack passes first: the source's logits match
+ONNX Runtime and its input gradients match central finite differences computed on ORT.
+`ort_module` bridges ORT into torch (forward = ORT, backward = the source's VJP) for torch
+attack libraries. torch is imported lazily; everything onnx-ad needs is torch-free.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import GDWSError
+from .runtime import make_session
+
+SOURCES = ("onnx-ad", "torch")
+# chosen by measurement (see tests/test_gradients.py and the issue-4 report): onnx-ad runs the
+# forward and backward in one ORT call and needs no torch; torch is the cross-check.
+DEFAULT_SOURCE = "onnx-ad"
+
+
+# ----------------------------------------------------------------------------- model prep
+
+def _single_io(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    ins = [i for i in model.graph.input if i.name not in inits]
+    if len(ins) != 1 or len(model.graph.output) != 1:
+        raise GDWSError(f"attacks need a classifier with one input and one output; the model has "
+                        f"{len(ins)} inputs and {len(model.graph.output)} outputs")
+    return ins[0], model.graph.output[0]
+
+
+def logits_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """A copy whose output is the logits: a terminal Softmax/LogSoftmax is cut off.
+
+    Returns (model, cut). Argmax (accuracy) is unchanged by the cut; attack losses need logits."""
+    m = copy.deepcopy(model)
+    _, out = _single_io(m)
+    prod = [n for n in m.graph.node if out.name in n.output]
+    if prod and prod[0].op_type in ("Softmax", "LogSoftmax"):
+        node = prod[0]
+        src = node.input[0]
+        if sum(src in n.input for n in m.graph.node) == 1:  # only the softmax reads it
+            m.graph.node.remove(node)
+            for n in m.graph.node:
+                for i, o in enumerate(n.output):
+                    if o == src:
+                        n.output[i] = out.name
+            return m, True
+    return m, False
+
+
+def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy with the input's and output's leading dimension fixed to `batch` (inferred shapes
+    of intermediate values are dropped so they are recomputed)."""
+    m = copy.deepcopy(model)
+    x, y = _single_io(m)
+    for v in (x, y):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    del m.graph.value_info[:]
+    return m
+
+
+def input_shape(model: onnx.ModelProto) -> tuple[list, int]:
+    """(dims of the input, elem type); unknown dims are strings."""
+    x, _ = _single_io(model)
+    return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in x.type.tensor_type.shape.dim], \
+        x.type.tensor_type.elem_type
+
+
+# ----------------------------------------------------------------------------- ORT classifier
+
+class OrtClassifier:
+    """ONNX Runtime forward passes of a single-input classifier, in batches (logits out)."""
+
+    def __init__(self, model: onnx.ModelProto, batch_size: int = 256, threads: int | None = None):
+        self.model, self.softmax_cut = logits_model(model)
+        self.session = make_session(self.model, threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+        dims, _ = input_shape(self.model)
+        self.fixed_batch = dims[0] if dims and isinstance(dims[0], int) else None
+        self.batch_size = self.fixed_batch or batch_size
+        self.calls = 0
+        self.seconds = 0.0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import time
+
+        x = np.ascontiguousarray(x, np.float32)
+        t0 = time.perf_counter()
+        outs = []
+        for s in range(0, x.shape[0], self.batch_size):
+            chunk = x[s:s + self.batch_size]
+            k = chunk.shape[0]
+            if self.fixed_batch and k != self.fixed_batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - k, 0)])
+            outs.append(self.session.run(None, {self.input_name: chunk})[0][:k])
+            self.calls += 1
+        self.seconds += time.perf_counter() - t0
+        return np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0,), np.float32)
+
+
+# ----------------------------------------------------------------------------- interface
+
+class GradientSource(Protocol):
+    name: str
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Logits as this source computes them."""
+
+    def vjp(self, x: np.ndarray, adj: np.ndarray) -> np.ndarray:
+        """adj^T d logits / d x, shaped like x."""
+
+    def ce_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, d sum_i CE(logits_i, y_i) / d x)."""
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-sample cross-entropy in float64."""
+    z = logits.astype(np.float64)
+    m = z.max(1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]
+    return lse - z[np.arange(len(y)), y]
+
+
+# ----------------------------------------------------------------------------- onnx-ad
+
+class OnnxADSource:
+    """Reverse-mode ONNX graphs from onnx-ad, run in ONNX Runtime at a fixed batch size.
+
+    `ce_grad` runs one graph that computes logits, the summed cross-entropy and its input
+    gradient together; `vjp` runs the reverse graph of the logits seeded with `adj`."""
+
+    name = "onnx-ad"
+
+    def __init__(self, model: onnx.ModelProto, batch_size: int = 64, threads: int | None = None):
+        try:
+            import onnx_ad  # noqa: F401
+        except ImportError:
+            raise GDWSError("gradient source onnx-ad needs: pip install onnx-ad==0.3.0") from None
+        base, _ = logits_model(model)
+        dims, elem = input_shape(base)
+        if elem != TensorProto.FLOAT:
+            raise GDWSError("onnx-ad gradients need a float32 input")
+        self.batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else batch_size
+        self.base = with_batch(base, self.batch)
+        self.threads = threads
+        self.x_name = _single_io(self.base)[0].name
+        self.y_name = _single_io(self.base)[1].name
+        self._ce = None
+        self._vjp = None
+        self._fwd = None
+
+    # graphs are built on first use
+    def _reverse(self, model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+        import onnx_ad
+
+        try:
+            return onnx_ad.reverse(model, inputs=[self.x_name], outputs=outputs, layout="onnx")
+        except Exception as e:  # noqa: BLE001 - UnsupportedOperator and friends
+            raise GDWSError(f"onnx-ad cannot differentiate the model: {type(e).__name__}: {e}") from None
+
+    def _ce_session(self):
+        if self._ce is None:
+            m = copy.deepcopy(self.base)
+            g = m.graph
+            classes = _single_io(m)[1].type.tensor_type.shape.dim[-1].dim_value or None
+            g.input.append(helper.make_tensor_value_info("gdws_onehot", TensorProto.FLOAT,
+                                                         [self.batch, classes or "C"]))
+            g.node.extend([
+                helper.make_node("LogSoftmax", [self.y_name], ["gdws_logp"], axis=-1),
+                helper.make_node("Mul", ["gdws_logp", "gdws_onehot"], ["gdws_lp_y"]),
+                helper.make_node("ReduceSum", ["gdws_lp_y"], ["gdws_sum"], keepdims=0),
+                helper.make_node("Neg", ["gdws_sum"], ["gdws_loss"]),
+            ])
+            g.output.append(helper.make_tensor_value_info("gdws_loss", TensorProto.FLOAT, []))
+            r = self._reverse(m, ["gdws_loss"])
+            self._ce = (make_session(r, threads=self.threads), [o.name for o in r.graph.output],
+                        [i.name for i in r.graph.input])
+        return self._ce
+
+    def _vjp_session(self):
+        if self._vjp is None:
+            r = self._reverse(self.base, [self.y_name])
+            self._vjp = (make_session(r, threads=self.threads), [o.name for o in r.graph.output],
+                         [i.name for i in r.graph.input])
+        return self._vjp
+
+    def _chunks(self, n: int):
+        for s in range(0, n, self.batch):
+            yield s, min(n, s + self.batch)
+
+    def _pad(self, a: np.ndarray, k: int) -> np.ndarray:
+        if k == self.batch:
+            return np.ascontiguousarray(a, np.float32)
+        pad = np.zeros((self.batch - k, *a.shape[1:]), np.float32)
+        return np.concatenate([a.astype(np.float32, copy=False), pad])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if self._fwd is None:
+            self._fwd = make_session(self.base, threads=self.threads)
+        out = []
+        for s, e in self._chunks(len(x)):
+            out.append(self._fwd.run([self.y_name], {self.x_name: self._pad(x[s:e], e - s)})[0][:e - s])
+        return np.concatenate(out)
+
+    def ce_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sess, outs, ins = self._ce_session()
+        seed_name = ins[-1]
+        logits, grads = [], []
+        for s, e in self._chunks(len(x)):
+            k = e - s
+            xb = self._pad(x[s:e], k)
+            oh = np.zeros((self.batch, self._classes(sess)), np.float32)
+            oh[np.arange(k), y[s:e]] = 1.0  # padded rows have no label: zero gradient
+            res = sess.run(None, {self.x_name: xb, "gdws_onehot": oh,
+                                  seed_name: np.ones((1,), np.float32)})
+            d = dict(zip(outs, res))
+            logits.append(d[self.y_name][:k])
+            grads.append(d[outs[-1]][..., 0][:k])
+        return np.concatenate(logits), np.concatenate(grads)
+
+    def _classes(self, sess) -> int:
+        for i in sess.get_inputs():
+            if i.name == "gdws_onehot" and isinstance(i.shape[1], int):
+                return i.shape[1]
+        return int(self.forward(np.zeros((1, *self._xshape()), np.float32)).shape[1])
+
+    def _xshape(self):
+        return [d.dim_value for d in _single_io(self.base)[0].type.tensor_type.shape.dim][1:]
+
+    def vjp(self, x: np.ndarray, adj: np.ndarray) -> np.ndarray:
+        sess, outs, ins = self._vjp_session()
+        grads = []
+        for s, e in self._chunks(len(x)):
+            k = e - s
+            a = self._pad(adj[s:e], k)[..., None]
+            res = sess.run([outs[-1]], {self.x_name: self._pad(x[s:e], k), ins[-1]: a})
+            grads.append(res[0][..., 0][:k])
+        return np.concatenate(grads)
+
+
+# ----------------------------------------------------------------------------- torch interpreter
+
+TORCH_OPS = (
+    "Conv", "Gather", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "BatchNormalization", "MaxPool",
+    "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul", "Add", "Mul", "Sub",
+    "Div", "Sum", "Neg", "Flatten", "Reshape", "Identity", "Dropout", "Constant", "ConstantOfShape",
+    "Shape", "Cast", "Concat", "Clip", "Softmax", "LogSoftmax", "Pad", "Transpose", "Squeeze",
+    "Unsqueeze", "LRN", "ReduceMean",
+)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _same_pads(in_sp, k, s, d, mode):
+    pads_b, pads_e = [], []
+    for i, kk, ss, dd in zip(in_sp, k, s, d):
+        out = math.ceil(i / ss)
+        total = max((out - 1) * ss + (kk - 1) * dd + 1 - i, 0)
+        small, big = total // 2, total - total // 2
+        b, e = (small, big) if mode == "SAME_UPPER" else (big, small)
+        pads_b.append(b)
+        pads_e.append(e)
+    return pads_b + pads_e
+
+
+def _torch_pad_list(pads: list[int]) -> list[int]:
+    """ONNX [b1..bn, e1..en] over the last n dims -> torch F.pad order (last dim first)."""
+    n = len(pads) // 2
+    out = []
+    for i in reversed(range(n)):
+        out += [pads[i], pads[i + n]]
+    return out
+
+
+class TorchReplica:
+    """An explicit ONNX -> torch.nn.functional interpreter of one classifier graph.
+
+    Supports the operators in TORCH_OPS (the attributes ONNX Runtime accepts for them on
+    these CNNs); anything else raises GDWSError at construction naming the operator(s).
+    Shape-computing subgraphs (Shape/Gather/Concat on int64) are evaluated eagerly."""
+
+    name = "torch"
+
+    def __init__(self, model: onnx.ModelProto, dtype: str = "float32"):
+        import torch
+
+        self.torch = torch
+        self.model, _ = logits_model(model)
+        opset = {o.domain: o.version for o in self.model.opset_import}
+        self.opset = opset.get("", opset.get("ai.onnx", 13))
+        bad = sorted({n.op_type for n in self.model.graph.node
+                      if n.op_type not in TORCH_OPS or n.domain not in ("", "ai.onnx")})
+        if bad:
+            raise GDWSError(f"the torch gradient source does not support operator(s) {', '.join(bad)}; "
+                            "use --gradient onnx-ad, or --attack square (forward passes only)")
+        self.dtype = getattr(torch, dtype)
+        self.consts = {}
+        for t in self.model.graph.initializer:
+            self.consts[t.name] = self._tensor(numpy_helper.to_array(t))
+        self.x_name, self.y_name = (v.name for v in _single_io(self.model))
+
+    def _tensor(self, a: np.ndarray):
+        t = self.torch.from_numpy(np.array(a, copy=True))
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def __call__(self, x):
+        torch = self.torch
+        env = dict(self.consts)
+        env[self.x_name] = x
+        env[""] = None
+        for node in self.model.graph.node:
+            ins = [env[i] if i else None for i in node.input]
+            try:
+                outs = self._op(node, ins, _attrs(node))
+            except GDWSError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise GDWSError(f"torch gradient source failed on {node.op_type} "
+                                f"'{node.name or node.output[0]}': {e}") from None
+            if not isinstance(outs, (list, tuple)):
+                outs = [outs]
+            for name, val in zip(node.output, outs):
+                if name:
+                    env[name] = val
+        out = env[self.y_name]
+        return out if isinstance(out, torch.Tensor) else torch.as_tensor(out)
+
+    def _op(self, node, ins, a):  # noqa: C901 - one branch per operator
+        torch = self.torch
+        F = torch.nn.functional
+        op = node.op_type
+        if op in ("Identity", "Dropout"):
+            return [ins[0], None] if op == "Dropout" else ins[0]
+        if op == "Constant":
+            if "value" in a:
+                return self._tensor(numpy_helper.to_array(a["value"]))
+            for k in ("value_float", "value_int"):
+                if k in a:
+                    return self._tensor(np.array(a[k], np.float32 if k == "value_float" else np.int64))
+            for k in ("value_floats", "value_ints"):
+                if k in a:
+                    return self._tensor(np.array(a[k], np.float32 if k == "value_floats" else np.int64))
+            raise GDWSError(f"Constant '{node.name}' has an unsupported value attribute")
+        if op == "ConstantOfShape":
+            v = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+            shape = [int(s) for s in ins[0].tolist()]
+            return self._tensor(np.full(shape, v.reshape(-1)[0], dtype=v.dtype))
+        if op == "Shape":
+            return torch.tensor(list(ins[0].shape), dtype=torch.int64)
+        if op == "Cast":
+            to = a["to"]
+            npdt = helper.tensor_dtype_to_np_dtype(to)
+            if np.issubdtype(npdt, np.floating):
+                return ins[0].to(self.dtype) if ins[0].is_floating_point() else ins[0].to(self.dtype)
+            return ins[0].to(getattr(torch, np.dtype(npdt).name))
+        if op == "Relu":
+            return F.relu(ins[0])
+        if op == "LeakyRelu":
+            return F.leaky_relu(ins[0], a.get("alpha", 0.01))
+        if op == "Sigmoid":
+            return torch.sigmoid(ins[0])
+        if op == "Tanh":
+            return torch.tanh(ins[0])
+        if op == "Neg":
+            return -ins[0]
+        if op in ("Add", "Sub", "Mul", "Div"):
+            if self.opset < 7 and a.get("broadcast"):
+                raise GDWSError(f"{op} with legacy broadcast attribute (opset < 7) is not supported")
+            f = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[op]
+            if op == "Div" and not ins[0].is_floating_point():
+                return torch.div(ins[0], ins[1], rounding_mode="trunc")
+            return f(ins[0], ins[1])
+        if op == "Sum":
+            out = ins[0]
+            for t in ins[1:]:
+                out = out + t
+            return out
+        if op == "Clip":
+            lo = a.get("min") if self.opset < 11 else (ins[1] if len(ins) > 1 else None)
+            hi = a.get("max") if self.opset < 11 else (ins[2] if len(ins) > 2 else None)
+            out = ins[0]
+            if lo is not None:
+                out = torch.maximum(out, torch.as_tensor(lo, dtype=out.dtype))
+            if hi is not None:
+                out = torch.minimum(out, torch.as_tensor(hi, dtype=out.dtype))
+            return out
+        if op in ("Softmax", "LogSoftmax"):
+            x = ins[0]
+            f = F.softmax if op == "Softmax" else F.log_softmax
+            if self.opset >= 13:
+                return f(x, dim=a.get("axis", -1))
+            ax = a.get("axis", 1) % x.dim()
+            flat = x.reshape(int(np.prod(x.shape[:ax])), -1)
+            return f(flat, dim=1).reshape(x.shape)
+        if op == "Conv":
+            return self._conv(node, ins, a)
+        if op == "Gather":
+            x, idx = ins
+            ax = a.get("axis", 0) % x.dim()
+            idx = idx.to(torch.int64)
+            idx = torch.where(idx < 0, idx + x.shape[ax], idx)
+            out = torch.index_select(x, ax, idx.reshape(-1))
+            return out.reshape(*x.shape[:ax], *idx.shape, *x.shape[ax + 1:])
+        if op == "BatchNormalization":
+            if a.get("training_mode", 0):
+                raise GDWSError("BatchNormalization in training mode is not supported")
+            x, s, b, m, v = ins[:5]
+            return F.batch_norm(x, m, v, s, b, training=False, eps=a.get("epsilon", 1e-5))
+        if op in ("MaxPool", "AveragePool"):
+            return self._pool(node, ins, a)
+        if op == "GlobalAveragePool":
+            return ins[0].mean(dim=tuple(range(2, ins[0].dim())), keepdim=True)
+        if op == "GlobalMaxPool":
+            return ins[0].amax(dim=tuple(range(2, ins[0].dim())), keepdim=True)
+        if op == "LRN":
+            x = ins[0]
+            return F.local_response_norm(x, a["size"], alpha=a.get("alpha", 1e-4), beta=a.get("beta", 0.75),
+                                         k=a.get("bias", 1.0))
+        if op == "Gemm":
+            A, B = ins[0], ins[1]
+            if a.get("transA", 0):
+                A = A.t()
+            if a.get("transB", 0):
+                B = B.t()
+            out = a.get("alpha", 1.0) * (A @ B)
+            if len(ins) > 2 and ins[2] is not None:
+                out = out + a.get("beta", 1.0) * ins[2]
+            return out
+        if op == "MatMul":
+            return torch.matmul(ins[0], ins[1])
+        if op == "Flatten":
+            x = ins[0]
+            ax = a.get("axis", 1) % (x.dim() + 1) if x.dim() else 0
+            return x.reshape(int(np.prod(x.shape[:ax])), -1)
+        if op == "Reshape":
+            x = ins[0]
+            shape = list(a["shape"]) if self.opset < 5 else [int(s) for s in ins[1].tolist()]
+            if not a.get("allowzero", 0):
+                shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+            return x.reshape(shape)
+        if op == "Transpose":
+            perm = a.get("perm", list(reversed(range(ins[0].dim()))))
+            return ins[0].permute(*perm)
+        if op in ("Squeeze", "Unsqueeze"):
+            x = ins[0]
+            axes = a.get("axes") if self.opset < 13 else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None
+                                                          else None)
+            if op == "Squeeze":
+                if axes is None:
+                    return x.squeeze()
+                axes = sorted(ax % x.dim() for ax in axes)
+                for ax in reversed(axes):
+                    x = x.squeeze(ax)
+                return x
+            rank = x.dim() + len(axes)
+            for ax in sorted(ax % rank for ax in axes):
+                x = x.unsqueeze(ax)
+            return x
+        if op == "Concat":
+            ts = [t for t in ins if t is not None]
+            if any(t.is_floating_point() for t in ts):
+                ts = [t.to(self.dtype) for t in ts]
+            return torch.cat(ts, dim=a["axis"])
+        if op == "ReduceMean":
+            x = ins[0]
+            axes = a.get("axes") if self.opset < 18 else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None
+                                                          else None)
+            if axes is None:
+                axes = list(range(x.dim()))
+            return x.mean(dim=tuple(axes), keepdim=bool(a.get("keepdims", 1)))
+        if op == "Pad":
+            x = ins[0]
+            mode = a.get("mode", b"constant")
+            mode = mode.decode() if isinstance(mode, bytes) else mode
+            if self.opset < 11:
+                pads, value = list(a["pads"]), a.get("value", 0.0)
+            else:
+                pads = [int(p) for p in ins[1].tolist()]
+                value = float(ins[2].reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None and ins[2].numel() else 0.0
+                if len(ins) > 3 and ins[3] is not None:
+                    raise GDWSError("Pad with an axes input is not supported")
+            n = x.dim()
+            if any(pads[i] or pads[i + n] for i in range(2)) and mode != "constant":
+                raise GDWSError("Pad of batch/channel axes is only supported in constant mode")
+            tmode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(mode)
+            if tmode is None:
+                raise GDWSError(f"Pad mode {mode} is not supported")
+            if tmode == "constant":
+                return F.pad(x, _torch_pad_list(pads), value=value)
+            sp = pads[2:n] + pads[n + 2:]
+            return F.pad(x, _torch_pad_list(sp), mode=tmode)
+        raise GDWSError(f"the torch gradient source does not support operator {op}")
+
+    def _spatial_pads(self, x, a, k, s, d):
+        n = len(k)
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            return _same_pads(list(x.shape[2:]), k, s, d, auto)
+        if auto == "VALID":
+            return [0] * (2 * n)
+        return list(a.get("pads", [0] * (2 * n)))
+
+    def _conv(self, node, ins, a):
+        F = self.torch.nn.functional
+        x, w = ins[0], ins[1]
+        b = ins[2] if len(ins) > 2 else None
+        n = w.dim() - 2
+        k = list(a.get("kernel_shape", w.shape[2:]))
+        s = list(a.get("strides", [1] * n))
+        d = list(a.get("dilations", [1] * n))
+        pads = self._spatial_pads(x, a, k, s, d)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(n)
+        if conv is None:
+            raise GDWSError(f"Conv with {n} spatial dims is not supported")
+        if pads[:n] == pads[n:]:
+            return conv(x, w, b, stride=s, padding=pads[:n], dilation=d, groups=a.get("group", 1))
+        x = F.pad(x, _torch_pad_list(pads))
+        return conv(x, w, b, stride=s, padding=0, dilation=d, groups=a.get("group", 1))
+
+    def _pool(self, node, ins, a):
+        torch = self.torch
+        F = torch.nn.functional
+        x = ins[0]
+        k = list(a["kernel_shape"])
+        n = len(k)
+        s = list(a.get("strides", [1] * n))
+        d = list(a.get("dilations", [1] * n))
+        pads = self._spatial_pads(x, a, k, s, d)
+        ceil = bool(a.get("ceil_mode", 0))
+        if node.op_type == "MaxPool":
+            if len(node.output) > 1 and node.output[1]:
+                raise GDWSError("MaxPool with an Indices output is not supported")
+            f = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[n]
+            if pads[:n] == pads[n:] and all(p <= kk // 2 for p, kk in zip(pads[:n], k)):
+                return f(x, k, s, pads[:n], d, ceil_mode=ceil)
+            x = F.pad(x, _torch_pad_list(pads), value=-float("inf"))
+            return f(x, k, s, 0, d, ceil_mode=ceil)
+        if any(dd != 1 for dd in d):
+            raise GDWSError("AveragePool with dilations is not supported")
+        f = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[n]
+        include = bool(a.get("count_include_pad", 0))
+        if pads[:n] == pads[n:] and all(p <= kk // 2 for p, kk in zip(pads[:n], k)):
+            return f(x, k, s, pads[:n], ceil_mode=ceil, count_include_pad=include)
+        if ceil:
+            raise GDWSError("AveragePool with asymmetric pads and ceil_mode is not supported")
+        xp = F.pad(x, _torch_pad_list(pads))
+        summed = f(xp, k, s, 0) * float(np.prod(k))
+        if include:
+            return summed / float(np.prod(k))
+        ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad_list(pads))
+        return summed / (f(ones, k, s, 0) * float(np.prod(k)))
+
+
+class TorchSource:
+    """Gradients from `TorchReplica` by torch autograd (float32 unless dtype says otherwise)."""
+
+    name = "torch"
+
+    def __init__(self, model: onnx.ModelProto, batch_size: int = 64, dtype: str = "float32",
+                 threads: int | None = None):
+        try:
+            import torch
+        except ImportError:
+            raise GDWSError("gradient source torch needs torch (pip install torch==2.13.0, CPU wheel)") from None
+        self.torch = torch
+        self.replica = TorchReplica(model, dtype=dtype)
+        self.batch = batch_size
+
+    def _x(self, x: np.ndarray, grad: bool):
+        t = self.torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.replica.dtype)
+        return t.requires_grad_(grad)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad():
+            return np.concatenate([self.replica(self._x(x[s:s + self.batch], False)).float().numpy()
+                                   for s in range(0, len(x), self.batch)])
+
+    def vjp(self, x: np.ndarray, adj: np.ndarray) -> np.ndarray:
+        out = []
+        for s in range(0, len(x), self.batch):
+            xt = self._x(x[s:s + self.batch], True)
+            z = self.replica(xt)
+            (g,) = self.torch.autograd.grad(z, xt, self.torch.from_numpy(
+                np.ascontiguousarray(adj[s:s + self.batch])).to(z.dtype))
+            out.append(g.float().numpy())
+        return np.concatenate(out)
+
+    def ce_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        F = self.torch.nn.functional
+        logits, grads = [], []
+        for s in range(0, len(x), self.batch):
+            xt = self._x(x[s:s + self.batch], True)
+            z = self.replica(xt)
+            loss = F.cross_entropy(z, self.torch.from_numpy(y[s:s + self.batch]), reduction="sum")
+            (g,) = self.torch.autograd.grad(loss, xt)
+            logits.append(z.detach().float().numpy())
+            grads.append(g.float().numpy())
+        return np.concatenate(logits), np.concatenate(grads)
+
+
+def make_source(model: onnx.ModelProto, name: str = DEFAULT_SOURCE, batch_size: int = 64,
+                threads: int | None = None) -> GradientSource:
+    """Build the named gradient source ('onnx-ad' or 'torch'); GDWSError when it cannot."""
+    if name == "onnx-ad":
+        return OnnxADSource(model, batch_size=batch_size, threads=threads)
+    if name == "torch":
+        return TorchSource(model, batch_size=batch_size)
+    raise GDWSError(f"unknown gradient source {name!r} (choose from {', '.join(SOURCES)})")
+
+
+# ----------------------------------------------------------------------------- the gate
+
+@dataclass
+class GradientCheck:
+    """Outcome of the pre-attack gate for one model and gradient source."""
+
+    source: str
+    samples: int
+    logits_max_abs_error: float  # source vs ORT
+    logits_tolerance: float
+    fd_directions: int
+    fd_median_relative_error: float  # directional derivative vs central differences on ORT
+    fd_relative_errors: list[float] = field(default_factory=list)  # per (direction, sample)
+    fd_tolerance: float = 0.1
+    passed: bool = False
+    message: str = ""
+    fd_pass_fraction: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_gradient_source(source: GradientSource, ort_model: Callable[[np.ndarray], np.ndarray],
+                          x: np.ndarray, y: np.ndarray, directions: int = 3,
+                          steps: tuple[float, ...] = (1e-2, 1e-3, 1e-4), logits_tol: float = 1e-4,
+                          fd_tol: float = 0.1, min_pass: float = 0.8, seed: int = 0) -> GradientCheck:
+    """The pre-attack gate of one gradient source against ONNX Runtime.
+
+    Passes when (1) max |source logits - ORT logits| <= logits_tol * max(1, max |ORT logits|),
+    and (2) per sample i and direction k, the source's directional derivative of CE(x_i) along
+    v = unit(g_i) + unit(random), scaled to max |v| = 1 (pixel units), matches the central
+    difference of CE on ORT outputs within relative fd_tol at one of the step sizes `steps`
+    (ReLU/MaxPool kinks bias large steps, float32 noise small ones), for at least `min_pass` of
+    the (sample, direction) pairs. A wrong gradient misses along its own direction by O(1)."""
+    rng = np.random.default_rng(seed)
+    x = np.ascontiguousarray(x, np.float32)
+    ref = ort_model(x)
+    mine = source.forward(x)
+    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+    err = float(np.abs(ref.astype(np.float64) - mine).max(initial=0.0)) / scale
+    n = len(x)
+    # the scalar checked is w_i . logits(x_i) with a random w_i per sample: unlike the
+    # cross-entropy of a confident sample, its derivative is not squashed below float32 noise
+    w = rng.standard_normal(ref.shape).astype(np.float32)
+    g = source.vjp(x, w)
+    logits, g_ce = source.ce_grad(x, y)
+    p = _softmax(logits)
+    p[np.arange(n), y] -= 1.0
+    g_ce_ref = source.vjp(x, p.astype(np.float32))
+    ce_err = float(np.abs(g_ce - g_ce_ref).max(initial=0.0)) / max(float(np.abs(g_ce_ref).max(initial=0.0)), 1e-12)
+    g2 = g.reshape(n, -1).astype(np.float64)
+    x64 = x.reshape(n, -1).astype(np.float64)
+    w64 = w.astype(np.float64)
+    rels = []
+    for _ in range(directions):
+        r = rng.standard_normal(g2.shape)
+        gn = np.linalg.norm(g2, axis=1, keepdims=True)
+        v = np.where(gn > 0, g2 / np.where(gn > 0, gn, 1), 0) + r / np.linalg.norm(r, axis=1, keepdims=True)
+        v /= np.abs(v).max(1, keepdims=True)
+        best = np.full(n, np.inf)
+        for h in steps:
+            xp = (x64 + h * v).astype(np.float32)
+            xm = (x64 - h * v).astype(np.float32)
+            dv = (xp.astype(np.float64) - xm.astype(np.float64)) / 2  # the step actually taken
+            fp = ort_model(xp.reshape(x.shape)).reshape(n, -1).astype(np.float64)
+            fm = ort_model(xm.reshape(x.shape)).reshape(n, -1).astype(np.float64)
+            fd = np.sum(w64.reshape(n, -1) * (fp - fm), axis=1) / 2
+            an = np.sum(g2 * dv, axis=1)
+            denom = np.maximum(np.maximum(np.abs(fd), np.abs(an)), 1e-12)
+            best = np.minimum(best, np.abs(fd - an) / denom)
+        rels.extend(best.tolist())
+    rels_a = np.asarray(rels)
+    frac = float(np.mean(rels_a <= fd_tol)) if rels_a.size else 1.0
+    ok_logits = err <= logits_tol
+    ok_fd = frac >= min_pass and ce_err <= 1e-3
+    msg = []
+    if ce_err > 1e-3:
+        msg.append(f"{source.name} cross-entropy gradient differs from its own VJP by {ce_err:.2e}")
+    if not ok_logits:
+        msg.append(f"{source.name} logits differ from ONNX Runtime by {err:.2e} (> {logits_tol:g})")
+    if not ok_fd:
+        msg.append(f"{source.name} gradients match finite differences in only {frac:.0%} of "
+                   f"sample-directions (need {min_pass:.0%}; median relative error "
+                   f"{float(np.median(rels_a)):.2e}, tolerance {fd_tol:g})")
+    return GradientCheck(source.name, int(n), err, logits_tol, directions,
+                         float(np.median(rels_a)) if rels_a.size else 0.0,
+                         [float(r) for r in rels], fd_tol, bool(ok_logits and ok_fd), "; ".join(msg), frac)
+
+
+# ----------------------------------------------------------------------------- torch bridge
+
+def ort_module(ort_model: OrtClassifier, source: GradientSource, n_params: int = 1):
+    """A torch.nn.Module whose forward is ONNX Runtime and whose backward is `source.vjp`,
+    so a torch attack library takes every decision on exact ORT outputs."""
+    import torch
+
+    class _OrtFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            xn = x.detach().cpu().numpy()
+            ctx.save_for_backward(x)
+            return torch.from_numpy(ort_model(xn).copy()).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return torch.from_numpy(source.vjp(x.detach().cpu().numpy(),
+                                               g.detach().cpu().numpy().astype(np.float32))).to(x.dtype)
+
+    class OrtModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._anchor = torch.nn.Parameter(torch.zeros(n_params), requires_grad=False)
+
+        def forward(self, x):
+            return _OrtFn.apply(x)
+
+    return OrtModule().eval()

@@ -1,0 +1,354 @@
+"""Hardware-aware allocation: per-layer latency tables measured on the target EP (cached on
+disk), rank choice under a latency or error budget, and the never-slower whole-model check.
+
+A `Probe` measures candidate / baseline latency (interleaved); `bench.OrtProbe` is the real
+one, tests inject their own. Nothing here decides by MACs alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import allocate, decompose
+from .bench import Ratio
+from .convs import ConvSite
+from .rewrite import layer_model
+
+LADDER = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # G / C points measured per layer
+FASTER = 0.95  # a layer is kept only if its measured ratio is below this
+
+
+class Probe(Protocol):
+    def compare(self, baseline: onnx.ModelProto, candidate: onnx.ModelProto) -> Ratio: ...
+
+
+@dataclass
+class LayerOption:
+    """One measured GDWS realization of a layer."""
+
+    ranks: np.ndarray
+    multiplier: bool
+    error: float  # sum_c alpha_c ||W_c - Q_c||^2
+    ratios: dict[int, float]  # batch -> median(gdws / original) latency
+    baseline_ms: float  # original layer at the first batch
+    gdws_ms: float
+
+    @property
+    def worst_ratio(self) -> float:
+        return max(self.ratios.values())
+
+    @property
+    def saving_ms(self) -> float:
+        return self.baseline_ms - self.gdws_ms
+
+
+class LatencyCache:
+    """Layer measurements on disk, keyed by EP, CPU, ORT version, threads, batch and geometry."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        self.hits = self.misses = 0
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    self.entries = json.load(f)
+            except (OSError, ValueError):
+                self.entries = {}  # a corrupt cache is rebuilt, not fatal
+
+    @staticmethod
+    def key(site: ConvSite, option: tuple[int, bool], batch: int, env: dict) -> str:
+        geometry = dict(C=site.in_channels, M=site.out_channels, groups=site.group, kernel=site.kernel_shape,
+                        strides=site.strides, pads=site.pads, dilations=site.dilations, auto_pad=site.auto_pad,
+                        spatial=site.in_spatial, dtype=str(site.weight.dtype), G=option[0], mult=option[1],
+                        batch=batch)
+        blob = json.dumps({"env": env, "layer": geometry}, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> dict | None:
+        hit = self.entries.get(key)
+        self.hits += hit is not None
+        self.misses += hit is None
+        return hit
+
+    def put(self, key: str, value: dict) -> None:
+        self.entries[key] = value
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.entries, f, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def default_cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "onnx-gdws", "latency.json")
+
+
+def candidate_ranks(spec: decompose.Spectrum, scores: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+    """The ladder of realizations measured for a layer: MEGO ranks at G = t C with Gather,
+    and uniform rank r in channel-multiplier form; only those with fewer MACs than the conv."""
+    original = decompose.original_cost_per_pixel(spec)
+    out, seen = [], set()
+    for t in LADDER:
+        ranks = allocate.mego(scores, max(1, int(round(t * spec.in_channels))))
+        key = (int(ranks.sum()), False)
+        if key not in seen and decompose.gdws_cost_per_pixel(spec, ranks) < original:
+            seen.add(key)
+            out.append((ranks, False))
+    for r in range(1, spec.max_rank + 1):
+        ranks = np.full(spec.in_channels, r)
+        if decompose.multiplier_cost_per_pixel(spec, ranks) < original:
+            out.append((ranks, True))
+    return out
+
+
+def measure_layer(site: ConvSite, spec: decompose.Spectrum, alpha: np.ndarray,
+                  choices: list[tuple[np.ndarray, bool]], probes: dict[int, Probe],
+                  cache: LatencyCache, env: dict) -> list[LayerOption]:
+    """Time each realization against the original layer, at every batch (cached)."""
+    options = []
+    originals = {b: layer_model(site, b) for b in probes}
+    for ranks, mult in choices:
+        ratios, base_ms, gdws_ms = {}, 0.0, 0.0
+        for i, (batch, probe) in enumerate(probes.items()):
+            key = LatencyCache.key(site, (int(ranks.sum()), mult), batch, env)
+            hit = cache.get(key)
+            if hit is None:
+                f = decompose.factors(spec, ranks, site.weight.dtype, multiplier=mult)
+                r = probe.compare(originals[batch], layer_model(site, batch, f))
+                hit = {"ratio": r.median, "baseline_ms": r.baseline_ms, "candidate_ms": r.candidate_ms}
+                cache.put(key, hit)
+            ratios[batch] = hit["ratio"]
+            if i == 0:
+                base_ms, gdws_ms = hit["baseline_ms"], hit["candidate_ms"]
+        options.append(LayerOption(ranks, mult, decompose.weighted_error(spec, ranks, alpha), ratios,
+                                   base_ms, gdws_ms))
+    return options
+
+
+def pick_for_error_budget(options: list[LayerOption], max_error: float) -> LayerOption | None:
+    """The fastest measured option within the error budget, if it is measurably faster."""
+    ok = [o for o in options if o.error <= max_error and o.worst_ratio < FASTER]
+    return min(ok, key=lambda o: o.worst_ratio) if ok else None
+
+
+def pick_for_latency(layers: list[list[LayerOption]], required_ms: float) -> tuple[list[LayerOption | None], bool]:
+    """Least total error whose measured layer savings reach `required_ms` (first batch);
+    only options measurably faster at every batch compete."""
+    usable = [[o for o in opts if o.worst_ratio < FASTER] for opts in layers]
+    table = [[(0.0, 0.0)] + [(o.saving_ms, o.error) for o in opts] for opts in usable]
+    choice, met = allocate.choose_options(table, required_ms)
+    return [usable[i][j - 1] if j else None for i, j in enumerate(choice)], met
+
+
+@dataclass
+class FallbackStep:
+    """One whole-model measurement of the never-slower check."""
+
+    rewritten: list[str]
+    ratios: dict[int, dict]  # batch -> Ratio as a dict
+    reverted: str = ""  # layer reverted after this step, if the model was not faster
+
+
+@dataclass
+class NeverSlowerResult:
+    kept: list[str]
+    steps: list[FallbackStep] = field(default_factory=list)
+    faster: bool = False
+
+
+def never_slower(original: onnx.ModelProto, build: Callable[[list[str]], onnx.ModelProto],
+                 layers_worst_first: list[str], probes: dict[int, Probe]) -> NeverSlowerResult:
+    """Measure original vs optimized at every batch; while any median ratio is >= 1, revert the
+    layer with the worst measured layer ratio and measure again. With nothing left, the
+    original is kept: the result is never a model that measured slower."""
+    kept = list(layers_worst_first)
+    result = NeverSlowerResult(kept=[])
+    while kept:
+        candidate = build(kept)
+        ratios = {b: p.compare(original, candidate) for b, p in probes.items()}
+        step = FallbackStep(rewritten=list(kept), ratios={b: asdict(r) for b, r in ratios.items()})
+        result.steps.append(step)
+        if all(r.median < 1.0 for r in ratios.values()):
+            result.kept, result.faster = kept, True
+            return result
+        step.reverted = kept.pop(0)
+    return result
+
+
+def environment_key(ep: str, threads: int | None) -> dict:
+    """What a cached layer latency depends on besides the layer itself."""
+    from .bench import BenchConfig, environment
+
+    env = environment(BenchConfig(ep=ep, threads=threads))
+    return {"ep": ep, "cpu": env["cpu"], "cpus": env["cpus"], "threads": threads or 0, "ort": ort.__version__}
+
+
+def _probes(opts, kind: str) -> dict[int, Probe]:
+    from .bench import BenchConfig, OrtProbe
+
+    out = {}
+    for b in opts.batches:
+        if opts.probe_factory is not None:
+            out[b] = opts.probe_factory(b, kind)
+        else:
+            shapes = opts.input_shapes if kind == "model" else {}
+            out[b] = OrtProbe(BenchConfig(ep=opts.ep, batch=b, threads=opts.threads, runs=opts.runs,
+                                          warmup=3, input_shapes=shapes, seed=opts.seed))
+    return out
+
+
+def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
+    """Choose each candidate's ranks and realization by measured latency (sets `ranks`,
+    `multiplier`, `measured_ratio` or `reason` on each) and run the never-slower check.
+
+    Returns (BudgetReport, latency report dict). `model` is the unmodified original."""
+    from .errors import GDWSError
+    from .report import BudgetReport
+    from .rewrite import GDWSRewritePass, LayerRewrite
+
+    unknown = [c.site.name for c in cands if c.site.in_spatial is None]
+    if unknown:
+        raise GDWSError("--target latency measures each conv at its real input shape, unknown for "
+                        f"{unknown[:3]}: give --input-shape NAME:DIMS")
+    layer_probes, model_probes = _probes(opts, "layer"), _probes(opts, "model")
+    env = environment_key(opts.ep, opts.threads)
+    cache = LatencyCache(default_cache_path() if opts.cache is None else (opts.cache or None))
+    measured: dict[str, list[LayerOption]] = {}
+    eps = None
+    for c in cands:
+        sc = decompose.scores(c.spec, c.alpha)
+        if opts.latency_reduction is None:
+            from .optimize import DEFAULT_ERROR_BUDGET
+
+            eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
+            ranks, beta = allocate.relative_lego(sc, eps, c.site.weight.dtype)
+            choices = [(ranks, False)]
+            if decompose.multiplier_cost_per_pixel(c.spec, ranks) < decompose.original_cost_per_pixel(c.spec):
+                choices.append((ranks, True))
+            choices = [ch for ch in choices if ch[1] or
+                       decompose.gdws_cost_per_pixel(c.spec, ranks) < decompose.original_cost_per_pixel(c.spec)]
+            measured[c.site.name] = measure_layer(c.site, c.spec, c.alpha, choices, layer_probes, cache, env)
+        else:
+            choices = candidate_ranks(c.spec, sc)
+            measured[c.site.name] = measure_layer(c.site, c.spec, c.alpha, choices, layer_probes, cache, env)
+
+    original_bytes = model.SerializeToString()
+    spec_of = {c.site.name: c for c in cands}
+
+    def build_options(chosen: dict[str, LayerOption]) -> onnx.ModelProto:
+        m = onnx.ModelProto.FromString(original_bytes)
+        rewrites = [LayerRewrite(_site_in(m, spec_of[n].site),
+                                 decompose.factors(spec_of[n].spec, o.ranks, spec_of[n].site.weight.dtype,
+                                                   o.multiplier)) for n, o in chosen.items()]
+        return GDWSRewritePass(rewrites).call(m)
+
+    picks: dict[str, LayerOption | None] = {}
+    met, searches, baseline_ms = True, [], None
+    if opts.latency_reduction is None:
+        for c in cands:
+            _, beta = allocate.relative_lego(decompose.scores(c.spec, c.alpha), eps, c.site.weight.dtype)
+            picks[c.site.name] = pick_for_error_budget(measured[c.site.name], beta)
+    else:
+        picks, met, baseline_ms, searches = _search_latency_budget(
+            cands, measured, opts.latency_reduction, model, build_options, model_probes[opts.batches[0]])
+
+    for c in cands:
+        o = picks.get(c.site.name)
+        if o is None:
+            best = min((m.worst_ratio for m in measured[c.site.name]), default=None)
+            c.reason = (f"not measurably faster on {opts.ep}" +
+                        (f" (best measured layer ratio {best:.2f})" if best is not None else " (no cheaper form)")
+                        if best is None or best >= FASTER else "not needed for the latency budget")
+        else:
+            c.ranks, c.multiplier, c.measured_ratio = o.ranks, o.multiplier, o.ratios
+
+    chosen_cands = sorted([c for c in cands if not c.reason], key=lambda c: -max(c.measured_ratio.values()))
+
+    def build(names: list[str]) -> onnx.ModelProto:
+        return build_options({n: picks[n] for n in names})
+
+    check = never_slower(model, build, [c.site.name for c in chosen_cands], model_probes)
+    for c in chosen_cands:
+        if c.site.name not in check.kept:
+            c.reason = "reverted: the whole model was not faster with it"
+    cache.save()
+    if opts.latency_reduction is None:
+        budget = BudgetReport(mode="error", target=eps, achieved=None)
+    else:
+        budget = BudgetReport(mode="latency", target=opts.latency_reduction, achieved=None, met=met,
+                              message="" if met else "the latency budget cannot be met by layers that are "
+                                                     "measurably faster; kept every one that is")
+    final = check.steps[-1].ratios if check.faster else {}
+    if final:
+        worst = max(r["median"] for r in final.values())
+        budget.achieved = 1 / worst
+        if opts.latency_reduction is not None and budget.met and budget.achieved < opts.latency_reduction:
+            budget.met = False
+            budget.message = (f"measured whole-model speed-up {budget.achieved:.2f}x is short of "
+                              f"{opts.latency_reduction:g}x (layer times do not add up exactly in the model)")
+    report = {
+        "ep": opts.ep, "batches": opts.batches, "threads": opts.threads, "environment": env,
+        "cache": {"path": cache.path, "hits": cache.hits, "misses": cache.misses},
+        "model_baseline_ms": baseline_ms, "budget_search": searches,
+        "faster": check.faster, "final_ratios": final,
+        "checks": [asdict(s) for s in check.steps],
+        "message": "" if check.faster or not chosen_cands else
+        "no rewrite made the whole model faster: the original is returned unchanged",
+    }
+    if not chosen_cands:
+        report["message"] = f"no conv is measurably faster in GDWS form on {opts.ep}: the model is unchanged"
+    return budget, report
+
+
+def _search_latency_budget(cands: list, measured: dict[str, list[LayerOption]], target: float,
+                           model: onnx.ModelProto, build: Callable[[dict], onnx.ModelProto], probe: Probe,
+                           steps: int = 6) -> tuple[dict, bool, float, list[dict]]:
+    """Least-error choice whose *whole model* measures at most 1/target of the original.
+
+    Layer savings measured in isolation do not add up to the model's (session overheads,
+    fused neighbours), so the saving asked of the layer table is bisected against
+    whole-model measurements. Returns (picks, met, baseline ms, search log)."""
+    layers = [measured[c.site.name] for c in cands]
+    names = [c.site.name for c in cands]
+    max_saving = sum(max([o.saving_ms for o in opts if o.worst_ratio < FASTER] + [0.0]) for opts in layers)
+    baseline_ms = probe.compare(model, model).baseline_ms
+    lo, hi = 0.0, max_saving
+    required = min(baseline_ms * (1 - 1 / target), max_saving)
+    log, best = [], None
+    for _ in range(steps):
+        chosen, _ = pick_for_latency(layers, required)
+        picks = {n: o for n, o in zip(names, chosen) if o is not None}
+        r = probe.compare(model, build(picks)) if picks else None
+        ratio = r.median if r else 1.0
+        log.append({"required_layer_saving_ms": required, "layers": len(picks), "model_ratio": ratio})
+        if ratio <= 1 / target:
+            best, hi = picks, required
+        else:
+            lo = required
+            if required >= max_saving:
+                break
+        required = (lo + hi) / 2 if best is not None else min(max(2 * required, lo + 1e-9), max_saving)
+    if best is None:  # not reachable: keep everything measurably faster, at the largest saving
+        chosen, _ = pick_for_latency(layers, max_saving)
+        return {n: o for n, o in zip(names, chosen) if o is not None}, False, baseline_ms, log
+    return best, True, baseline_ms, log
+
+
+def _site_in(model: onnx.ModelProto, site: ConvSite) -> ConvSite:
+    """The same conv site bound to another copy of the model (same node index)."""
+    return ConvSite(**{**site.__dict__, "node": model.graph.node[site.index]})
