@@ -57,7 +57,8 @@ class AttackSettings:
         else:
             for k in ("steps", "step_size", "restarts", "random_start", "queries", "p_init"):
                 d.pop(k)
-            d["version"] = "standard"
+            d.update(version="standard", components=["apgd-ce", "apgd-t", "fab-t", "square"],
+                     iterations=AUTOATTACK_ITERATIONS, square_queries=5000)
         return d
 
     @property
@@ -267,6 +268,23 @@ def autoattack_available() -> bool:
     return True
 
 
+AUTOATTACK_ITERATIONS = 100  # APGD-CE, APGD-T, FAB-T (Croce & Hein 2020); Square: 5000 queries
+
+
+def _autoattack_standard(torchattacks, module, eps: float, n_classes: int, seed: int):
+    """AutoAttack 'standard' with the published settings. torchattacks 3.5.1's own
+    AutoAttack(version='standard') leaves APGD/APGD-T/FAB at their default 10 iterations,
+    a tenth of the original's, so the ensemble is assembled here."""
+    it = AUTOATTACK_ITERATIONS
+    return torchattacks.MultiAttack([
+        torchattacks.APGD(module, norm="Linf", eps=eps, steps=it, n_restarts=1, loss="ce", seed=seed),
+        torchattacks.APGDT(module, norm="Linf", eps=eps, steps=it, n_restarts=1, n_classes=n_classes, seed=seed),
+        torchattacks.FAB(module, norm="Linf", eps=eps, steps=it, n_restarts=1, multi_targeted=True,
+                         n_classes=n_classes, seed=seed),
+        torchattacks.Square(module, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
+    ])
+
+
 def autoattack(forward: Forward, source: GradientSource, x: np.ndarray, y: np.ndarray,
                settings: AttackSettings, n_classes: int, batch_size: int = 64,
                progress: Progress | None = None) -> AttackResult:
@@ -296,8 +314,7 @@ def autoattack(forward: Forward, source: GradientSource, x: np.ndarray, y: np.nd
     robust = fwd(x).argmax(1) == y
     todo = np.flatnonzero(robust)
     if settings.eps > 0:
-        atk = torchattacks.AutoAttack(module, norm="Linf", eps=float(settings.eps), version="standard",
-                                      n_classes=n_classes, seed=settings.seed)
+        atk = _autoattack_standard(torchattacks, module, float(settings.eps), n_classes, settings.seed)
         for s in range(0, len(todo), batch_size):
             idx = todo[s:s + batch_size]
             xa = atk(torch.from_numpy(x[idx]), torch.from_numpy(y[idx])).detach().numpy().astype(np.float32)

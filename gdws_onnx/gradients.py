@@ -27,10 +27,13 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import GDWSError
 from .runtime import make_session
 
-SOURCES = ("onnx-ad", "torch")
-# chosen by measurement (see tests/test_gradients.py and the issue-4 report): onnx-ad runs the
-# forward and backward in one ORT call and needs no torch; torch is the cross-check.
-DEFAULT_SOURCE = "onnx-ad"
+SOURCES = ("torch", "onnx-ad")
+# Chosen by measurement (tools/compare_gradient_sources.py, tests/test_validation.py): onnx-ad
+# 0.3.0 is 1.3-1.7x faster on CPU but returns wrong input gradients for Conv with asymmetric
+# pads, refuses auto_pad, and its Gather backward (ScatterND reduction=add over the duplicate
+# indices every GDWS layer has) races in ORT's thread pool unless run on one thread. The torch
+# replica is exact on all of these; onnx-ad stays as the no-torch fallback and cross-check.
+DEFAULT_SOURCE = "torch"
 
 
 # ----------------------------------------------------------------------------- model prep
@@ -198,16 +201,23 @@ class OnnxADSource:
             ])
             g.output.append(helper.make_tensor_value_info("gdws_loss", TensorProto.FLOAT, []))
             r = self._reverse(m, ["gdws_loss"])
-            self._ce = (make_session(r, threads=self.threads), [o.name for o in r.graph.output],
+            self._ce = (make_session(r, threads=self._threads_for(r)), [o.name for o in r.graph.output],
                         [i.name for i in r.graph.input])
         return self._ce
 
     def _vjp_session(self):
         if self._vjp is None:
             r = self._reverse(self.base, [self.y_name])
-            self._vjp = (make_session(r, threads=self.threads), [o.name for o in r.graph.output],
+            self._vjp = (make_session(r, threads=self._threads_for(r)), [o.name for o in r.graph.output],
                          [i.name for i in r.graph.input])
         return self._vjp
+
+    def _threads_for(self, reverse: onnx.ModelProto) -> int | None:
+        """One thread when the graph accumulates with ScatterND(reduction=add): ORT's parallel
+        kernel races on duplicate indices (measured: results differing by 8% between calls)."""
+        racy = any(n.op_type == "ScatterND" and any(a.name == "reduction" and a.s == b"add" for a in n.attribute)
+                   for n in reverse.graph.node)
+        return 1 if racy else self.threads
 
     def _chunks(self, n: int):
         for s in range(0, n, self.batch):
@@ -606,8 +616,9 @@ class TorchSource:
     def vjp(self, x: np.ndarray, adj: np.ndarray) -> np.ndarray:
         out = []
         for s in range(0, len(x), self.batch):
-            xt = self._x(x[s:s + self.batch], True)
-            z = self.replica(xt)
+            with self.torch.enable_grad():  # also when called from a torch backward (ort_module)
+                xt = self._x(x[s:s + self.batch], True)
+                z = self.replica(xt)
             (g,) = self.torch.autograd.grad(z, xt, self.torch.from_numpy(
                 np.ascontiguousarray(adj[s:s + self.batch])).to(z.dtype))
             out.append(g.float().numpy())
@@ -617,9 +628,10 @@ class TorchSource:
         F = self.torch.nn.functional
         logits, grads = [], []
         for s in range(0, len(x), self.batch):
-            xt = self._x(x[s:s + self.batch], True)
-            z = self.replica(xt)
-            loss = F.cross_entropy(z, self.torch.from_numpy(y[s:s + self.batch]), reduction="sum")
+            with self.torch.enable_grad():
+                xt = self._x(x[s:s + self.batch], True)
+                z = self.replica(xt)
+                loss = F.cross_entropy(z, self.torch.from_numpy(y[s:s + self.batch]), reduction="sum")
             (g,) = self.torch.autograd.grad(loss, xt)
             logits.append(z.detach().float().numpy())
             grads.append(g.float().numpy())
@@ -661,15 +673,18 @@ class GradientCheck:
 def check_gradient_source(source: GradientSource, ort_model: Callable[[np.ndarray], np.ndarray],
                           x: np.ndarray, y: np.ndarray, directions: int = 3,
                           steps: tuple[float, ...] = (1e-2, 1e-3, 1e-4), logits_tol: float = 1e-4,
-                          fd_tol: float = 0.1, min_pass: float = 0.8, seed: int = 0) -> GradientCheck:
+                          fd_tol: float = 0.1, gross: float = 0.5, min_pass: float = 0.9,
+                          seed: int = 0) -> GradientCheck:
     """The pre-attack gate of one gradient source against ONNX Runtime.
 
     Passes when (1) max |source logits - ORT logits| <= logits_tol * max(1, max |ORT logits|),
     and (2) per sample i and direction k, the source's directional derivative of CE(x_i) along
     v = unit(g_i) + unit(random), scaled to max |v| = 1 (pixel units), matches the central
-    difference of CE on ORT outputs within relative fd_tol at one of the step sizes `steps`
-    (ReLU/MaxPool kinks bias large steps, float32 noise small ones), for at least `min_pass` of
-    the (sample, direction) pairs. A wrong gradient misses along its own direction by O(1)."""
+    difference of w_i . logits on ORT outputs (best of the step sizes `steps`: ReLU/MaxPool kinks
+    bias large steps, float32 noise small ones) with a median relative error <= fd_tol and at
+    most 1 - min_pass of the (sample, direction) pairs off by more than `gross`. A wrong
+    gradient misses along its own direction by O(1) on most pairs; a kink crossed by the step
+    spoils a few."""
     rng = np.random.default_rng(seed)
     x = np.ascontiguousarray(x, np.float32)
     ref = ort_model(x)
@@ -708,20 +723,21 @@ def check_gradient_source(source: GradientSource, ort_model: Callable[[np.ndarra
             best = np.minimum(best, np.abs(fd - an) / denom)
         rels.extend(best.tolist())
     rels_a = np.asarray(rels)
-    frac = float(np.mean(rels_a <= fd_tol)) if rels_a.size else 1.0
+    frac = float(np.mean(rels_a <= gross)) if rels_a.size else 1.0
+    median = float(np.median(rels_a)) if rels_a.size else 0.0
     ok_logits = err <= logits_tol
-    ok_fd = frac >= min_pass and ce_err <= 1e-3
+    ok_fd = frac >= min_pass and median <= fd_tol and ce_err <= 1e-3
     msg = []
     if ce_err > 1e-3:
         msg.append(f"{source.name} cross-entropy gradient differs from its own VJP by {ce_err:.2e}")
     if not ok_logits:
         msg.append(f"{source.name} logits differ from ONNX Runtime by {err:.2e} (> {logits_tol:g})")
     if not ok_fd:
-        msg.append(f"{source.name} gradients match finite differences in only {frac:.0%} of "
-                   f"sample-directions (need {min_pass:.0%}; median relative error "
-                   f"{float(np.median(rels_a)):.2e}, tolerance {fd_tol:g})")
+        msg.append(f"{source.name} gradients disagree with finite differences on ONNX Runtime: "
+                   f"median relative error {median:.2e} (tolerance {fd_tol:g}), {frac:.0%} of "
+                   f"sample-directions within {gross:g} (need {min_pass:.0%})")
     return GradientCheck(source.name, int(n), err, logits_tol, directions,
-                         float(np.median(rels_a)) if rels_a.size else 0.0,
+                         median,
                          [float(r) for r in rels], fd_tol, bool(ok_logits and ok_fd), "; ".join(msg), frac)
 
 
