@@ -5,7 +5,8 @@ non-increasing in i, so greedy choices are exactly optimal per layer:
   LEGO  min G  s.t. e <= beta  -> drop the smallest scores while their sum stays <= beta;
   MEGO  min e  s.t. G <= budget -> keep the top-`budget` scores.
 Across layers a term costs `term_cost` MACs (output pixels x (K + M/groups)); the network
-budget is a knapsack that `allocate_macs` fills greedily by score / cost.
+budget is a knapsack that `allocate_macs` fills greedily by score / cost. `allocate_mismatch`
+solves the reverse problem (fewest MACs with the summed score of dropped terms <= a budget).
 """
 
 from __future__ import annotations
@@ -135,6 +136,84 @@ def _greedy_fill(layers: list[LayerCost], active: list[bool], budget: float
         kept = np.concatenate([_order(layers[i].scores, True)[:1], flat_of[sel]])
         ranks[i] = _ranks_from_kept(kept, layers[i].scores.shape)
     return ranks
+
+
+@dataclass(frozen=True)
+class MismatchAllocation:
+    """Result of `allocate_mismatch`: ranks per layer (None = keep the original conv)."""
+
+    ranks: list[np.ndarray | None]
+    predicted: float  # sum over rewritten layers of their dropped scores (<= the budget)
+    total_cost: float
+
+
+def _drop_hull(layer: LayerCost) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A layer's efficient options when dropping terms in ascending score order.
+
+    Dropping the k smallest terms (k <= T - 1: the best term is always kept) gives error E_k
+    (the sum of their scores) and cost (T - k) term_cost; the layer stays original (error 0,
+    original cost) while that is not cheaper. Returns the vertices of the lower convex hull of
+    these points after the original, as (k, E_k, error per MAC saved on the segment reaching
+    it); the last is non-decreasing along the hull.
+    """
+    order = _order(layer.scores, descending=False)
+    t = order.size
+    err = np.concatenate([[0.0], np.cumsum(layer.scores.ravel()[order][:t - 1])])  # E_k, k = 0..T-1
+    cost = (t - np.arange(t)) * float(layer.term_cost)
+    ks = np.flatnonzero(cost < layer.original_cost)
+    xs = np.concatenate([[0.0], err[ks]])
+    ys = np.concatenate([[float(layer.original_cost)], cost[ks]])
+    hull = [0]  # indices into xs/ys; 0 is the original conv
+    for i in range(1, xs.size):
+        while len(hull) >= 2:
+            o, a = hull[-2], hull[-1]
+            if (xs[a] - xs[o]) * (ys[i] - ys[o]) - (ys[a] - ys[o]) * (xs[i] - xs[o]) > 0:
+                break  # a is strictly below the chord o-i
+            hull.pop()
+        hull.append(i)
+    h = np.asarray(hull)
+    ratio = np.maximum(np.diff(xs[h]), 0.0) / -np.diff(ys[h])
+    return ks[h[1:] - 1], xs[h[1:]], np.maximum.accumulate(ratio) if ratio.size else ratio
+
+
+def allocate_mismatch(layers: list[LayerCost], budget: float) -> MismatchAllocation:
+    """Fewest MACs such that the summed score of all dropped terms (with alpha = noise gains:
+    the predicted top-1 mismatch sum_l sum_c alpha_{l,c} e_{l,c}) stays <= budget.
+
+    One global greedy: each layer's options are the vertices of the lower convex hull of
+    (error, cost) over "drop its k cheapest terms" (`_drop_hull`; the first segment crosses the
+    break-even where GDWS becomes cheaper than the original conv). All layers' hull segments
+    are visited in order of error per MAC saved; a segment is taken when it fits in what is
+    left of the budget, and once one of a layer's segments does not fit, that layer stops.
+    Optimal on the convex envelope (the fractional relaxation), and the cost is non-increasing
+    in the budget: at the first segment f that fits the larger budget only, everything the
+    smaller budget takes after it saves at most (budget left) / ratio_f < the saving of f.
+    """
+    hulls = [_drop_hull(layer) for layer in layers]
+    ratio = np.concatenate([h[2] for h in hulls]) if hulls else np.zeros(0)
+    layer_of = np.concatenate([np.full(h[0].size, i) for i, h in enumerate(hulls)]) if hulls else np.zeros(0, int)
+    vertex = np.concatenate([np.arange(h[0].size) for h in hulls]) if hulls else np.zeros(0, int)
+    taken = [-1] * len(layers)  # last hull vertex taken per layer
+    stopped = [False] * len(layers)
+    used = 0.0
+    for pos in np.argsort(ratio, kind="stable"):  # stable: each layer's segments stay in hull order
+        i, v = int(layer_of[pos]), int(vertex[pos])
+        if stopped[i]:
+            continue
+        errors = hulls[i][1]
+        new = used - (errors[taken[i]] if taken[i] >= 0 else 0.0) + errors[v]
+        if new <= budget:
+            used, taken[i] = new, v
+        else:
+            stopped[i] = True
+    ranks: list[np.ndarray | None] = [None] * len(layers)
+    for i, v in enumerate(taken):
+        if v >= 0:
+            sc = layers[i].scores
+            ranks[i] = _ranks_from_kept(_order(sc, descending=False)[int(hulls[i][0][v]):], sc.shape)
+    total = sum(gdws_cost(l, r) if r is not None else l.original_cost for l, r in zip(layers, ranks))
+    predicted = float(sum(hulls[i][1][v] for i, v in enumerate(taken) if v >= 0))
+    return MismatchAllocation(ranks=ranks, predicted=predicted, total_cost=float(total))
 
 
 def choose_options(options: list[list[tuple[float, float]]], required: float, bins: int = 400

@@ -30,6 +30,7 @@ class OptimizeOptions:
 
     error_budget: float | None = None  # per-layer relative weighted error, 0 <= eps < 1
     mac_reduction: float | None = None  # whole-model conv MACs / R
+    mismatch_budget: float | None = None  # predicted top-1 mismatch sum alpha * e <= P (needs alphas)
     alphas: str | dict | None = None  # per-layer, per-channel weights (file or dict)
     skip_first: bool = True
     include: str | None = None  # regex on conv names
@@ -51,9 +52,18 @@ class OptimizeOptions:
     probe_factory: Callable[[int, str], Probe] | None = None  # (batch, "layer"|"model") -> Probe
 
     def validate(self) -> None:
-        budgets = [b for b in (self.error_budget, self.mac_reduction, self.latency_reduction) if b is not None]
+        budgets = [b for b in (self.error_budget, self.mac_reduction, self.latency_reduction, self.mismatch_budget)
+                   if b is not None]
         if len(budgets) > 1:
-            raise GDWSError("give one of --error-budget, --mac-reduction, --latency-reduction, not several")
+            raise GDWSError("give one of --error-budget, --mac-reduction, --latency-reduction, "
+                            "--mismatch-budget, not several")
+        if self.mismatch_budget is not None:
+            if not 0 < self.mismatch_budget < 1:
+                raise GDWSError(f"--mismatch-budget must be in (0, 1), got {self.mismatch_budget}")
+            if self.alphas is None:
+                raise GDWSError("--mismatch-budget needs --alphas (noise-gain weights from `onnx-gdws sensitivity`)")
+            if self.target != "macs":
+                raise GDWSError("--mismatch-budget decides by MACs; it cannot be used with --target latency")
         if self.target not in ("macs", "latency"):
             raise GDWSError(f"--target must be 'macs' or 'latency', got {self.target!r}")
         if self.latency_reduction is not None and self.target != "latency":
@@ -110,7 +120,7 @@ def skip_reason(site: ConvSite, first: bool, opts: OptimizeOptions) -> str:
         return site.weight_source
     if site.kernel_size == 1:
         return "1x1 conv (already pointwise)"
-    if site.in_channels // site.group == 1:
+    if site.in_channels // site.group == 1 and site.out_channels // site.group == 1:
         return "depthwise conv (nothing to gain)"
     if first and opts.skip_first:
         return "first conv (--no-skip-first to include)"
@@ -133,7 +143,9 @@ class _Candidate:
 
 
 def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOptions) -> BudgetReport:
-    """Choose ranks for every candidate by error or MAC budget; set `reason` on those left alone."""
+    """Choose ranks for every candidate by error, MAC or mismatch budget; set `reason` on those left alone."""
+    if opts.mismatch_budget is not None:
+        return _allocate_mismatch(cands, sites, opts.mismatch_budget)
     if opts.mac_reduction is None:
         eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
         for c in cands:
@@ -159,6 +171,33 @@ def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOpti
     return BudgetReport(mode="macs", target=opts.mac_reduction, achieved=None, met=result.feasible,
                         message="" if result.feasible else
                         "budget cannot be met with the eligible layers: every rewritten layer keeps one term")
+
+
+def _allocate_mismatch(cands: list[_Candidate], sites: list[ConvSite], budget: float) -> BudgetReport:
+    """One global greedy over all candidates' alpha s^2 / cost terms (allocate.allocate_mismatch)."""
+    unknown = [c.site.name for c in cands if c.site.pixels is None]
+    if unknown:
+        raise GDWSError("--mismatch-budget needs every candidate conv's output size; shapes are unknown for "
+                        f"{unknown[:3]}{'...' if len(unknown) > 3 else ''}: give --input-shape NAME:DIMS")
+    layers = [allocate.LayerCost(
+        scores=decompose.scores(c.spec, c.alpha),
+        term_cost=c.site.pixels * (c.spec.kernel_size + c.spec.out_channels / c.spec.groups),
+        original_cost=c.site.pixels * c.site.macs_per_pixel) for c in cands]
+    result = allocate.allocate_mismatch(layers, budget)
+    for c, r in zip(cands, result.ranks):
+        c.ranks = r
+        if r is None:
+            c.reason = "not chosen by the mismatch budget (no term fits that makes GDWS cheaper)"
+    return BudgetReport(mode="mismatch", target=budget, achieved=None)
+
+
+def predicted_mismatch(cands: list, alphas: dict[str, np.ndarray]) -> float | None:
+    """sum over rewritten candidates of sum_c alpha_c e_c (the first-order bound on the top-1
+    mismatch when alphas are noise gains); None unless every rewritten conv has alphas."""
+    done = [c for c in cands if c.ranks is not None and not c.reason]
+    if not alphas or any(c.site.name not in alphas for c in done):
+        return None
+    return float(sum(decompose.weighted_error(c.spec, c.ranks, c.alpha) for c in done))
 
 
 def _layer_report(site: ConvSite, reason: str, cand: _Candidate | None,
@@ -228,12 +267,18 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     unknown = sorted(set(alphas) - {s.name for s in sites})
     if unknown:
         raise GDWSError(f"--alphas names convs that are not in the model: {unknown[:5]}")
+    if opts.mismatch_budget is not None and not alphas:
+        raise GDWSError("--mismatch-budget needs non-empty --alphas")
     timings["analyze"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     reasons = {s.name: skip_reason(s, i == 0, opts) for i, s in enumerate(sites)}
     cands = [_Candidate(s, decompose.spectrum(s.weight, s.group), _alpha_for(s, alphas))
              for s in sites if not reasons[s.name]]
+    missing = [c.site.name for c in cands if c.site.name not in alphas]
+    if opts.mismatch_budget is not None and missing:
+        raise GDWSError("--mismatch-budget needs alphas for every rewritable conv; --alphas has none "
+                        f"for {missing[:3]}{'...' if len(missing) > 3 else ''}")
     latency_report = None
     if opts.target == "latency":
         budget, latency_report = latency.plan(cands, model, opts)
@@ -261,7 +306,8 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     factors = {r.site.name: r.factors for r in rewrites}
     layers = [_layer_report(s, reasons[s.name], by_name.get(s.name), factors.get(s.name)) for s in sites]
     report = OptimizeReport(layers=layers, budget=budget, verification=VerificationReport(ran=False),
-                            options=_options_dict(opts), versions=versions(), latency=latency_report)
+                            options=_options_dict(opts), versions=versions(), latency=latency_report,
+                            predicted_mismatch=predicted_mismatch(cands, alphas))
     report.budget.achieved = report.mac_reduction
     if budget.mode == "macs" and budget.met and report.mac_reduction is not None \
             and report.mac_reduction < budget.target * (1 - 1e-3):

@@ -45,7 +45,7 @@ class LayerReport:
 class BudgetReport:
     """The budget asked for and what was achieved."""
 
-    mode: str  # "error" or "macs"
+    mode: str  # "error", "macs", "latency" or "mismatch"
     target: float
     achieved: float | None  # model-level conv MAC ratio (before / after) when known
     met: bool = True
@@ -75,6 +75,9 @@ class OptimizeReport:
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     latency: dict | None = None  # --target latency: environment, cache, whole-model checks
+    # sum over rewritten convs of sum_c alpha_c e_c: with noise-gain alphas (`onnx-gdws sensitivity`)
+    # the first-order bound on P(top-1 differs); None unless every rewritten conv has alphas
+    predicted_mismatch: float | None = None
 
     def _total(self, attr: str) -> int | None:
         vals = [getattr(layer, attr) for layer in self.layers]
@@ -107,7 +110,7 @@ class OptimizeReport:
             "summary": {
                 "convs": len(self.layers), "rewritten": len(self.rewritten),
                 "conv_macs_before": self.conv_macs_before, "conv_macs_after": self.conv_macs_after,
-                "mac_reduction": self.mac_reduction,
+                "mac_reduction": self.mac_reduction, "predicted_mismatch": self.predicted_mismatch,
                 "params_before": sum(layer.params_before for layer in self.layers),
                 "params_after": sum(layer.params_after for layer in self.layers),
             },
@@ -190,6 +193,22 @@ def latency_lines(lat: dict | None) -> list[str]:
     if lat["message"]:
         lines.append(f"  {lat['message']}")
     return lines
+
+
+def mismatch_lines(report: OptimizeReport) -> list[str]:
+    """The predicted top-1 mismatch bound, and the measured disagreement when verified on --data."""
+    p = report.predicted_mismatch
+    if p is None:
+        return []
+    budget = f" (budget {report.budget.target:g})" if report.budget.mode == "mismatch" else ""
+    line = f"predicted top-1 mismatch (sum alpha * e, first-order bound with noise-gain alphas): {p:.4g}{budget}"
+    v = report.verification
+    measured = [o for o in v.outputs if o.top1_agreement is not None] if v.ran else []
+    if measured and report.options.get("data"):
+        line += (f"; measured top-1 disagreement on {v.inputs}: "
+                 + ", ".join(f"{1 - o.top1_agreement:.4g}" + (f" ({o.name})" if len(measured) > 1 else "")
+                             for o in measured))
+    return [line]
 
 
 def verification_lines(v: VerificationReport) -> list[str]:

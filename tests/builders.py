@@ -46,8 +46,8 @@ def random_case(rng: np.random.Generator, seed: int) -> ConvCase:
         if np.prod(kernel) > 1:
             break
     group = int(rng.choice([1, 1, 1, 2, 3]))
-    cg = int(rng.integers(2, 5))
-    mg = int(rng.integers(1, 7))  # includes M/groups < K (rank = min(M/g, K))
+    cg = int(rng.integers(1, 5))  # 1: one input channel per group (first convs, dw multipliers)
+    mg = int(rng.integers(1 if cg > 1 else 2, 7))  # includes M/groups < K (rank = min(M/g, K))
     dil = tuple(int(d) for d in rng.choice([1, 1, 2], size=nd))
     strides = tuple(int(s) for s in rng.choice([1, 1, 2, 3], size=nd))
     auto_pad = str(rng.choice(AUTO_PADS))

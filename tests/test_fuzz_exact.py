@@ -46,3 +46,4 @@ def test_corpus_covers_every_form():
     assert any(c.dynamic_batch for c in cases)
     assert any(c.kernel[0] != c.kernel[-1] for c in cases if c.nd > 1)  # non-square kernels
     assert any(c.out_channels // c.group < np.prod(c.kernel) for c in cases)  # M/g < K
+    assert any(c.in_channels == c.group for c in cases)  # C/g = 1 with M/g > 1

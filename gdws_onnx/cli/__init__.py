@@ -8,6 +8,7 @@ from .. import __version__
 from .bench import bench_cmd
 from .inspect import inspect_cmd
 from .optimize import optimize_cmd
+from .sensitivity import sensitivity_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,3 +24,4 @@ main.add_command(optimize_cmd)
 main.add_command(inspect_cmd)
 main.add_command(__import__('gdws_onnx.cli.validate', fromlist=['validate_cmd']).validate_cmd)
 main.add_command(bench_cmd)
+main.add_command(sensitivity_cmd)

@@ -9,7 +9,7 @@ import click
 from ..errors import GateFailed
 from ..model_io import check_output_path, load_model, save_model
 from ..optimize import DEFAULT_ERROR_BUDGET, OptimizeOptions, optimize_loaded
-from ..report import latency_lines, optimize_table, verification_lines
+from ..report import latency_lines, mismatch_lines, optimize_table, verification_lines
 from ..providers import parse_eps
 from .common import (handle_errors, parse_ints, input_shape_option, shapes_from, stderr_console, stdout_console,
                      write_text_atomic)
@@ -23,6 +23,9 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
                    "when no budget is given).")
 @click.option("--mac-reduction", type=float, default=None,
               help="Divide the model's total conv MACs by R, ranks allocated across layers.")
+@click.option("--mismatch-budget", type=float, default=None, metavar="P",
+              help="0 < P < 1: fewest MACs with the predicted top-1 mismatch sum alpha * e <= P "
+                   "(one greedy over all layers; needs --alphas from `onnx-gdws sensitivity`).")
 @click.option("--alphas", type=str, default=None,
               help="Per-layer, per-channel error weights: .json or .npz keyed by conv name.")
 @click.option("--target", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
@@ -52,12 +55,13 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("--overwrite-input", is_flag=True, help="Allow -o to be the input file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @handle_errors
-def optimize_cmd(model, output, error_budget, mac_reduction, alphas, target, latency_reduction, ep, batches,
-                 threads, runs, cache, skip_first, include, exclude, force, verify, data, input_shapes,
+def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, alphas, target, latency_reduction, ep,
+                 batches, threads, runs, cache, skip_first, include, exclude, force, verify, data, input_shapes,
                  max_error, seed, report_path, overwrite_input, quiet) -> None:
     """Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."""
     start = time.perf_counter()
-    opts = OptimizeOptions(error_budget=error_budget, mac_reduction=mac_reduction, alphas=alphas,
+    opts = OptimizeOptions(error_budget=error_budget, mac_reduction=mac_reduction,
+                           mismatch_budget=mismatch_budget, alphas=alphas,
                            skip_first=skip_first, include=include, exclude=exclude, force=force,
                            verify=verify, data=data, input_shapes=shapes_from(input_shapes),
                            max_error=max_error, seed=seed, target=target, latency_reduction=latency_reduction,
@@ -79,6 +83,8 @@ def optimize_cmd(model, output, error_budget, mac_reduction, alphas, target, lat
         for line in latency_lines(report.latency):
             out.print(line)
         for line in verification_lines(report.verification):
+            out.print(line)
+        for line in mismatch_lines(report):
             out.print(line)
     if not report.verification.passed:
         report.timings["total"] = time.perf_counter() - start

@@ -1,0 +1,87 @@
+"""`onnx-gdws sensitivity MODEL --data SPEC [--attack pgd --eps E] -o alphas.npz`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..attacks import AttackSettings
+from ..errors import GDWSError
+from ..model_io import check_output_path, load_model
+from ..sensitivity import DEFAULT_MIN_MARGIN, load_samples, noise_gain_alphas, save_alphas
+from .common import handle_errors, stderr_console, stdout_console
+
+
+@click.command("sensitivity")
+@click.argument("model")
+@click.option("--data", required=True,
+              help="fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and optional y, or an image folder.")
+@click.option("--n", "n", type=int, default=1000, show_default=True, help="Use the first N samples.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--threads", type=int, default=None,
+              help="torch (and ONNX Runtime) threads; default: torch's. 1 is fastest on a busy machine.")
+@click.option("--attack", type=click.Choice(["none", "pgd"]), default="none", show_default=True,
+              help="Compute the alphas at clean inputs or at PGD (L-inf) adversarial inputs.")
+@click.option("--eps", type=float, default=0.1, show_default=True, help="PGD budget in pixel units.")
+@click.option("--steps", type=int, default=20, show_default=True, help="PGD steps.")
+@click.option("--step-size", type=float, default=None, help="PGD step size (default eps/4).")
+@click.option("--seed", type=int, default=0, show_default=True, help="PGD random start seed.")
+@click.option("--min-margin", type=float, default=DEFAULT_MIN_MARGIN, show_default=True,
+              help="Skip margins z_t - z_j below this (near-ties; logit units).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision of the torch replica.")
+@click.option("-o", "--output", required=True, help="Alphas file (.npz keyed by conv name); metadata goes "
+              "to OUTPUT.meta.json.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@handle_errors
+def sensitivity_cmd(model, data, n, batch_size, threads, attack, eps, steps, step_size, seed, min_margin, dtype, output,
+                    quiet) -> None:
+    """Noise-gain weights alpha_{l,c} of every conv (GDWS paper eq. 8) for `optimize --alphas`.
+
+    alpha_{l,c} = mean over samples of sum_{j != top} ||d(z_top - z_j)/dW_{l,c}||^2 / (2 (z_top - z_j)^2 n),
+    n = (M/groups) K, from torch gradients in eval semantics. With these weights,
+    sum_l sum_c alpha_{l,c} ||W_{l,c} - Q_{l,c}||^2 bounds (to first order) the fraction of
+    samples whose top-1 changes: see `optimize --mismatch-budget`.
+    """
+    if not output.endswith(".npz"):
+        raise GDWSError(f"-o must name an .npz file, got {output}")
+    if batch_size < 1 or steps < 0 or eps < 0 or (threads is not None and threads < 1):
+        raise GDWSError("--batch-size and --threads must be >= 1, --steps and --eps >= 0")
+    check_output_path(output, model)
+    loaded = load_model(model)
+    ds = load_samples(data, n)
+    settings = None
+    if attack == "pgd":
+        settings = AttackSettings(name="pgd", eps=eps, steps=steps, step_size=step_size, seed=seed)
+    show = sys.stderr.isatty() and not quiet
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr_console(), transient=True, disable=not show) as p:
+        task = p.add_task("gradients", total=len(ds))
+        result = noise_gain_alphas(loaded.model, ds.x, y=ds.y, batch_size=batch_size, attack=settings,
+                                   min_margin=min_margin, dtype=dtype, threads=threads,
+                                   progress=lambda k: p.advance(task, k))
+    result.settings.update(model=model, data=ds.name, n=len(ds))
+    meta = save_alphas(result, output)
+    if quiet:
+        return
+    out = stdout_console()
+    where = "clean inputs" if settings is None else (
+        f"PGD inputs (eps {eps:g}, {steps} steps; accuracy there {result.attack['accuracy_on_inputs']:.1%})")
+    t = Table(title=f"noise-gain alphas, {result.samples} samples of {ds.name} at {where}")
+    for col in ("conv", "C->M (g)", "kernel", "mean alpha", "min", "max", "max/min", "top-1% samples' share"):
+        t.add_column(col, justify="left" if col in ("conv", "C->M (g)", "kernel") else "right")
+    for info, row in zip(result.layers, result.summary()):
+        grp = f" ({info.groups})" if info.groups > 1 else ""
+        t.add_row(info.name, f"{info.in_channels}->{info.out_channels}{grp}", "x".join(map(str, info.kernel_shape)),
+                  f"{row['mean']:.4g}", f"{row['min']:.3g}", f"{row['max']:.3g}", f"{row['max_min_ratio']:.3g}",
+                  f"{row['top1pct_share']:.0%}")
+    out.print(t)
+    if result.skipped_convs:
+        out.print(f"no alphas for {len(result.skipped_convs)} conv(s) with run-time weights: "
+                  f"{', '.join(list(result.skipped_convs)[:3])}")
+    out.print(f"{result.skipped_terms} near-tie margin terms (< {min_margin:g}) skipped; "
+              f"{result.timings['total']:.2f} s ({result.timings['gradients']:.2f} s gradients)")
+    out.print(f"wrote {output} and {meta}")
