@@ -86,6 +86,10 @@ def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, al
             out.print(line)
         for line in mismatch_lines(report):
             out.print(line)
+        if opts.target == "macs" and report.rewritten:
+            out.print("note: ranks were chosen by MAC count, not by time: fewer MACs often run slower "
+                      f"(depthwise and Gather are memory-bound). Time it: onnx-gdws bench {model} {output}; "
+                      "or let measurements decide: --target latency")
     if not report.verification.passed:
         report.timings["total"] = time.perf_counter() - start
         if report_path:
