@@ -40,7 +40,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
     """L-inf PGD on cross-entropy from x (pixels in [0, 1]); returns x_adv in the ball and [0, 1]."""
     delta = torch.zeros_like(x)
     if random_start:
-        delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
+        delta = ((torch.rand(x.shape, generator=generator) * 2 - 1) * eps).to(x.device)
     delta = (x + delta).clamp(0, 1) - x
     for _ in range(steps):
         delta.requires_grad_(True)

@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit-batches", type=int, default=None, help="at most K batches per epoch (smoke)")
     p.add_argument("--eval-n", type=int, default=None, help="final evaluation on the first N test samples")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to train (auto: cuda when available); evaluation runs on CPU")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--log", default=None, help="JSON log (default models/logs/<out stem>.json)")
     p.add_argument("--ckpt", default=None, help="torch state_dict (default out/checkpoints/<stem>.pt)")
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(a.threads)
     set_seed(a.seed)
+    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
     name = Path(a.out).stem
     log_path = a.log or f"models/logs/{name}.json"
     ckpt_path = a.ckpt or f"out/checkpoints/{name}.pt"
@@ -176,10 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
     if a.subset:
         tr_idx = tr_idx[:a.subset]
         val_idx = val_idx[:min(len(val_idx), 200)]
-    xtr, ytr = torch.from_numpy(x_all[tr_idx]), torch.from_numpy(y_all[tr_idx])
-    xva, yva = torch.from_numpy(x_all[val_idx]), torch.from_numpy(y_all[val_idx])
+    xtr, ytr = torch.from_numpy(x_all[tr_idx]).to(device), torch.from_numpy(y_all[tr_idx]).to(device)
+    xva, yva = torch.from_numpy(x_all[val_idx]).to(device), torch.from_numpy(y_all[val_idx]).to(device)
 
     model, shape = build(a.arch)
+    model.to(device)
     decay, no_decay = [], []
     for n_, prm in model.named_parameters():
         (no_decay if prm.ndim <= 1 else decay).append(prm)
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(a.seed)
     history, best, best_state = [], -1.0, None
     print(f"[train] {a.arch} {a.method} eps={a.eps} epochs={a.epochs} train={len(xtr)} val={len(xva)} "
-          f"batches/epoch={n_batches}", flush=True)
+          f"batches/epoch={n_batches} device={device}", flush=True)
     t_start = time.time()
     for ep in range(a.epochs):
         model.train()
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             eps = a.eps * min(1.0, (it + 1) / (a.eps_warmup * n_batches)) if a.eps_warmup > 0 else a.eps
-            idx = order[b * a.batch:(b + 1) * a.batch]
+            idx = order[b * a.batch:(b + 1) * a.batch].to(device)
             xb, yb = xtr[idx], ytr[idx]
             xin = perturb(model, xb, yb, a.method, eps, a.pgd_steps)
             out = model(xin)
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
             best_epoch = ep + 1
     wall_train = time.time() - t_start
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     torch.save(best_state, ckpt_path)
     print(f"[train] done in {wall_train:.0f}s; keeping epoch {best_epoch} (val {'pgd10' if robust else 'clean'} "
           f"{best:.4f}); checkpoint {ckpt_path}", flush=True)
@@ -264,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "limit_batches": a.limit_batches, "selected_epoch": best_epoch},
         "wall_time_train_s": round(wall_train, 1),
         "threads": a.threads,
+        "device": str(device),
         "torch": torch.__version__,
         "host": platform.machine(),
         "export_parity_max_abs": parity,

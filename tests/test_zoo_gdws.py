@@ -1,0 +1,45 @@
+"""End to end on the shipped robust model: GDWS at full rank is exact, and at a small error
+budget it keeps clean and robust accuracy (white-box PGD on each model, scored in ORT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from gdws_onnx import optimize, validate
+from gdws_onnx.runtime import make_session
+
+VGG = Path(__file__).resolve().parents[1] / "models" / "vgg_small_fgsm.onnx"
+pytestmark = pytest.mark.skipif(not VGG.is_file(), reason="models/vgg_small_fgsm.onnx not present")
+
+
+@pytest.fixture(scope="module")
+def data():
+    from validate_helpers import fashion
+
+    return fashion(100)
+
+
+def test_full_rank_rewrite_of_zoo_model_is_exact(data):
+    model = onnx.load(str(VGG))
+    out, rep = optimize(model, error_budget=0.0, force=True, skip_first=False, verify=False)
+    assert len(rep.rewritten) == 7
+    x = data[0]
+    ref = make_session(model).run(None, {"input": x})[0]
+    new = make_session(out).run(None, {"input": x})[0]
+    assert np.abs(new - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_small_error_budget_keeps_robustness(data):
+    pytest.importorskip("torch")
+    model = onnx.load(str(VGG))
+    out, rep = optimize(model, error_budget=0.05)
+    assert rep.rewritten and rep.verification.passed
+    x, y = data
+    r = validate(model, out, x=x, y=y, eps=0.1, steps=5)
+    assert r.original.clean_accuracy > 0.8 and r.original.robust_accuracy > 0.6  # it is a robust model
+    assert r.agreement >= 0.97
+    assert r.clean_drop_pp <= 3.0 and r.robust_drop_pp <= 5.0
