@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -24,6 +23,7 @@ import onnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gdws_onnx import optimize  # noqa: E402
+from gdws_onnx.bench import BenchConfig, environment  # noqa: E402
 from gdws_onnx.errors import GDWSError  # noqa: E402
 from gdws_onnx.gradients import SOURCES, OrtClassifier, check_gradient_source, input_shape, make_source  # noqa: E402
 from models.reference import build_reference  # noqa: E402
@@ -85,11 +85,9 @@ def main() -> None:
         rows += compare(name, m, a.batch, a.runs)
         g, _ = optimize(m, error_budget=a.error_budget, verify=False)
         rows += compare(name + " (GDWS)", g, a.batch, a.runs)
-    import onnxruntime
     import torch
 
-    env = {"cpu": platform.processor() or platform.machine(), "threads": os.cpu_count(),
-           "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "batch": a.batch}
+    env = {**environment(BenchConfig()), "torch": torch.__version__, "batch": a.batch}
     print(json.dumps(env))
     print(f"{'model':32s} {'source':8s} {'gate':5s} {'fd med rel':>10s} {'ms/batch':>9s}  note")
     for r in rows:
