@@ -14,6 +14,7 @@ import onnx
 
 from . import allocate, decompose, latency
 from .convs import ConvSite, find_convs
+from .data import DataError, load_dataset
 from .errors import GDWSError
 from .latency import Probe
 from .model_io import LoadedModel, load_model
@@ -22,6 +23,7 @@ from .rewrite import GDWSRewritePass, LayerRewrite
 from .runtime import data_feeds, make_session, random_feeds, run_and_compare
 
 DEFAULT_ERROR_BUDGET = 0.1
+VERIFY_SAMPLES = 256  # samples of a --data set spec used for verification
 
 
 @dataclass
@@ -37,7 +39,7 @@ class OptimizeOptions:
     exclude: str | None = None
     force: bool = False  # rewrite even when GDWS is not cheaper
     verify: bool = True
-    data: str | None = None  # .npz with `x` (or arrays named after the inputs)
+    data: str | None = None  # .npz with `x` (or arrays named after the inputs), or a data set spec
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     max_error: float | None = None  # gate on the relative output error
     seed: int = 0
@@ -233,7 +235,7 @@ def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, opts: Op
     """Run both models in ONNX Runtime on the same inputs and compare every output."""
     ref = make_session(original)
     new = make_session(optimized)
-    if opts.data:
+    if opts.data and opts.data.lower().endswith(".npz"):
         if not os.path.isfile(opts.data):
             raise GDWSError(f"--data file not found: {opts.data}")
         try:
@@ -242,6 +244,13 @@ def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, opts: Op
         except (ValueError, OSError) as e:
             raise GDWSError(f"cannot read --data {opts.data}: {e}") from None
         desc = f"data file {opts.data}"
+    elif opts.data:  # a data set spec shared with validate: fashion-mnist:test, an image folder
+        try:
+            ds = load_dataset(opts.data, n=VERIFY_SAMPLES)
+        except (DataError, ValueError, OSError) as e:
+            raise GDWSError(f"--data {opts.data}: {e}") from None
+        feeds = data_feeds(ref, {"x": ds.x})
+        desc = f"the first {len(ds.x)} samples of {ds.name}"
     else:
         try:
             feeds = random_feeds(ref, opts.input_shapes, seed=opts.seed)

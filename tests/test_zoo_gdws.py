@@ -43,3 +43,26 @@ def test_small_error_budget_keeps_robustness(data):
     assert r.original.clean_accuracy > 0.8 and r.original.robust_accuracy > 0.6  # it is a robust model
     assert r.agreement >= 0.97
     assert r.clean_drop_pp <= 3.0 and r.robust_drop_pp <= 5.0
+
+
+def test_optimize_verifies_on_a_data_set_spec(tmp_path):
+    """--data accepts the data set specs validate uses; a bad spec is exit 2 with no output."""
+    from click.testing import CliRunner
+
+    from gdws_onnx.cli import main
+    from validate_helpers import have_fashion_mnist
+
+    if not have_fashion_mnist():
+        pytest.skip("dataset-fashion-mnist not installed")
+    out = tmp_path / "o.onnx"
+    r = CliRunner().invoke(main, ["optimize", str(VGG), "-o", str(out), "--error-budget", "0.05",
+                                  "--data", "fashion-mnist:test", "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert "first 256 samples of fashion-mnist:test" in r.output
+    import json
+
+    agreement = json.loads((tmp_path / "r.json").read_text())["verification"]["outputs"][0]["top1_agreement"]
+    assert agreement >= 0.97
+    bad = tmp_path / "bad.onnx"
+    r = CliRunner().invoke(main, ["optimize", str(VGG), "-o", str(bad), "--data", "nope:x"])
+    assert r.exit_code == 2 and "unknown data set" in r.output and not bad.exists()

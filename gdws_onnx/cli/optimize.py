@@ -46,7 +46,9 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("--force", is_flag=True, help="Rewrite eligible convs even where GDWS is not cheaper.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare original and optimized outputs in ONNX Runtime.")
-@click.option("--data", default=None, help="Verification inputs: .npz with 'x' (or arrays named after inputs).")
+@click.option("--data", default=None,
+              help="Verification inputs: .npz with 'x' (or arrays named after inputs), or a data set "
+                   "(fashion-mnist[:test|train], an image folder; first 256 samples).")
 @input_shape_option
 @click.option("--max-error", type=float, default=None,
               help="Gate: fail (exit 1, no output written) if any output's relative error exceeds TOL.")
