@@ -318,7 +318,7 @@ class TorchReplica:
 
     name = "torch"
 
-    def __init__(self, model: onnx.ModelProto, dtype: str = "float32"):
+    def __init__(self, model: onnx.ModelProto, dtype: str = "float32", fuse_gdws: bool = False):
         import torch
 
         self.torch = torch
@@ -335,6 +335,10 @@ class TorchReplica:
         for t in self.model.graph.initializer:
             self.consts[t.name] = self._tensor(numpy_helper.to_array(t))
         self.x_name, self.y_name = (v.name for v in _single_io(self.model))
+        self.nodes: list = list(self.model.graph.node)
+        if fuse_gdws:
+            self.nodes = _fuse_gdws_chains(self.nodes, self.consts, self.y_name)
+        self._q_cache: dict = {}
 
     def _tensor(self, a: np.ndarray):
         t = self.torch.from_numpy(np.array(a, copy=True))
@@ -345,7 +349,10 @@ class TorchReplica:
         env = dict(self.consts)
         env[self.x_name] = x
         env[""] = None
-        for node in self.model.graph.node:
+        for node in self.nodes:
+            if isinstance(node, GDWSChain):
+                env[node.output] = self._chain(node, env[node.input])
+                continue
             ins = [env[i] if i else None for i in node.input]
             try:
                 outs = self._op(node, ins, _attrs(node))
@@ -538,6 +545,23 @@ class TorchReplica:
             return [0] * (2 * n)
         return list(a.get("pads", [0] * (2 * n)))
 
+    def _chain(self, chain: "GDWSChain", x):
+        """Gather -> depthwise -> 1x1 as the one conv it equals: Q[m, c] = sum_{j: idx_j = c} P[m, j] D_j."""
+        c = x.shape[1]
+        key = (chain.output, c)
+        if key not in self._q_cache:
+            torch = self.torch
+            p = chain.pw.reshape(chain.pw.shape[0], -1)  # M x G
+            d = chain.dw.reshape(chain.dw.shape[0], -1)  # G x K
+            idx = chain.index if chain.index is not None else torch.arange(d.shape[0]) // (d.shape[0] // c)
+            q = torch.zeros(p.shape[0], c, d.shape[1], dtype=p.dtype).index_add_(1, idx, p[:, :, None] * d[None])
+            b = chain.pw_bias
+            if chain.dw_bias is not None:
+                b = (0 if b is None else b) + p @ chain.dw_bias
+            self._q_cache[key] = (q.reshape(p.shape[0], c, *chain.dw.shape[2:]), b)
+        q, b = self._q_cache[key]
+        return self._conv(chain.dw_node, [x, q, b], chain.dw_attrs)
+
     def _conv(self, node, ins, a):
         F = self.torch.nn.functional
         x, w = ins[0], ins[1]
@@ -589,19 +613,80 @@ class TorchReplica:
         return summed / (f(ones, k, s, 0) * float(np.prod(k)))
 
 
+@dataclass
+class GDWSChain:
+    """A Gather -> depthwise Conv -> 1x1 Conv chain (or its multiplier form without Gather)."""
+
+    input: str
+    output: str
+    index: object  # torch int64 tensor of input channels per depthwise filter, None = j // (G / C)
+    dw: object  # G x 1 x k... weight
+    dw_bias: object
+    pw: object  # M x G x 1... weight
+    pw_bias: object
+    dw_node: onnx.NodeProto
+    dw_attrs: dict
+
+
+def _fuse_gdws_chains(nodes: list, consts: dict, graph_output: str) -> list:
+    """Replace every GDWS chain whose weights are initializers by one GDWSChain entry.
+
+    The chain computes y = P (D * Gather(x)) + b, a linear map equal to one conv with weight
+    Q = sum_j P[:, j] D_j placed at input channel idx_j: the same function at a fraction of the
+    cost of a G-group depthwise conv in torch. Tensors read elsewhere are never fused away."""
+    consumers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    consumers[graph_output] = consumers.get(graph_output, 0) + 1
+    producer = {o: n for n in nodes for o in n.output}
+
+    def single_use(name: str) -> bool:
+        return consumers.get(name, 0) == 1
+
+    drop, chains = set(), {}
+    for pw in nodes:
+        if pw.op_type != "Conv" or len(pw.input) < 2 or pw.input[1] not in consts:
+            continue
+        pa = _attrs(pw)
+        w = consts[pw.input[1]]
+        if pa.get("group", 1) != 1 or any(k != 1 for k in w.shape[2:]) or any(v != 1 for v in pa.get("strides", [1])) \
+                or any(pa.get("pads", [0])) or pa.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            continue
+        dw = producer.get(pw.input[0])
+        if dw is None or dw.op_type != "Conv" or not single_use(dw.output[0]) or dw.input[1] not in consts:
+            continue
+        dwt, da = consts[dw.input[1]], _attrs(dw)
+        if dwt.shape[1] != 1 or dwt.shape[0] != w.shape[1]:
+            continue
+        src, index, gather = dw.input[0], None, producer.get(dw.input[0])
+        if gather is not None and gather.op_type == "Gather" and _attrs(gather).get("axis", 0) == 1 \
+                and gather.input[1] in consts and single_use(gather.output[0]) and da.get("group", 1) == dwt.shape[0]:
+            index, src = consts[gather.input[1]].reshape(-1).long(), gather.input[0]
+            drop.add(id(gather))
+        elif dwt.shape[0] % da.get("group", 1) != 0:
+            continue
+        drop |= {id(dw), id(pw)}
+        chains[id(pw)] = GDWSChain(src, pw.output[0], index, dwt,
+                                   consts.get(dw.input[2]) if len(dw.input) > 2 and dw.input[2] else None,
+                                   w, consts.get(pw.input[2]) if len(pw.input) > 2 and pw.input[2] else None,
+                                   dw, dict(da, group=1))
+    return [chains[id(n)] if id(n) in chains else n for n in nodes if id(n) not in drop or id(n) in chains]
+
+
 class TorchSource:
     """Gradients from `TorchReplica` by torch autograd (float32 unless dtype says otherwise)."""
 
     name = "torch"
 
     def __init__(self, model: onnx.ModelProto, batch_size: int = 64, dtype: str = "float32",
-                 threads: int | None = None):
+                 threads: int | None = None, fuse_gdws: bool = True):
         try:
             import torch
         except ImportError:
             raise GDWSError("gradient source torch needs torch (pip install torch==2.13.0, CPU wheel)") from None
         self.torch = torch
-        self.replica = TorchReplica(model, dtype=dtype)
+        self.replica = TorchReplica(model, dtype=dtype, fuse_gdws=fuse_gdws)
         self.batch = batch_size
 
     def _x(self, x: np.ndarray, grad: bool):

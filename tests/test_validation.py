@@ -389,3 +389,52 @@ def test_torch_replica_matches_ort_per_operator(case):
     fd = np.sum(w * (ort((x + h * v).astype(np.float32)) - ort((x - h * v).astype(np.float32)))) / (2 * h)
     an = float(np.sum(g * v))
     assert abs(fd - an) <= 2e-2 * max(1.0, abs(an)), (fd, an)
+
+
+# ------------------------------------------------------------------ fused GDWS chains in the torch replica
+
+def _replica_pair(m):
+    from gdws_onnx.gradients import GDWSChain, TorchReplica
+
+    fused, plain = TorchReplica(m, fuse_gdws=True), TorchReplica(m)
+    return fused, plain, sum(isinstance(n, GDWSChain) for n in fused.nodes)
+
+
+@pytest.mark.parametrize("attrs", [dict(pads=[1, 1, 1, 1]), dict(pads=[0, 1, 2, 0], strides=[2, 1], dilations=[1, 2]),
+                                   dict(auto_pad="SAME_UPPER", strides=[2, 2])])
+def test_fused_gdws_chain_equals_the_graph(attrs):
+    """Gather -> depthwise -> 1x1 evaluated as one conv: same outputs and gradients as ORT / the
+    unfused replica, for Gather and channel-multiplier forms."""
+    rng = np.random.default_rng(0)
+    base = op_model([helper.make_node("Conv", ["x", "w", "b"], ["z"], **attrs)],
+                    {"w": rng.standard_normal((5, 4, 3, 3)).astype(np.float32), "b": _w(5)}, in_shape=("N", 4, 9, 9))
+    gather_form = gdws_of(base, error_budget=0.2)
+    mult = op_model([helper.make_node("Conv", ["x", "dw", "db"], ["h"], group=4, **attrs),
+                     helper.make_node("Conv", ["h", "pw", "pb"], ["z"])],
+                    {"dw": _w(8, 1, 3, 3), "db": _w(8), "pw": _w(5, 8, 1, 1), "pb": _w(5)}, in_shape=("N", 4, 9, 9))
+    x = rng.random((3, 4, 9, 9)).astype(np.float32)
+    for m in (gather_form, mult):
+        fused, plain, n_chains = _replica_pair(m)
+        assert n_chains == 1
+        xt = torch.from_numpy(x).requires_grad_(True)
+        yf = fused(xt)
+        ref = OrtClassifier(m)(x)
+        assert np.abs(yf.detach().numpy() - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+        adj = torch.from_numpy(rng.standard_normal(ref.shape).astype(np.float32))
+        (gf,) = torch.autograd.grad(yf, xt, adj)
+        xt2 = torch.from_numpy(x).requires_grad_(True)
+        (gp,) = torch.autograd.grad(plain(xt2), xt2, adj)
+        assert torch.allclose(gf, gp, atol=1e-5, rtol=1e-4)
+
+
+def test_chain_with_a_shared_intermediate_is_not_fused():
+    nodes = [helper.make_node("Conv", ["x", "dw"], ["h"], group=4, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["h", "pw"], ["p"]),
+             helper.make_node("GlobalAveragePool", ["h"], ["g"]),
+             helper.make_node("Conv", ["g", "pw"], ["q"]),
+             helper.make_node("Add", ["p", "q"], ["z"])]
+    m = op_model(nodes, {"dw": _w(8, 1, 3, 3), "pw": _w(5, 8, 1, 1)}, in_shape=("N", 4, 6, 6))
+    fused, _, n_chains = _replica_pair(m)
+    assert n_chains == 0
+    x = np.random.default_rng(0).random((2, 4, 6, 6)).astype(np.float32)
+    assert np.abs(fused(torch.from_numpy(x)).numpy() - OrtClassifier(m)(x)).max() < 1e-5
