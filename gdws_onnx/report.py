@@ -73,7 +73,7 @@ class OptimizeReport:
     verification: VerificationReport
     options: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=dict)
     latency: dict | None = None  # --target latency: environment, cache, whole-model checks
     # sum over rewritten convs of sum_c alpha_c e_c: with noise-gain alphas (`onnx-gdws sensitivity`)
     # the first-order bound on P(top-1 differs); None unless every rewritten conv has alphas
@@ -125,16 +125,32 @@ class OptimizeReport:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
 
-def versions() -> dict[str, str]:
-    import numpy
-    import onnx
-    import onnxruntime
+def versions() -> dict[str, str | None]:
+    """Versions of everything a result depends on (None for an optional package not installed)."""
+    from importlib import metadata
 
     from . import __version__
 
-    return {"onnx-gdws": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+    out: dict[str, str | None] = {"onnx-gdws": __version__, "python": platform.python_version(),
+                                  "machine": platform.machine(),
+                                  "processor": platform.processor() or platform.machine()}
+    for dist in ("onnx", "onnxruntime", "numpy", "scipy", "onnx-ad", "torch", "torchattacks"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def json_default(o):
+    """json.dumps `default` for numpy scalars and arrays."""
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def human(n: float | None) -> str:

@@ -42,6 +42,7 @@ from .convs import find_convs
 from .data import DataError, Dataset, load_dataset
 from .errors import GDWSError
 from .gradients import OrtClassifier, TorchReplica, TorchSource, input_shape
+from .report import json_default
 
 DEFAULT_MIN_MARGIN = 1e-3
 Progress = Callable[[int], None]
@@ -386,7 +387,7 @@ def save_alphas(result: SensitivityResult, path: str) -> str:
         fd, tmp_meta = tempfile.mkstemp(prefix=".gdws-tmp-", suffix=".json", dir=folder)
         tmps.append(tmp_meta)
         with os.fdopen(fd, "w") as f:
-            json.dump(result.metadata(), f, indent=2, default=_json_default)
+            json.dump(result.metadata(), f, indent=2, default=json_default)
         os.replace(tmp_meta, meta_path)
         os.replace(tmp_npz, path)
     except OSError as e:
@@ -396,11 +397,3 @@ def save_alphas(result: SensitivityResult, path: str) -> str:
             if os.path.exists(t):
                 os.remove(t)
     return meta_path
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")

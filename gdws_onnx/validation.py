@@ -9,21 +9,19 @@ model's gradient source against ONNX Runtime, attacks EACH model with its own gr
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from typing import Callable
 
 import numpy as np
 import onnx
 
-from . import __version__
 from .attacks import ATTACKS, AttackSettings, autoattack, pgd, square_linf
 from .data import DataError, load_dataset
 from .errors import GateFailed, GDWSError
 from .gradients import DEFAULT_SOURCE, SOURCES, OrtClassifier, check_gradient_source, make_source
 from .model_io import load_model
+from .report import json_default, versions
 from .stats import error_stats, mcnemar_exact, proportion
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (description, total) -> advance
@@ -124,25 +122,7 @@ class ValidationReport:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_json_default)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"onnx-gdws": __version__, "python": platform.python_version()}
-    for dist in ("onnx", "onnxruntime", "numpy", "scipy", "onnx-ad", "torch", "torchattacks"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+        return json.dumps(self.to_dict(), indent=2, default=json_default)
 
 
 def _as_model(m: onnx.ModelProto | str) -> tuple[onnx.ModelProto, str]:

@@ -23,7 +23,7 @@ import onnx  # noqa: E402
 
 from gdws_onnx import optimize, validate  # noqa: E402
 from gdws_onnx.bench import BenchConfig, compare_models, environment  # noqa: E402
-from gdws_onnx.validation import versions  # noqa: E402
+from gdws_onnx.report import versions  # noqa: E402
 
 KINDS = {"error": "error_budget", "mac": "mac_reduction", "latency": "latency_reduction"}
 
