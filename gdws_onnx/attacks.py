@@ -171,8 +171,6 @@ def pgd(forward: Forward, source: GradientSource, x: np.ndarray, y: np.ndarray, 
             robust[idx[broken]] = False
             if progress:
                 progress(len(idx))
-        if progress and r < settings.restarts - 1:
-            pass
     worst = check_budget(x, x_best, eps, norm)
     return AttackResult(x_best, robust, time.perf_counter() - t_start, model_t[0], worst)
 

@@ -13,7 +13,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -184,10 +184,6 @@ def environment(config: BenchConfig) -> dict:
     return {"cpu": cpu, "cpus": os.cpu_count(), "ep": config.ep, "threads": config.threads or "default",
             "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
             "spinning": "off", "python": platform.python_version()}
-
-
-def as_dict(obj) -> dict:
-    return asdict(obj)
 
 
 FUSED_SUFFIXES = ("_nchwc", "_fused", "_token")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
@@ -104,8 +105,6 @@ class OrtClassifier:
         self.seconds = 0.0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        import time
-
         x = np.ascontiguousarray(x, np.float32)
         t0 = time.perf_counter()
         outs = []
@@ -680,7 +679,7 @@ class TorchSource:
     name = "torch"
 
     def __init__(self, model: onnx.ModelProto, batch_size: int = 64, dtype: str = "float32",
-                 threads: int | None = None, fuse_gdws: bool = True):
+                 fuse_gdws: bool = True):
         try:
             import torch
         except ImportError:

@@ -248,7 +248,6 @@ def main(argv: list[str] | None = None) -> dict:
         x_test, y_test = x_test[:a.eval_n], y_test[:a.eval_n]
     parity = check_parity(model, a.out, x_test[:256])
     print(f"[export] {a.out}: ir_version {m.ir_version}, opset 17, max |ORT - torch| = {parity:.2e}", flush=True)
-    t0 = time.time()
     metrics = evaluate(a.out, model, x_test, y_test, eps=a.eps, steps=20, seed=a.seed)
     print(f"[eval] {json.dumps(metrics)}", flush=True)
     if robust and metrics["pgd_acc"] < 0.2 * metrics["clean_acc"]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gdws_onnx import GateFailed, GDWSError, validate
+from gdws_onnx import GDWSError, validate
 from gdws_onnx.attacks import AttackSettings, pgd, square_linf
 from gdws_onnx.cli import main
 from gdws_onnx.gradients import OrtClassifier, check_gradient_source, make_source
@@ -79,7 +79,7 @@ def test_sources_agree_with_each_other_and_ort(which, model, model_gdws, data):
     adj = np.random.default_rng(1).standard_normal(ref.shape).astype(np.float32)
     ga, gt = a.vjp(x, adj), t.vjp(x, adj)
     assert np.abs(ga - gt).max() <= 1e-4 * max(1.0, np.abs(gt).max())
-    (la, ca), (lt, ct) = a.ce_grad(x, y), t.ce_grad(x, y)
+    (_, ca), (_, ct) = a.ce_grad(x, y), t.ce_grad(x, y)
     assert np.abs(ca - ct).max() <= 1e-4 * max(1.0, np.abs(ct).max())
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import click
-import onnx
 from rich.table import Table
 
 from .. import bench
@@ -48,8 +48,8 @@ def bench_cmd(models, ep, batches, threads, warmup, runs, input_shapes, profile,
                 t.add_row(s.name, f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.throughput:.1f}", rtxt)
             console.print(t)
             result["runs"].append({"ep": e, "batch": b, "environment": bench.environment(cfg),
-                                   "stats": [bench.as_dict(s) for s in stats],
-                                   "ratios": [bench.as_dict(r) for r in ratios]})
+                                   "stats": [asdict(s) for s in stats],
+                                   "ratios": [asdict(r) for r in ratios]})
     if profile:
         result["profile"] = _profile(loaded, models, bench.BenchConfig(
             ep=eps[0], batch=sizes[0], threads=threads, warmup=warmup, runs=runs, input_shapes=shapes), console)
