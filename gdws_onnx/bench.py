@@ -169,8 +169,8 @@ def profile_nodes(model: onnx.ModelProto | str, config: BenchConfig) -> dict[str
 
 
 def layer_of(node_name: str) -> str:
-    """'<conv>/gdws/dw' -> '<conv>'; other names are their own layer."""
-    return node_name.split("/gdws/")[0]
+    """'<conv>/gdws/dw' or '<conv>/ssvd/a' -> '<conv>'; other names are their own layer."""
+    return node_name.split("/gdws/")[0].split("/ssvd/")[0]
 
 
 def environment(config: BenchConfig) -> dict:

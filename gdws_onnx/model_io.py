@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -94,3 +95,12 @@ def save_model(model: onnx.ModelProto, path: str, external_data: bool = False) -
         raise GDWSError(f"cannot write {path}: {e}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from . import allocate, decompose, latency
+from .bias_correction import correct_biases
 from .convs import ConvSite, find_convs
 from .data import DataError, load_dataset
 from .errors import GDWSError
@@ -24,6 +25,7 @@ from .runtime import data_feeds, make_session, random_feeds, run_and_compare
 
 DEFAULT_ERROR_BUDGET = 0.1
 VERIFY_SAMPLES = 256  # samples of a --data set spec used for verification
+CALIBRATION_SAMPLES = 1000  # samples of a --data set spec used by --bias-correction
 
 
 @dataclass
@@ -33,6 +35,7 @@ class OptimizeOptions:
     error_budget: float | None = None  # per-layer relative weighted error, 0 <= eps < 1
     mac_reduction: float | None = None  # whole-model conv MACs / R
     mismatch_budget: float | None = None  # predicted top-1 mismatch sum alpha * e <= P (needs alphas)
+    uniform_rank: int | None = None  # every channel of every candidate keeps min(g, max rank) terms (g=1: DWS)
     alphas: str | dict | None = None  # per-layer, per-channel weights (file or dict)
     skip_first: bool = True
     include: str | None = None  # regex on conv names
@@ -43,6 +46,7 @@ class OptimizeOptions:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     max_error: float | None = None  # gate on the relative output error
     seed: int = 0
+    bias_correction: bool = False  # shift rewritten convs' biases by their mean output error on --data
     # hardware-aware allocation (target="latency")
     target: str = "macs"  # "macs": decide by MACs; "latency": by measured latency on `ep`
     ep: str = "cpu"
@@ -54,11 +58,16 @@ class OptimizeOptions:
     probe_factory: Callable[[int, str], Probe] | None = None  # (batch, "layer"|"model") -> Probe
 
     def validate(self) -> None:
-        budgets = [b for b in (self.error_budget, self.mac_reduction, self.latency_reduction, self.mismatch_budget)
-                   if b is not None]
+        budgets = [b for b in (self.error_budget, self.mac_reduction, self.latency_reduction, self.mismatch_budget,
+                               self.uniform_rank) if b is not None]
         if len(budgets) > 1:
             raise GDWSError("give one of --error-budget, --mac-reduction, --latency-reduction, "
-                            "--mismatch-budget, not several")
+                            "--mismatch-budget, --uniform-rank, not several")
+        if self.uniform_rank is not None:
+            if self.uniform_rank < 1:
+                raise GDWSError(f"--uniform-rank must be >= 1, got {self.uniform_rank}")
+            if self.target != "macs":
+                raise GDWSError("--uniform-rank fixes the ranks; it cannot be used with --target latency")
         if self.mismatch_budget is not None:
             if not 0 < self.mismatch_budget < 1:
                 raise GDWSError(f"--mismatch-budget must be in (0, 1), got {self.mismatch_budget}")
@@ -66,6 +75,8 @@ class OptimizeOptions:
                 raise GDWSError("--mismatch-budget needs --alphas (noise-gain weights from `onnx-gdws sensitivity`)")
             if self.target != "macs":
                 raise GDWSError("--mismatch-budget decides by MACs; it cannot be used with --target latency")
+        if self.bias_correction and not self.data:
+            raise GDWSError("--bias-correction needs --data (calibration inputs)")
         if self.target not in ("macs", "latency"):
             raise GDWSError(f"--target must be 'macs' or 'latency', got {self.target!r}")
         if self.latency_reduction is not None and self.target != "latency":
@@ -148,6 +159,10 @@ def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOpti
     """Choose ranks for every candidate by error, MAC or mismatch budget; set `reason` on those left alone."""
     if opts.mismatch_budget is not None:
         return _allocate_mismatch(cands, sites, opts.mismatch_budget)
+    if opts.uniform_rank is not None:
+        for c in cands:
+            c.ranks = np.full(c.spec.in_channels, min(opts.uniform_rank, c.spec.max_rank), dtype=np.int64)
+        return BudgetReport(mode="uniform", target=opts.uniform_rank, achieved=None)
     if opts.mac_reduction is None:
         eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
         for c in cands:
@@ -230,27 +245,32 @@ def _layer_report(site: ConvSite, reason: str, cand: _Candidate | None,
     return rep
 
 
+def data_arrays(data: str, n: int) -> tuple[dict[str, np.ndarray], str]:
+    """Arrays of a --data value (an .npz: all of it; a data set spec: its first n samples) and a
+    description of them."""
+    if data.lower().endswith(".npz"):
+        if not os.path.isfile(data):
+            raise GDWSError(f"--data file not found: {data}")
+        try:
+            with np.load(data) as z:
+                return {k: z[k] for k in z.files}, f"data file {data}"
+        except (ValueError, OSError) as e:
+            raise GDWSError(f"cannot read --data {data}: {e}") from None
+    try:  # a data set spec shared with validate: fashion-mnist:test, an image folder
+        ds = load_dataset(data, n=n)
+    except (DataError, ValueError, OSError) as e:
+        raise GDWSError(f"--data {data}: {e}") from None
+    return {"x": ds.x}, f"the first {len(ds.x)} samples of {ds.name}"
+
+
 def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, opts: OptimizeOptions
            ) -> VerificationReport:
     """Run both models in ONNX Runtime on the same inputs and compare every output."""
     ref = make_session(original)
     new = make_session(optimized)
-    if opts.data and opts.data.lower().endswith(".npz"):
-        if not os.path.isfile(opts.data):
-            raise GDWSError(f"--data file not found: {opts.data}")
-        try:
-            with np.load(opts.data) as z:
-                feeds = data_feeds(ref, {k: z[k] for k in z.files})
-        except (ValueError, OSError) as e:
-            raise GDWSError(f"cannot read --data {opts.data}: {e}") from None
-        desc = f"data file {opts.data}"
-    elif opts.data:  # a data set spec shared with validate: fashion-mnist:test, an image folder
-        try:
-            ds = load_dataset(opts.data, n=VERIFY_SAMPLES)
-        except (DataError, ValueError, OSError) as e:
-            raise GDWSError(f"--data {opts.data}: {e}") from None
-        feeds = data_feeds(ref, {"x": ds.x})
-        desc = f"the first {len(ds.x)} samples of {ds.name}"
+    if opts.data:
+        arrays, desc = data_arrays(opts.data, VERIFY_SAMPLES)
+        feeds = data_feeds(ref, arrays)
     else:
         try:
             feeds = random_feeds(ref, opts.input_shapes, seed=opts.seed)
@@ -310,13 +330,21 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
         original_src = loaded.path or model.SerializeToString()
     GDWSRewritePass(rewrites).call(model)
     timings["rewrite"] = time.perf_counter() - t0
+    correction = None
+    if opts.bias_correction and rewrites:
+        t0 = time.perf_counter()
+        arrays, desc = data_arrays(opts.data, CALIBRATION_SAMPLES)
+        correction = correct_biases(model, rewrites, _named_inputs(model, arrays), threads=opts.threads)
+        correction.inputs += f"; {desc}"
+        timings["bias_correction"] = time.perf_counter() - t0
 
     by_name = {c.site.name: c for c in cands}
     factors = {r.site.name: r.factors for r in rewrites}
     layers = [_layer_report(s, reasons[s.name], by_name.get(s.name), factors.get(s.name)) for s in sites]
     report = OptimizeReport(layers=layers, budget=budget, verification=VerificationReport(ran=False),
                             options=_options_dict(opts), versions=versions(), latency=latency_report,
-                            predicted_mismatch=predicted_mismatch(cands, alphas))
+                            predicted_mismatch=predicted_mismatch(cands, alphas),
+                            bias_correction=None if correction is None else correction.to_dict())
     report.budget.achieved = report.mac_reduction
     if budget.mode == "macs" and budget.met and report.mac_reduction is not None \
             and report.mac_reduction < budget.target * (1 - 1e-3):
@@ -335,6 +363,18 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     timings["verify"] = time.perf_counter() - t0
     report.timings = timings
     return model, report
+
+
+def _named_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Calibration arrays keyed by graph input: by name, or `x` for a single-input model."""
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    if len(names) == 1 and names[0] not in arrays and "x" in arrays:
+        arrays = {names[0]: arrays["x"]}
+    missing = [k for k in names if k not in arrays]
+    if missing:
+        raise GDWSError(f"--data has no array for input(s) {missing}; give 'x' or arrays named after inputs")
+    return {k: arrays[k] for k in names}
 
 
 def _options_dict(opts: OptimizeOptions) -> dict:

@@ -45,7 +45,7 @@ class LayerReport:
 class BudgetReport:
     """The budget asked for and what was achieved."""
 
-    mode: str  # "error", "macs", "latency" or "mismatch"
+    mode: str  # "error", "macs", "latency", "mismatch" or "uniform"
     target: float
     achieved: float | None  # model-level conv MAC ratio (before / after) when known
     met: bool = True
@@ -78,6 +78,8 @@ class OptimizeReport:
     # sum over rewritten convs of sum_c alpha_c e_c: with noise-gain alphas (`onnx-gdws sensitivity`)
     # the first-order bound on P(top-1 differs); None unless every rewritten conv has alphas
     predicted_mismatch: float | None = None
+    # --bias-correction: bias_correction.BiasCorrectionReport.to_dict() (per layer shifts)
+    bias_correction: dict | None = None
 
     def _total(self, attr: str) -> int | None:
         vals = [getattr(layer, attr) for layer in self.layers]
@@ -118,7 +120,7 @@ class OptimizeReport:
             "verification": {**asdict(self.verification),
                              "outputs": [o.to_dict() for o in self.verification.outputs]},
             "layers": layers, "latency": self.latency, "options": self.options, "timings": self.timings,
-            "versions": self.versions,
+            "versions": self.versions, "bias_correction": self.bias_correction,
         }
 
     def to_json(self) -> str:
@@ -225,6 +227,18 @@ def mismatch_lines(report: OptimizeReport) -> list[str]:
                  + ", ".join(f"{1 - o.top1_agreement:.4g}" + (f" ({o.name})" if len(measured) > 1 else "")
                              for o in measured))
     return [line]
+
+
+def bias_correction_lines(report: OptimizeReport) -> list[str]:
+    """One line on what --bias-correction did."""
+    bc = report.bias_correction
+    if not bc:
+        return []
+    done = [layer for layer in bc["layers"] if layer["status"] == "corrected"]
+    skipped = [f"{layer['name']} ({layer['reason']})" for layer in bc["layers"] if layer["status"] != "corrected"]
+    line = (f"bias correction: {len(done)} layer(s) shifted by their mean output error on {bc['inputs']}"
+            + (f"; largest shift {max(layer['max_abs_shift'] for layer in done):.3g}" if done else ""))
+    return [line] + ([f"  not corrected: {', '.join(skipped)}"] if skipped else [])
 
 
 def verification_lines(v: VerificationReport) -> list[str]:

@@ -3,10 +3,12 @@
 Operates on the ModelProto in place and touches nothing else: IR version, opsets, metadata,
 graph I/O and every tensor it does not rewrite (external-data references included) stay as
 they are. New nodes are named `<conv>/gdws/gather|dw|pw` so profiles map back to layers.
+`replace_convs` (the splice and the orphan removal) is shared with the peer passes in peers.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +56,61 @@ def _consumed(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+Names = _Names  # public name for other graph passes (peers.py)
+
+SubgraphBuilder = Callable[[ConvSite, Names], tuple[list[onnx.TensorProto], list[onnx.NodeProto]]]
+
+
+def replace_convs(model: onnx.ModelProto, sites: list[ConvSite], build: SubgraphBuilder) -> onnx.ModelProto:
+    """Replace each site's Conv node, in place and in order, by the nodes `build(site, names)`
+    returns; its weights become initializers (Constant nodes when IR < 4, which wants every
+    initializer listed as an input). Then drop the weight subgraphs nothing reads anymore."""
+    graph = model.graph
+    names = _Names(graph)
+    by_index = {s.index: s for s in sites}
+    as_constants = model.ir_version < 4
+    new_inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    for i, node in enumerate(graph.node):
+        site = by_index.get(i)
+        if site is None:
+            nodes.append(node)
+            continue
+        weights, new_nodes = build(site, names)
+        if as_constants:
+            nodes.extend(helper.make_node("Constant", [], [t.name], name=t.name, value=t)
+                         for t in weights)
+        else:
+            new_inits.extend(weights)
+        nodes.extend(new_nodes)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    remove_orphans(graph, sites)
+    return model
+
+
+def remove_orphans(graph: onnx.GraphProto, sites: list[ConvSite]) -> None:
+    """Drop the replaced convs' weight nodes and initializers that nothing reads anymore."""
+    old_names = {s.node.input[1] for s in sites}
+    cand_outputs = {o for s in sites for o in s.weight_producers}
+    while True:
+        consumed = _consumed(graph)
+        dead = [k for k, n in enumerate(graph.node)
+                if n.output and set(n.output) <= cand_outputs and not (set(n.output) & consumed)]
+        if not dead:
+            break
+        for k in reversed(dead):
+            old_names.update(graph.node[k].input)
+            del graph.node[k]
+    consumed = _consumed(graph)
+    inputs = {i.name for i in graph.input}
+    unused = [k for k, t in enumerate(graph.initializer)
+              if t.name in old_names and t.name not in consumed and t.name not in inputs]
+    for k in reversed(unused):
+        del graph.initializer[k]
+
+
 class GDWSRewritePass:
     """`call(model)` replaces each planned Conv and removes the weight subgraphs it orphaned."""
 
@@ -61,28 +118,8 @@ class GDWSRewritePass:
         self.rewrites = {r.site.index: r for r in rewrites}
 
     def call(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        graph = model.graph
-        names = _Names(graph)
-        as_constants = model.ir_version < 4  # IR < 4 wants every initializer listed as an input
-        new_inits: list[onnx.TensorProto] = []
-        nodes: list[onnx.NodeProto] = []
-        for i, node in enumerate(graph.node):
-            r = self.rewrites.get(i)
-            if r is None:
-                nodes.append(node)
-                continue
-            weights, gdws_nodes = self._subgraph(r, names)
-            if as_constants:
-                nodes.extend(helper.make_node("Constant", [], [t.name], name=t.name, value=t)
-                             for t in weights)
-            else:
-                new_inits.extend(weights)
-            nodes.extend(gdws_nodes)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        graph.initializer.extend(new_inits)
-        self._remove_orphans(graph)
-        return model
+        return replace_convs(model, [r.site for r in self.rewrites.values()],
+                             lambda site, names: self._subgraph(self.rewrites[site.index], names))
 
     @staticmethod
     def _subgraph(r: LayerRewrite, names: _Names) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
@@ -117,26 +154,6 @@ class GDWSRewritePass:
         nodes.append(helper.make_node("Conv", pw_inputs, [out], name=names.fresh(f"{base}/pw"),
                                       kernel_shape=ones, group=f.groups))
         return weights, nodes
-
-    def _remove_orphans(self, graph: onnx.GraphProto) -> None:
-        """Drop the rewritten convs' weight nodes and initializers that nothing reads anymore."""
-        old_names = {r.site.node.input[1] for r in self.rewrites.values()}
-        cand_outputs = {o for r in self.rewrites.values() for o in r.site.weight_producers}
-        while True:
-            consumed = _consumed(graph)
-            dead = [k for k, n in enumerate(graph.node)
-                    if n.output and set(n.output) <= cand_outputs and not (set(n.output) & consumed)]
-            if not dead:
-                break
-            for k in reversed(dead):
-                old_names.update(graph.node[k].input)
-                del graph.node[k]
-        consumed = _consumed(graph)
-        inputs = {i.name for i in graph.input}
-        unused = [k for k, t in enumerate(graph.initializer)
-                  if t.name in old_names and t.name not in consumed and t.name not in inputs]
-        for k in reversed(unused):
-            del graph.initializer[k]
 
 
 def layer_model(site: ConvSite, batch: int, factors: GDWSFactors | None = None,

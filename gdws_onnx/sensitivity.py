@@ -41,7 +41,7 @@ from .attacks import AttackSettings, _project, _random_start, check_budget
 from .convs import find_convs
 from .data import DataError, Dataset, load_dataset
 from .errors import GDWSError
-from .gradients import OrtClassifier, TorchReplica, TorchSource, input_shape
+from .gradients import OrtClassifier, TorchReplica, input_shape, make_source
 from .report import json_default
 
 DEFAULT_MIN_MARGIN = 1e-3
@@ -323,21 +323,23 @@ def _channel_sq_norms(gy, patches, groups: int, kernel_size: int):
 
 
 def pgd_inputs(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray | None, settings: AttackSettings,
-               batch_size: int = 64, threads: int | None = None) -> tuple[np.ndarray, dict]:
+               batch_size: int = 64, threads: int | None = None, gradient: str = "torch"
+               ) -> tuple[np.ndarray, dict]:
     """The last iterates of L-inf PGD on cross-entropy (as `attacks.pgd` steps them: random start,
     sign steps of settings.alpha, projection on the eps-ball and [0, 1]) for *every* sample, with
     gradients of the torch replica; against `y`, or the model's clean top-1 when y is None.
 
     Unlike `attacks.pgd`, which keeps the clean input of every sample it does not break, this
-    returns where the attack went (the reference computes its alphas at such inputs). Returns
-    (inputs, info: settings, labels used, ONNX Runtime accuracy on them, max perturbation)."""
+    returns where the attack went (the reference computes its alphas at such inputs). gradient:
+    the gradient source ("torch", or "onnx-ad" without torch). Returns (inputs, info: settings,
+    labels used, ONNX Runtime accuracy on them, max perturbation)."""
     if settings.name != "pgd":
         raise GDWSError(f"sensitivity supports --attack pgd or none, got {settings.name!r}")
     if settings.eps < 0 or settings.steps < 0:
         raise GDWSError("--eps and --steps must be >= 0")
     t0 = time.perf_counter()
     clf = OrtClassifier(model, batch_size=max(batch_size, 64), threads=threads)
-    source = TorchSource(model, batch_size=batch_size)
+    source = make_source(model, gradient, batch_size=batch_size, threads=threads)
     labels = "given"
     if y is None:
         y = clf(x).argmax(1)
@@ -355,7 +357,7 @@ def pgd_inputs(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray | None, sett
             _, g = source.ce_grad(xa, yb)
             xa = _project(xb, xa + step * np.sign(g).astype(np.float32), eps, "linf")
         out[s:s + batch_size] = xa
-    info = {**settings.to_dict(), "labels": labels, "iterates": "last (every sample)",
+    info = {**settings.to_dict(), "labels": labels, "iterates": "last (every sample)", "gradient": gradient,
             "accuracy_on_inputs": float(np.mean(clf(out).argmax(1) == y)),
             "max_perturbation": check_budget(x, out, eps, "linf"), "seconds": time.perf_counter() - t0}
     return out, info

@@ -19,7 +19,8 @@ import onnx
 from .attacks import ATTACKS, AttackSettings, autoattack, pgd, square_linf
 from .data import DataError, load_dataset
 from .errors import GateFailed, GDWSError
-from .gradients import DEFAULT_SOURCE, SOURCES, OrtClassifier, check_gradient_source, make_source
+from .gradients import (DEFAULT_SOURCE, SOURCES, OrtClassifier, activation_quantizers, check_gradient_source,
+                        make_source)
 from .model_io import load_model
 from .report import json_default, versions
 from .stats import error_stats, mcnemar_exact, proportion
@@ -156,9 +157,17 @@ def _pick_source(model: onnx.ModelProto, ort_model: OrtClassifier, x: np.ndarray
     return None, {"passed": False, "message": "; ".join(errors)}
 
 
-def _evaluate_model(model: onnx.ModelProto, path: str, x: np.ndarray, y: np.ndarray, opts: ValidateOptions,
-                    warnings: list[str], label: str, progress: ProgressFactory | None
-                    ) -> tuple[ModelResult, np.ndarray]:
+BPDA_WARNING = ("gradients through QuantizeLinear/DequantizeLinear are straight-through (BPDA); "
+                "Square over ONNX Runtime also run")
+
+
+def evaluate_model(model: onnx.ModelProto, path: str, x: np.ndarray, y: np.ndarray, opts: ValidateOptions,
+                    warnings: list[str], label: str, progress: ProgressFactory | None,
+                    quantized_pair: bool = False) -> tuple[ModelResult, np.ndarray]:
+    """One model's clean and robust accuracy. `quantized_pair`: one of the two models is QDQ
+    (BPDA gradients), so Square over ORT joins the white-box attacks on both models: on the
+    quantized one because straight-through gradients are an approximation, on the other so that
+    the robust drop compares the same attacks."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     clf = OrtClassifier(model, batch_size=opts.batch_size, threads=opts.threads)
@@ -177,7 +186,10 @@ def _evaluate_model(model: onnx.ModelProto, path: str, x: np.ndarray, y: np.ndar
     robust = None
     src, chk, src_name = None, None, None
     attacks = list(opts.attacks)
-    if any(a in WHITE_BOX for a in attacks):
+    white_box = any(a in WHITE_BOX for a in attacks)
+    if quantized_pair and white_box and "square" not in attacks:
+        attacks.append("square")
+    if white_box:
         t0 = time.perf_counter()
         k = min(opts.gradient_check_samples, len(x))
         src, chk = _pick_source(model, clf, x[:k], y[:k], opts, warnings, label)
@@ -190,6 +202,13 @@ def _evaluate_model(model: onnx.ModelProto, path: str, x: np.ndarray, y: np.ndar
                 attacks.append("square")
         else:
             src_name = src.name
+            if getattr(src, "bpda", False):
+                warnings.append(f"{label}: {BPDA_WARNING}")
+                if "square" not in attacks:
+                    attacks.append("square")
+            elif quantized_pair and "square" not in opts.attacks:
+                warnings.append(f"{label}: Square over ONNX Runtime also run, as on the quantized model, so that "
+                                "both models face the same attacks")
     if attacks:
         robust = correct.copy()
     for name in attacks:
@@ -269,8 +288,9 @@ def validate(original: onnx.ModelProto | str, optimized: onnx.ModelProto | str,
     warnings: list[str] = []
     m_a, p_a = _as_model(original)
     m_b, p_b = _as_model(optimized)
-    res_a, logits_a = _evaluate_model(m_a, p_a, x, y, opts, warnings, "original", progress)
-    res_b, logits_b = _evaluate_model(m_b, p_b, x, y, opts, warnings, "optimized", progress)
+    pair = bool(activation_quantizers(m_a) or activation_quantizers(m_b))
+    res_a, logits_a = evaluate_model(m_a, p_a, x, y, opts, warnings, "original", progress, pair)
+    res_b, logits_b = evaluate_model(m_b, p_b, x, y, opts, warnings, "optimized", progress, pair)
     ca = np.asarray(res_a.predictions) == y
     cb = np.asarray(res_b.predictions) == y
     agree = proportion(np.asarray(res_a.predictions) == np.asarray(res_b.predictions))
@@ -291,6 +311,9 @@ def validate(original: onnx.ModelProto | str, optimized: onnx.ModelProto | str,
     attacks = []
     for name in opts.attacks:
         attacks.append(opts.settings(name).to_dict())
+    if pair and any(a in WHITE_BOX for a in opts.attacks) and "square" not in opts.attacks:
+        attacks.append(dict(opts.settings("square").to_dict(),
+                            added="QDQ model: white-box gradients are straight-through (BPDA)"))
     return ValidationReport(
         original=res_a, optimized=res_b, agreement=agree.value, agreement_interval=[agree.low, agree.high],
         clean_drop_pp=clean_drop, robust_drop_pp=robust_drop,

@@ -14,7 +14,6 @@ kept(r) = sum_c sum_{i<r} s_ci^2 / ||W||_F^2.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from gdws_onnx.model_io import file_sha256
 
 MODELS_DIR = Path(__file__).resolve().parent
 RANKS = (1, 2, 4)
@@ -45,14 +46,6 @@ def energy_kept_by_rank(weight: np.ndarray, ranks: tuple[int, ...] = RANKS, grou
     s2 = np.linalg.svd(blocks, compute_uv=False) ** 2
     total = s2.sum()
     return {r: float(s2[:, :r].sum() / total) if total > 0 else 1.0 for r in ranks}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shape(vi: onnx.ValueInfoProto) -> list[int | str]:
@@ -91,7 +84,7 @@ def entry(onnx_path: Path, log: dict) -> dict:
     return {
         "name": log.get("name", onnx_path.stem),
         "file": onnx_path.name,
-        "sha256": sha256(onnx_path),
+        "sha256": file_sha256(onnx_path),
         "size_bytes": onnx_path.stat().st_size,
         "dataset": log.get("dataset"),
         "architecture": log.get("architecture"),

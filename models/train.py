@@ -33,7 +33,6 @@ Smoke test:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -48,18 +47,11 @@ import torch
 import torch.nn.functional as F
 
 from gdws_onnx.data import load_fashion_mnist
+from gdws_onnx.model_io import file_sha256
 from models.arch import build
 from models.evaluate import evaluate, ort_logits, ort_session, pgd
 
 MAX_IR_VERSION = 10
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def set_seed(seed: int) -> None:
@@ -256,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = {
         "name": name,
         "file": os.path.basename(a.out),
-        "sha256": sha256(a.out),
+        "sha256": file_sha256(a.out),
         "architecture": a.arch,
         "dataset": "fashion-mnist",
         "recipe": {"method": a.method, "eps": a.eps, "eps_warmup_epochs": a.eps_warmup,

@@ -131,3 +131,56 @@ def small_cnn(seed: int = 0, channels: tuple[int, ...] = (8, 16, 16), classes: i
         opset_imports=[helper.make_opsetid("", 17)], producer_name="tests", producer_version="1.0")
     model.ir_version = 8
     return model
+
+
+# ----------------------------------------------------------------------------- tiny classifier (sensitivity)
+
+TINY_CLASSES = 4
+
+
+def _tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "wa": rng.standard_normal((4, 3, 3, 3)) / 4, "ba": rng.standard_normal(4) / 10,
+        "bn_s": 1 + rng.random(4), "bn_b": rng.standard_normal(4) / 10,
+        "bn_m": rng.standard_normal(4) / 5, "bn_v": 0.5 + rng.random(4),
+        "wb": rng.standard_normal((6, 2, 3, 3)) / 3, "bb": rng.standard_normal(6) / 10,  # group 2
+        "wc": rng.standard_normal((5, 6, 2, 2)) / 3,
+        "fc": rng.standard_normal((TINY_CLASSES, 5 * 2 * 2)), "fcb": rng.standard_normal(TINY_CLASSES) / 10,
+    }
+
+
+def tiny_model(seed: int = 0, constant_wb: bool = False) -> onnx.ModelProto:
+    """A tiny classifier with every conv geometry the sensitivity code must get right:
+    x (N,3,6,6) -> Conv A (dilation 2) -> BatchNorm -> Relu -> Conv B (group 2, stride 2, asymmetric
+    pads) -> Relu -> Conv C (SAME_UPPER, no bias) -> Relu -> MaxPool -> Flatten -> Gemm: 4 logits."""
+    w = {k: v.astype(np.float32) for k, v in _tiny_weights(seed).items()}
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items() if not (constant_wb and k == "wb")]
+    nodes = []
+    if constant_wb:
+        nodes.append(helper.make_node("Constant", [], ["wb"], name="wb_const",
+                                      value=numpy_helper.from_array(w["wb"], "wb_value")))
+    nodes += [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", kernel_shape=[3, 3],
+                         dilations=[2, 2], pads=[2, 2, 2, 2]),
+        helper.make_node("BatchNormalization", ["a", "bn_s", "bn_b", "bn_m", "bn_v"], ["an"], name="bn"),
+        helper.make_node("Relu", ["an"], ["ar"], name="relu_a"),
+        helper.make_node("Conv", ["ar", "wb", "bb"], ["b"], name="conv_b", kernel_shape=[3, 3], group=2,
+                         strides=[2, 2], pads=[1, 0, 0, 1]),
+        helper.make_node("Relu", ["b"], ["br"], name="relu_b"),
+        helper.make_node("Conv", ["br", "wc"], ["c"], name="conv_c", kernel_shape=[2, 2], auto_pad="SAME_UPPER"),
+        helper.make_node("Relu", ["c"], ["cr"], name="relu_c"),
+        helper.make_node("MaxPool", ["cr"], ["p"], name="pool", kernel_shape=[2, 2], strides=[1, 1]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], name="fc", transB=1),
+    ]
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", TINY_CLASSES])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def tiny_inputs(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 3, 6, 6)).astype(np.float32)

@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:  # `models` is a repo-level package, not installed
     sys.path.insert(0, str(ROOT))
 
 from models import manifest as mf  # noqa: E402
+from gdws_onnx.model_io import file_sha256  # noqa: E402
 from models.reference import ALIASES, BUILDERS, PARAM_COUNTS, build_reference, param_count  # noqa: E402
 
 MODELS = ROOT / "models"
@@ -41,7 +42,7 @@ def test_manifest_entry_matches_file(e):
     path = MODELS / e["file"]
     assert path.is_file(), f"{e['file']} listed in manifest.json but missing"
     assert path.stat().st_size < 10 * 2**20
-    assert mf.sha256(path) == e["sha256"]
+    assert file_sha256(path) == e["sha256"]
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert model.ir_version <= 10

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from gdws_onnx import allocate, decompose, optimize
 from gdws_onnx.attacks import AttackSettings
@@ -17,9 +17,11 @@ from gdws_onnx.gradients import OrtClassifier, TorchReplica, TorchSource, cross_
 from gdws_onnx.optimize import load_alphas
 from gdws_onnx.sensitivity import noise_gain_alphas, pgd_inputs, save_alphas
 
+from builders import TINY_CLASSES, tiny_inputs as _x, tiny_model
+
 torch = pytest.importorskip("torch")
 
-CLASSES = 4
+CLASSES = TINY_CLASSES
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,53 +31,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def _weights(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "wa": rng.standard_normal((4, 3, 3, 3)) / 4, "ba": rng.standard_normal(4) / 10,
-        "bn_s": 1 + rng.random(4), "bn_b": rng.standard_normal(4) / 10,
-        "bn_m": rng.standard_normal(4) / 5, "bn_v": 0.5 + rng.random(4),
-        "wb": rng.standard_normal((6, 2, 3, 3)) / 3, "bb": rng.standard_normal(6) / 10,  # group 2
-        "wc": rng.standard_normal((5, 6, 2, 2)) / 3,
-        "fc": rng.standard_normal((CLASSES, 5 * 2 * 2)), "fcb": rng.standard_normal(CLASSES) / 10,
-    }
-
-
-def tiny_model(seed: int = 0, constant_wb: bool = False) -> onnx.ModelProto:
-    """x (N,3,6,6) -> Conv A (dilation 2) -> BatchNorm -> Relu -> Conv B (group 2, stride 2, asymmetric
-    pads) -> Relu -> Conv C (SAME_UPPER, no bias) -> Relu -> MaxPool -> Flatten -> Gemm: 4 logits."""
-    w = {k: v.astype(np.float32) for k, v in _weights(seed).items()}
-    inits = [numpy_helper.from_array(v, k) for k, v in w.items() if not (constant_wb and k == "wb")]
-    nodes = []
-    if constant_wb:
-        nodes.append(helper.make_node("Constant", [], ["wb"], name="wb_const",
-                                      value=numpy_helper.from_array(w["wb"], "wb_value")))
-    nodes += [
-        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", kernel_shape=[3, 3],
-                         dilations=[2, 2], pads=[2, 2, 2, 2]),
-        helper.make_node("BatchNormalization", ["a", "bn_s", "bn_b", "bn_m", "bn_v"], ["an"], name="bn"),
-        helper.make_node("Relu", ["an"], ["ar"], name="relu_a"),
-        helper.make_node("Conv", ["ar", "wb", "bb"], ["b"], name="conv_b", kernel_shape=[3, 3], group=2,
-                         strides=[2, 2], pads=[1, 0, 0, 1]),
-        helper.make_node("Relu", ["b"], ["br"], name="relu_b"),
-        helper.make_node("Conv", ["br", "wc"], ["c"], name="conv_c", kernel_shape=[2, 2], auto_pad="SAME_UPPER"),
-        helper.make_node("Relu", ["c"], ["cr"], name="relu_c"),
-        helper.make_node("MaxPool", ["cr"], ["p"], name="pool", kernel_shape=[2, 2], strides=[1, 1]),
-        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-        helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], name="fc", transB=1),
-    ]
-    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
-
-
-def _x(n: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, 3, 6, 6)).astype(np.float32)
 
 
 def _fd_alphas(model: onnx.ModelProto, x: np.ndarray, layers: dict[str, tuple[str, int]], h: float = 1e-5,

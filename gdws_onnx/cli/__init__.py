@@ -9,6 +9,7 @@ from .bench import bench_cmd
 from .inspect import inspect_cmd
 from .optimize import optimize_cmd
 from .sensitivity import sensitivity_cmd
+from .sweep import sweep_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,3 +26,4 @@ main.add_command(inspect_cmd)
 main.add_command(__import__('gdws_onnx.cli.validate', fromlist=['validate_cmd']).validate_cmd)
 main.add_command(bench_cmd)
 main.add_command(sensitivity_cmd)
+main.add_command(sweep_cmd)

@@ -6,9 +6,11 @@ import functools
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import GateFailed, GDWSError
 from ..runtime import parse_input_shapes
@@ -69,3 +71,17 @@ def write_text_atomic(path: str, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         raise GDWSError(f"cannot write {path}: {e}") from None
+
+
+@contextmanager
+def progress_bars(enabled: bool):
+    """A ProgressFactory ((description, total) -> advance(k)) drawing rich bars on stderr, or None."""
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr_console(), transient=True) as p:
+        def factory(desc: str, total: int):
+            task = p.add_task(desc, total=total)
+            return lambda k: p.advance(task, k)
+        yield factory

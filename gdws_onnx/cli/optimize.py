@@ -9,7 +9,7 @@ import click
 from ..errors import GateFailed
 from ..model_io import check_output_path, load_model, save_model
 from ..optimize import DEFAULT_ERROR_BUDGET, OptimizeOptions, optimize_loaded
-from ..report import latency_lines, mismatch_lines, optimize_table, verification_lines
+from ..report import bias_correction_lines, latency_lines, mismatch_lines, optimize_table, verification_lines
 from ..providers import parse_eps
 from .common import (handle_errors, parse_ints, input_shape_option, shapes_from, stderr_console, stdout_console,
                      write_text_atomic)
@@ -26,6 +26,8 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("--mismatch-budget", type=float, default=None, metavar="P",
               help="0 < P < 1: fewest MACs with the predicted top-1 mismatch sum alpha * e <= P "
                    "(one greedy over all layers; needs --alphas from `onnx-gdws sensitivity`).")
+@click.option("--uniform-rank", type=int, default=None, metavar="G",
+              help="Every input channel keeps G terms (1 = plain depthwise-separable); a baseline, not a budget.")
 @click.option("--alphas", type=str, default=None,
               help="Per-layer, per-channel error weights: .json or .npz keyed by conv name.")
 @click.option("--target", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
@@ -49,6 +51,9 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("--data", default=None,
               help="Verification inputs: .npz with 'x' (or arrays named after inputs), or a data set "
                    "(fashion-mnist[:test|train], an image folder; first 256 samples).")
+@click.option("--bias-correction", is_flag=True,
+              help="Shift each rewritten conv's bias by its mean output error on --data (first 1000 samples of "
+                   "a data set spec, or the whole .npz), layer by layer on the rewritten model's own activations.")
 @input_shape_option
 @click.option("--max-error", type=float, default=None,
               help="Gate: fail (exit 1, no output written) if any output's relative error exceeds TOL.")
@@ -57,15 +62,16 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("--overwrite-input", is_flag=True, help="Allow -o to be the input file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @handle_errors
-def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, alphas, target, latency_reduction, ep,
-                 batches, threads, runs, cache, skip_first, include, exclude, force, verify, data, input_shapes,
-                 max_error, seed, report_path, overwrite_input, quiet) -> None:
+def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, uniform_rank, alphas, target, latency_reduction, ep,
+                 batches, threads, runs, cache, skip_first, include, exclude, force, verify, data, bias_correction,
+                 input_shapes, max_error, seed, report_path, overwrite_input, quiet) -> None:
     """Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."""
     start = time.perf_counter()
     opts = OptimizeOptions(error_budget=error_budget, mac_reduction=mac_reduction,
-                           mismatch_budget=mismatch_budget, alphas=alphas,
+                           mismatch_budget=mismatch_budget, uniform_rank=uniform_rank, alphas=alphas,
                            skip_first=skip_first, include=include, exclude=exclude, force=force,
-                           verify=verify, data=data, input_shapes=shapes_from(input_shapes),
+                           verify=verify, data=data, bias_correction=bias_correction,
+                           input_shapes=shapes_from(input_shapes),
                            max_error=max_error, seed=seed, target=target, latency_reduction=latency_reduction,
                            ep=parse_eps(ep)[0], batches=parse_ints(batches, "--batch"), threads=threads,
                            runs=runs, cache=cache)
@@ -87,6 +93,8 @@ def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, al
         for line in verification_lines(report.verification):
             out.print(line)
         for line in mismatch_lines(report):
+            out.print(line)
+        for line in bias_correction_lines(report):
             out.print(line)
         if opts.target == "macs" and report.rewritten:
             out.print("note: ranks were chosen by MAC count, not by time: fewer MACs often run slower "

@@ -1,4 +1,4 @@
-"""`onnx-gdws sensitivity MODEL --data SPEC [--attack pgd --eps E] -o alphas.npz`."""
+"""`onnx-gdws sensitivity MODEL --data SPEC [--method gradient|forward] [--attack pgd --eps E] -o alphas.npz`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.table import Table
 from ..attacks import AttackSettings
 from ..errors import GDWSError
 from ..model_io import check_output_path, load_model
+from ..forward_sensitivity import DEFAULT_DRAWS, DEFAULT_NOISE, DEFAULT_WEIGHTING, WEIGHTINGS, forward_alphas
 from ..sensitivity import DEFAULT_MIN_MARGIN, load_samples, noise_gain_alphas, save_alphas
 from .common import handle_errors, stderr_console, stdout_console
 
@@ -20,6 +21,9 @@ from .common import handle_errors, stderr_console, stdout_console
 @click.option("--data", required=True,
               help="fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and optional y, or an image folder.")
 @click.option("--n", "n", type=int, default=1000, show_default=True, help="Use the first N samples.")
+@click.option("--method", type=click.Choice(["gradient", "forward"]), default="gradient", show_default=True,
+              help="gradient: per-sample weight gradients of the torch replica (exact eq. 8). forward: no torch; "
+                   "per-channel input energy times a per-layer sensitivity from weight-noise injection on ONNX Runtime.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--threads", type=int, default=None,
               help="torch (and ONNX Runtime) threads; default: torch's. 1 is fastest on a busy machine.")
@@ -28,28 +32,43 @@ from .common import handle_errors, stderr_console, stdout_console
 @click.option("--eps", type=float, default=0.1, show_default=True, help="PGD budget in pixel units.")
 @click.option("--steps", type=int, default=20, show_default=True, help="PGD steps.")
 @click.option("--step-size", type=float, default=None, help="PGD step size (default eps/4).")
-@click.option("--seed", type=int, default=0, show_default=True, help="PGD random start seed.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="PGD random start seed; with --method forward also the weight-noise seed.")
+@click.option("--noise", type=float, default=DEFAULT_NOISE, show_default=True,
+              help="--method forward: relative weight noise sigma (per-element std sigma ||W|| / sqrt(size)).")
+@click.option("--draws", type=int, default=DEFAULT_DRAWS, show_default=True,
+              help="--method forward: noise draws per sample and layer (near-tie samples get more).")
+@click.option("--weighting", type=click.Choice(list(WEIGHTINGS)), default=DEFAULT_WEIGHTING, show_default=True,
+              help="--method forward: margin = mean squared margin change per unit weight noise (stable; "
+                   "allocated best on the zoo VGG); noise-gain = weighted by 1/(2 d^2) as eq. 8, the gradient "
+                   "alphas' units (for --mismatch-budget).")
 @click.option("--min-margin", type=float, default=DEFAULT_MIN_MARGIN, show_default=True,
               help="Skip margins z_t - z_j below this (near-ties; logit units).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Precision of the torch replica.")
+              help="Precision of the torch replica (--method gradient).")
 @click.option("-o", "--output", required=True, help="Alphas file (.npz keyed by conv name); metadata goes "
               "to OUTPUT.meta.json.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @handle_errors
-def sensitivity_cmd(model, data, n, batch_size, threads, attack, eps, steps, step_size, seed, min_margin, dtype, output,
-                    quiet) -> None:
+def sensitivity_cmd(model, data, n, method, batch_size, threads, attack, eps, steps, step_size, seed, noise, draws,
+                    weighting, min_margin, dtype, output, quiet) -> None:
     """Noise-gain weights alpha_{l,c} of every conv (GDWS paper eq. 8) for `optimize --alphas`.
 
     alpha_{l,c} = mean over samples of sum_{j != top} ||d(z_top - z_j)/dW_{l,c}||^2 / (2 (z_top - z_j)^2 n),
     n = (M/groups) K, from torch gradients in eval semantics. With these weights,
     sum_l sum_c alpha_{l,c} ||W_{l,c} - Q_{l,c}||^2 bounds (to first order) the fraction of
     samples whose top-1 changes: see `optimize --mismatch-budget`.
+
+    --method forward (no torch): alpha_{l,c} = per-channel input patch energy x a per-layer
+    sensitivity measured by injecting Gaussian noise into one layer's weights at a time on ONNX
+    Runtime; its layer totals estimate the same sums (see gdws_onnx/forward_sensitivity.py).
     """
     if not output.endswith(".npz"):
         raise GDWSError(f"-o must name an .npz file, got {output}")
     if batch_size < 1 or steps < 0 or eps < 0 or (threads is not None and threads < 1):
         raise GDWSError("--batch-size and --threads must be >= 1, --steps and --eps >= 0")
+    if draws < 1 or not noise > 0:
+        raise GDWSError("--draws must be >= 1 and --noise > 0")
     check_output_path(output, model)
     loaded = load_model(model)
     ds = load_samples(data, n)
@@ -59,10 +78,17 @@ def sensitivity_cmd(model, data, n, batch_size, threads, attack, eps, steps, ste
     show = sys.stderr.isatty() and not quiet
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=stderr_console(), transient=True, disable=not show) as p:
-        task = p.add_task("gradients", total=len(ds))
-        result = noise_gain_alphas(loaded.model, ds.x, y=ds.y, batch_size=batch_size, attack=settings,
-                                   min_margin=min_margin, dtype=dtype, threads=threads,
-                                   progress=lambda k: p.advance(task, k))
+        if method == "forward":
+            task = p.add_task("forward passes", total=None)
+            result = forward_alphas(loaded.model, ds.x, y=ds.y, noise=noise, draws=draws, seed=seed,
+                                    weighting=weighting, min_margin=min_margin, batch_size=max(batch_size, 1),
+                                    threads=threads, attack=settings,
+                                    progress=lambda k, total: p.update(task, total=total, advance=k))
+        else:
+            task = p.add_task("gradients", total=len(ds))
+            result = noise_gain_alphas(loaded.model, ds.x, y=ds.y, batch_size=batch_size, attack=settings,
+                                       min_margin=min_margin, dtype=dtype, threads=threads,
+                                       progress=lambda k: p.advance(task, k))
     result.settings.update(model=model, data=ds.name, n=len(ds))
     meta = save_alphas(result, output)
     if quiet:
@@ -70,7 +96,8 @@ def sensitivity_cmd(model, data, n, batch_size, threads, attack, eps, steps, ste
     out = stdout_console()
     where = "clean inputs" if settings is None else (
         f"PGD inputs (eps {eps:g}, {steps} steps; accuracy there {result.attack['accuracy_on_inputs']:.1%})")
-    t = Table(title=f"noise-gain alphas, {result.samples} samples of {ds.name} at {where}")
+    what = "noise-gain alphas" if method == "gradient" else f"forward ({weighting}) alphas"
+    t = Table(title=f"{what}, {result.samples} samples of {ds.name} at {where}")
     for col in ("conv", "C->M (g)", "kernel", "mean alpha", "min", "max", "max/min", "top-1% samples' share"):
         t.add_column(col, justify="left" if col in ("conv", "C->M (g)", "kernel") else "right")
     for info, row in zip(result.layers, result.summary()):
@@ -82,6 +109,12 @@ def sensitivity_cmd(model, data, n, batch_size, threads, attack, eps, steps, ste
     if result.skipped_convs:
         out.print(f"no alphas for {len(result.skipped_convs)} conv(s) with run-time weights: "
                   f"{', '.join(list(result.skipped_convs)[:3])}")
-    out.print(f"{result.skipped_terms} near-tie margin terms (< {min_margin:g}) skipped; "
-              f"{result.timings['total']:.2f} s ({result.timings['gradients']:.2f} s gradients)")
+    if method == "forward":
+        out.print(f"{result.skipped_terms} near-tie margin terms (< {min_margin:g}) skipped; "
+                  f"{result.timings['total']:.2f} s ({result.settings['ort_runs']} ONNX Runtime runs); "
+                  "layer totals +- their noise standard error: " + ", ".join(
+                      f"{result.layer_total[i.name]:.3g}+-{result.noise_std[i.name]:.2g}" for i in result.layers))
+    else:
+        out.print(f"{result.skipped_terms} near-tie margin terms (< {min_margin:g}) skipped; "
+                  f"{result.timings['total']:.2f} s ({result.timings['gradients']:.2f} s gradients)")
     out.print(f"wrote {output} and {meta}")

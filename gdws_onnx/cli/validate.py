@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..attacks import ATTACKS
 from ..errors import GateFailed
 from ..validation import GRADIENT_CHOICES, ValidateOptions, validate
-from .common import handle_errors, stderr_console, stdout_console, write_text_atomic
-
-
-@contextmanager
-def _progress(enabled: bool):
-    if not enabled:
-        yield None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=stderr_console(), transient=True) as p:
-        def factory(desc: str, total: int):
-            task = p.add_task(desc, total=total)
-            return lambda k: p.advance(task, k)
-        yield factory
+from .common import handle_errors, progress_bars, stdout_console, write_text_atomic
 
 
 def _pct(v, interval=None) -> str:
@@ -74,21 +59,23 @@ def validate_cmd(original, optimized, data, n, batch_size, attacks, eps, steps, 
                            queries=queries, seed=seed, gradient=gradient, max_drop_clean=max_drop_clean,
                            max_drop_robust=max_drop_robust)
     opts.check()
-    with _progress(sys.stderr.isatty() and not quiet) as factory:
+    with progress_bars(sys.stderr.isatty() and not quiet) as factory:
         report = validate(original, optimized, opts, progress=factory)
     if report_path:
         write_text_atomic(report_path, report.to_json())
     if not quiet:
         out = stdout_console()
+        # attacks validate() added (Square beside BPDA gradients of a QDQ model) get a column too
+        shown = list(attacks) + [a["name"] for a in report.attacks if a.get("added") and a["name"] not in attacks]
         t = Table(title=f"{report.data['spec']}, n={report.data['n']}, eps={eps:g} "
-                        f"({', '.join(attacks) or 'no attack'})")
+                        f"({', '.join(shown) or 'no attack'})")
         for col in ("model", "clean acc. [95% CI]", "robust acc. [95% CI]",
-                    *(f"{a}" for a in attacks), "gradient"):
+                    *(f"{a}" for a in shown), "gradient"):
             t.add_column(col)
         for label, r in (("original", report.original), ("optimized", report.optimized)):
             t.add_row(label, _pct(r.clean_accuracy, r.clean_accuracy_interval),
                       _pct(r.robust_accuracy, r.robust_accuracy_interval),
-                      *(_pct(r.robust_accuracy_by_attack.get(a)) for a in attacks), r.gradient_source or "-")
+                      *(_pct(r.robust_accuracy_by_attack.get(a)) for a in shown), r.gradient_source or "-")
         out.print(t)
         e = report.output_error
         out.print(f"agreement {_pct(report.agreement, report.agreement_interval)}; logits max abs "

@@ -1,0 +1,29 @@
+"""Peer model constructions GDWS is compared with: spatial SVD, filter pruning, ONNX Runtime static INT8.
+
+One module each; every construction takes a float model and returns a new one (the input is
+not modified) keeping IR version, opsets, metadata and I/O names.
+
+Spatial SVD (the Qualcomm AIMET scheme) splits a 2-D Conv with group 1 into a vertical conv
+(I -> r, kernel kh x 1) and a horizontal conv (r -> O, kernel 1 x kw). With W of shape
+(O, I, kh, kw), M[(i,y),(o,x)] = W[o,i,y,x] is an (I kh) x (O kw) matrix; the rank-r truncated
+SVD M ~= U_r S_r V_r^T gives A = U_r S_r^1/2 and B = S_r^1/2 V_r^T (Eckart-Young optimal, exact
+at r = min(I kh, O kw)). New nodes are named `<conv>/ssvd/a|b` (cf. `<conv>/gdws/...`).
+
+Channel pruning drops the smallest-L1-norm output filters of a conv and the matching input
+channels of the conv it feeds (no fine-tuning); nodes keep their names.
+
+INT8 is ORT's static QDQ quantization (MinMax calibration) of a float model, GDWS-rewritten
+or not; its conv structure, and so its conv MACs, are the float model's.
+"""
+
+from .common import PeerLayer, PeerReport
+from .prune import channel_chain, filter_norms, kept_filters, prune_channels
+from .quantize import calibration_batches, quantize_int8, restore_ir_version
+from .spatial_svd import (conv_out_size, dense_conv_macs, explicit_pads, geometry, relative_energy, relative_error,
+                          spatial_factors, spatial_matrix, spatial_reconstruct, spatial_spectrum, spatial_svd,
+                          ssvd_macs_per_rank)
+
+__all__ = ["PeerLayer", "PeerReport", "spatial_svd", "prune_channels", "quantize_int8", "calibration_batches",
+           "channel_chain", "conv_out_size", "dense_conv_macs", "explicit_pads", "filter_norms", "geometry",
+           "kept_filters", "relative_energy", "relative_error", "restore_ir_version", "spatial_factors",
+           "spatial_matrix", "spatial_reconstruct", "spatial_spectrum", "ssvd_macs_per_rank"]

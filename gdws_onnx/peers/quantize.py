@@ -1,0 +1,119 @@
+"""ONNX Runtime static INT8 quantization (QDQ, per-channel weights, MinMax calibration)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import GDWSError
+from .common import copy_model
+
+CALIBRATION_SAMPLES = 256
+CALIBRATION_BATCH = 32
+
+
+def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise GDWSError(f"INT8 calibration needs a model with one input, this one has {len(inputs)}")
+    return inputs[0]
+
+
+def _io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
+
+
+def calibration_batches(x: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Consecutive float32 slices of at most `batch` samples."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return [x[i:i + batch] for i in range(0, len(x), batch)]
+
+
+def _reader(name: str, batches: list[np.ndarray]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _ArrayReader(CalibrationDataReader):
+        """Feeds {input name: batch} once per batch, then None."""
+
+        def __init__(self):
+            self._it = iter(batches)
+
+        def get_next(self):
+            x = next(self._it, None)
+            return None if x is None else {name: x}
+
+        def rewind(self):
+            self._it = iter(batches)
+
+    return _ArrayReader()
+
+
+def restore_ir_version(model: onnx.ModelProto, original_ir: int) -> None:
+    """Lower an IR version the writer raised back to the original's (or to the least the
+    model's opsets need): ORT rejects IR versions newer than it knows (onnx 1.23 writes IR 12+)."""
+    needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    target = max(original_ir, needed)
+    if model.ir_version > target:
+        model.ir_version = target
+
+
+def quantize_int8(model: onnx.ModelProto | str, calibration: np.ndarray, per_channel: bool = True,
+                  samples: int = CALIBRATION_SAMPLES, activation_type: str = "int8",
+                  preprocess: bool = False) -> onnx.ModelProto:
+    """ORT static INT8 quantization: QDQ format, int8 weights (per output channel by default),
+    `activation_type` ("int8" or "uint8") activations, MinMax calibration on the first `samples`
+    rows of `calibration` (N x C x H x W float32, as the model's input). `preprocess` runs ORT's
+    quant_pre_process first. Graph input/output names and the IR version are kept; the model
+    passed in is not modified.
+
+    Activations default to int8 (S8S8, ORT's recommended QDQ default): on the shipped VGG with
+    ORT 1.32's CPU EP (AVX512-VNNI) int8 and uint8 activations, with or without preprocessing,
+    ran within 3 % of each other at batch 1 and 32, with the same accuracy.
+    Label its conv MACs as the float model's (same conv structure): `find_convs` cannot fold
+    the DequantizeLinear weights (onnx's reference evaluator lacks DequantizeLinear-17).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    acts = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    if activation_type not in acts:
+        raise GDWSError(f"activation_type must be 'uint8' or 'int8', got {activation_type!r}")
+    model, _ = copy_model(model)
+    inp = _graph_input(model)
+    dims = inp.type.tensor_type.shape.dim
+    fixed_batch = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
+    x = np.asarray(calibration)[:samples]
+    if x.ndim != len(dims) or len(x) == 0:
+        raise GDWSError(f"calibration must be N x {len(dims) - 1} dims like input '{inp.name}', "
+                        f"got shape {x.shape}")
+    batch = fixed_batch or CALIBRATION_BATCH
+    if fixed_batch:  # a fixed batch dimension takes whole batches only
+        x = x[:len(x) - len(x) % fixed_batch]
+        if len(x) == 0:
+            raise GDWSError(f"input '{inp.name}' has a fixed batch of {fixed_batch}: give at least that many "
+                            "calibration samples")
+    batches = calibration_batches(x, batch)
+    original_ir = model.ir_version
+    io_names = _io_names(model)
+    with tempfile.TemporaryDirectory(prefix="gdws-int8-") as tmp:
+        src, out = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
+        onnx.save_model(model, src)
+        if preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            pre = os.path.join(tmp, "pre.onnx")
+            quant_pre_process(src, pre)
+            src = pre
+        quantize_static(src, out, _reader(inp.name, batches), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=acts[activation_type],
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        quantized = onnx.load_model(out)
+    restore_ir_version(quantized, original_ir)
+    if _io_names(quantized) != io_names:
+        raise GDWSError("INT8 quantization changed the model's input/output names")
+    return quantized

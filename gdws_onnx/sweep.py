@@ -1,0 +1,444 @@
+"""The trade-off sweep: GDWS at a ladder of budgets and its peers, each measured the same way.
+
+Every point is one model built from the original (GDWS at a budget, plain DWS, uniform-rank
+GDWS, spatial SVD at the MACs of a GDWS point, ONNX Runtime static INT8, GDWS then INT8) and is
+measured on the same samples as the original: clean accuracy, white-box robust accuracy
+(`validation.evaluate_model`: each model attacked with its own gradients, ONNX Runtime judging),
+agreement with the original, conv MACs, parameters, file size, and the latency ratio to the
+original timed interleaved on the chosen EP. Each point is written to `points/<key>.json` as
+soon as it is measured; a rerun skips every point whose JSON matches the current settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from . import peers
+from .bench import BenchConfig, compare_models, conv_macs, environment
+from .data import DataError, load_dataset
+from .errors import GateFailed, GDWSError
+from .model_io import file_sha256, load_model, save_model
+from .optimize import optimize
+from .report import json_default, versions
+from .stats import mcnemar_exact, proportion
+from .validation import ProgressFactory, ValidateOptions, evaluate_model
+
+BUDGET_KINDS = {"error": "error_budget", "mac": "mac_reduction", "latency": "latency_reduction"}
+PEERS = ("dws", "uniform", "ssvd", "prune", "int8", "gdws+int8")
+QUANTIZED = ("int8", "gdws+int8")  # attacked with BPDA gradients plus Square, like their reference
+DEFAULT_BUDGETS = ("error:0.02", "error:0.05", "error:0.1", "error:0.2", "mac:1.5", "mac:2", "mac:3", "mac:4")
+DEFAULT_PEERS = ("dws", "uniform:2", "uniform:4", "ssvd", "prune", "int8", "gdws+int8")
+
+
+@dataclass
+class SweepOptions:
+    """What to build and how to measure it (CLI flags of `onnx-gdws sweep`, same meaning)."""
+
+    data: str = "fashion-mnist:test"
+    n: int = 500
+    attacks: tuple[str, ...] = ("pgd",)
+    eps: float = 0.1
+    steps: int = 20
+    seed: int = 0
+    budgets: tuple[str, ...] = DEFAULT_BUDGETS
+    peers: tuple[str, ...] = DEFAULT_PEERS
+    calibration: str | None = None  # INT8 calibration data spec (default: the training split)
+    calibration_n: int = 256
+    ep: str = "cpu"
+    batches: tuple[int, ...] = (1, 32)
+    runs: int = 50
+    threads: int | None = None
+    skip_first: bool = True
+    retime: bool = False  # re-measure the latency of finished points, keep their accuracy
+
+    def check(self) -> None:
+        for b in self.budgets:
+            parse_budget(b)
+        for p in self.peers:
+            parse_peer(p)
+        if self.n < 1 or self.runs < 3 or not self.batches or min(self.batches) < 1:
+            raise GDWSError("--n must be >= 1, --runs >= 3 and --batch positive")
+
+    def calibration_spec(self) -> str:
+        """The INT8 calibration set: --calibration, else fashion-mnist:train for Fashion-MNIST,
+        else the evaluation data itself (flagged in the report as in-sample)."""
+        if self.calibration:
+            return self.calibration
+        return "fashion-mnist:train" if self.data.lower().startswith("fashion-mnist") else self.data
+
+    LATENCY_FIELDS = ("ep", "batches", "runs", "threads")
+
+    def measurement(self) -> dict:
+        """The settings a point's model and accuracy depend on (its fingerprint; latency apart)."""
+        d = asdict(self)
+        for k in ("budgets", "peers", "retime", *self.LATENCY_FIELDS):
+            d.pop(k)
+        return d
+
+    def timing(self) -> dict:
+        """The settings a point's latency ratios depend on; other values -> re-timed, not rebuilt."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if k in self.LATENCY_FIELDS}
+
+
+@dataclass
+class PointSpec:
+    """One model to build: a method and its parameters."""
+
+    method: str  # original | gdws | dws | uniform | ssvd | prune | int8 | gdws+int8
+    params: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.method in QUANTIZED or bool(self.params.get("square"))
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe, unique name."""
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "_", self.label or self.method)
+
+
+@dataclass
+class PointResult:
+    """Everything measured for one point (accuracies are fractions; None = not measured)."""
+
+    key: str
+    label: str
+    method: str
+    params: dict
+    status: str  # "ok" or "failed"
+    error: str = ""
+    model_file: str = ""
+    file_bytes: int = 0
+    parameters: int = 0
+    conv_macs: int = 0
+    conv_mac_reduction: float | None = None
+    clean: float | None = None
+    clean_interval: list[float] | None = None
+    robust: float | None = None
+    robust_interval: list[float] | None = None
+    robust_by_attack: dict[str, float] = field(default_factory=dict)
+    gradient_source: str | None = None
+    reference: str = "original"  # key of the original's evaluation this point is compared with
+    agreement: float | None = None  # clean top-1 agreement with the original
+    robust_mcnemar_p: float | None = None  # reference vs this point, robust correctness
+    latency: dict[str, list[float]] = field(default_factory=dict)  # "b1": [median, p10, p90] ratio
+    original_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    fingerprint: str = ""
+    timing: dict = field(default_factory=dict)  # SweepOptions.timing() of the latency numbers
+
+
+@dataclass
+class SweepResult:
+    """All points of one sweep with the settings and environment they were measured in."""
+
+    model: str
+    model_sha256: str
+    options: dict
+    environment: dict
+    points: list[PointResult]
+    command: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_budget(spec: str) -> dict:
+    """'error:0.05' | 'mac:2' | 'latency:1.2' -> optimize() keyword options."""
+    kind, _, value = spec.partition(":")
+    try:
+        v = float(value)
+    except ValueError:
+        v = None
+    if kind not in BUDGET_KINDS or v is None:
+        raise GDWSError(f"--budget {spec!r}: expected error:EPS, mac:R or latency:R")
+    opts = {BUDGET_KINDS[kind]: v}
+    if kind == "latency":
+        opts["target"] = "latency"
+    return opts
+
+
+def parse_peer(spec: str) -> tuple[str, int | None]:
+    """'dws' | 'uniform:G' | 'ssvd' | 'prune' | 'int8' | 'gdws+int8' -> (peer, G or None)."""
+    name, _, arg = spec.partition(":")
+    if name not in PEERS or (name == "uniform") != bool(arg):
+        raise GDWSError(f"--peer {spec!r}: expected one of {', '.join(PEERS).replace('uniform', 'uniform:G')}")
+    if arg:
+        if not arg.isdigit() or int(arg) < 1:
+            raise GDWSError(f"--peer {spec!r}: G must be a positive integer")
+        return name, int(arg)
+    return name, None
+
+
+def plan_points(opts: SweepOptions) -> list[PointSpec]:
+    """The original, the GDWS ladder, then the peers that do not depend on measured GDWS points.
+    With quantized peers the original is evaluated a second time with Square added, the
+    reference for them (their BPDA gradients are approximate, so Square joins the attacks)."""
+    pts = [PointSpec("original", {}, "original")]
+    if {parse_peer(p)[0] for p in opts.peers} & set(QUANTIZED) and opts.attacks and "square" not in opts.attacks:
+        pts.append(PointSpec("original", {"square": True}, "original+square"))
+    pts += [PointSpec("gdws", parse_budget(b), f"gdws {b}") for b in opts.budgets]
+    for p in opts.peers:
+        name, g = parse_peer(p)
+        if name == "dws":
+            pts.append(PointSpec("dws", {"uniform_rank": 1}, "dws"))
+        elif name == "uniform":
+            pts.append(PointSpec("uniform", {"uniform_rank": g}, f"uniform g={g}"))
+        elif name == "int8":
+            pts.append(PointSpec("int8", {}, "int8"))
+    return pts
+
+
+def matched_points(opts: SweepOptions, gdws: list[PointResult]) -> list[PointSpec]:
+    """Peers placed at measured GDWS points: spatial SVD and filter pruning at the same conv-MAC
+    reduction, and each GDWS model quantized to INT8."""
+    names = {parse_peer(p)[0] for p in opts.peers}
+    pts = []
+    for r in gdws:
+        if r.status != "ok":
+            continue
+        for peer in ("ssvd", "prune"):
+            if peer in names and r.conv_mac_reduction and r.conv_mac_reduction > 1.0 + 1e-6:
+                pts.append(PointSpec(peer, {"mac_reduction": round(r.conv_mac_reduction, 4)},
+                                     f"{peer} mac:{r.conv_mac_reduction:.3g}"))
+        if "gdws+int8" in names:
+            pts.append(PointSpec("gdws+int8", {"from": r.key, **r.params}, f"{r.label} + int8"))
+    return pts
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of floating-point and 8-bit initializers (index tensors not counted)."""
+    kinds = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+             onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in kinds))
+
+
+def total_conv_macs(model: onnx.ModelProto) -> int:
+    """Conv MACs per sample (quantized models: counted on their float weights' shapes)."""
+    return int(sum(conv_macs(model).values()))
+
+
+
+def fingerprint(model_sha: str, spec: PointSpec, opts: SweepOptions) -> str:
+    """What a point's numbers depend on; a stored point with another fingerprint is redone."""
+    blob = json.dumps({"model": model_sha, "method": spec.method, "params": spec.params,
+                       "measure": opts.measurement()}, sort_keys=True, default=json_default)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Sweep:
+    """`run()` builds and measures every point of one model into `out_dir`, resuming."""
+
+    def __init__(self, model_path: str, out_dir: str, opts: SweepOptions,
+                 progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None):
+        opts.check()
+        opts.calibration = opts.calibration_spec()
+        self.path, self.out, self.opts = model_path, out_dir, opts
+        self.progress = progress
+        self.log = log or (lambda s: None)
+        self.original = load_model(model_path).model
+        self.sha = file_sha256(model_path)
+        self.x, self.y = self._samples(opts.data, opts.n, labels=True)
+        self._calibration: np.ndarray | None = None
+        self._baselines: dict[bool, object] = {}  # with Square added? -> ModelResult of the original
+        self.original_macs = total_conv_macs(self.original)
+        for sub in ("points", "models"):
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+
+    @staticmethod
+    def _samples(spec: str, n: int, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        try:
+            ds = load_dataset(spec, n=n)
+        except (DataError, ValueError, OSError) as e:
+            raise GDWSError(f"--data {spec}: {e}") from None
+        if labels and ds.y is None:
+            raise GDWSError(f"--data {spec} has no labels; the sweep measures accuracy")
+        return np.ascontiguousarray(ds.x, np.float32), None if ds.y is None else np.asarray(ds.y, np.int64)
+
+    def calibration(self) -> np.ndarray:
+        if self._calibration is None:
+            self._calibration, _ = self._samples(self.opts.calibration_spec(), self.opts.calibration_n, False)
+        return self._calibration
+
+    # -- building ------------------------------------------------------------------------
+
+    def build(self, spec: PointSpec, done: dict[str, PointResult]) -> tuple[onnx.ModelProto, dict]:
+        """The point's model and facts known from building it (e.g. the float parent's MACs)."""
+        if spec.method == "original":
+            return self.original, {}
+        if spec.method in ("gdws", "dws", "uniform"):
+            model, _ = optimize(self.original, skip_first=self.opts.skip_first, verify=False,
+                                ep=self.opts.ep, batches=list(self.opts.batches), threads=self.opts.threads,
+                                **spec.params)
+            return model, {}
+        if spec.method in ("ssvd", "prune"):
+            build = peers.spatial_svd if spec.method == "ssvd" else peers.prune_channels
+            model, _ = build(self.original, mac_reduction=spec.params["mac_reduction"], skip_first=self.opts.skip_first)
+            return model, {}
+        if spec.method == "int8":
+            return peers.quantize_int8(self.original, self.calibration()), {"float_parent": "original"}
+        if spec.method == "gdws+int8":
+            parent = os.path.join(self.out, "models", spec.params["from"] + ".onnx")
+            if not os.path.isfile(parent):
+                raise GDWSError(f"the GDWS point {spec.params['from']} has no saved model")
+            return peers.quantize_int8(onnx.load(parent), self.calibration()), {"float_parent": spec.params["from"]}
+        raise GDWSError(f"unknown sweep method {spec.method!r}")
+
+    # -- measuring -----------------------------------------------------------------------
+
+    def _validate_options(self) -> ValidateOptions:
+        o = self.opts
+        return ValidateOptions(data=o.data, n=o.n, attacks=tuple(o.attacks), eps=o.eps, steps=o.steps,
+                               seed=o.seed, threads=o.threads)
+
+    def baseline(self, square: bool = False):
+        """The original's evaluation (`square`: with Square added, the quantized points' reference)."""
+        if square not in self._baselines:
+            self._baselines[square] = evaluate_model(self.original, self.path, self.x, self.y,
+                                                     self._validate_options(), [], "original", self.progress,
+                                                     quantized_pair=square)[0]
+        return self._baselines[square]
+
+    def measure(self, spec: PointSpec, model: onnx.ModelProto, facts: dict, done: dict[str, PointResult]
+                ) -> PointResult:
+        key = spec.key
+        path = os.path.join(self.out, "models", key + ".onnx")
+        save_model(model, path)
+        res = PointResult(key=key, label=spec.label or spec.method, method=spec.method, params=spec.params,
+                          status="ok", model_file=os.path.relpath(path, self.out),
+                          file_bytes=os.path.getsize(path), parameters=count_parameters(model))
+        parent = facts.get("float_parent")
+        if parent == "original":
+            res.conv_macs = self.original_macs
+        elif parent:
+            res.conv_macs = done[parent].conv_macs
+        else:
+            res.conv_macs = total_conv_macs(model)
+        res.conv_mac_reduction = self.original_macs / res.conv_macs if res.conv_macs else None
+        warnings: list[str] = []
+        base = self.baseline(spec.quantized)
+        res.reference = "original+square" if spec.quantized else "original"
+        if spec.method == "original":
+            r = base
+        else:
+            r, _ = evaluate_model(model, path, self.x, self.y, self._validate_options(), warnings, res.label,
+                                  self.progress, quantized_pair=spec.quantized)
+        res.clean, res.clean_interval = r.clean_accuracy, r.clean_accuracy_interval
+        res.robust, res.robust_interval = r.robust_accuracy, r.robust_accuracy_interval
+        res.robust_by_attack, res.gradient_source = r.robust_accuracy_by_attack, r.gradient_source
+        res.agreement = proportion(np.asarray(r.predictions) == np.asarray(base.predictions)).value
+        if r.robust_correct is not None and base.robust_correct is not None:
+            res.robust_mcnemar_p = mcnemar_exact(base.robust_correct, r.robust_correct).p_value
+        res.warnings = warnings
+        self.time(res, model)
+        return res
+
+    def time(self, res: PointResult, model: onnx.ModelProto) -> None:
+        """Latency ratio to the original at every batch, interleaved (sets res.latency)."""
+        res.latency, res.original_ms, res.timing = {}, {}, self.opts.timing()
+        for b in self.opts.batches:
+            if res.method == "original":
+                res.latency[f"b{b}"] = [1.0, 1.0, 1.0]
+                continue
+            cfg = BenchConfig(ep=self.opts.ep, batch=b, threads=self.opts.threads, runs=self.opts.runs)
+            _, (ratio,) = compare_models([self.original, model], ["original", res.key], cfg)
+            res.latency[f"b{b}"] = [ratio.median, ratio.p10, ratio.p90]
+            res.original_ms[f"b{b}"] = ratio.baseline_ms
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _point_path(self, key: str) -> str:
+        return os.path.join(self.out, "points", key + ".json")
+
+    def _load_point(self, spec: PointSpec, fp: str) -> PointResult | None:
+        path = self._point_path(spec.key)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            res = PointResult(**d)
+        except (ValueError, TypeError, OSError):
+            return None
+        model_ok = res.status != "ok" or os.path.isfile(os.path.join(self.out, res.model_file))
+        return res if res.fingerprint == fp and res.status == "ok" and model_ok else None
+
+    def run_point(self, spec: PointSpec, done: dict[str, PointResult]) -> PointResult:
+        fp = fingerprint(self.sha, spec, self.opts)
+        cached = self._load_point(spec, fp)
+        if cached is not None and (self.opts.retime or cached.timing != self.opts.timing()):
+            self.log(f"{spec.label}: accuracy done before; re-timing")
+            self.time(cached, onnx.load(os.path.join(self.out, cached.model_file)))
+            _write_json_atomic(self._point_path(spec.key), asdict(cached))
+            return cached
+        if cached is not None:
+            self.log(f"{spec.label}: done before, skipped")
+            return cached
+        t0 = time.perf_counter()
+        self.log(f"{spec.label}: building and measuring")
+        try:
+            model, facts = self.build(spec, done)
+            res = self.measure(spec, model, facts, done)
+        except (GDWSError, GateFailed) as e:  # recorded and reported; the other points go on
+            res = PointResult(key=spec.key, label=spec.label, method=spec.method, params=spec.params,
+                              status="failed", error=str(e))
+            self.log(f"{spec.label}: failed: {e}")
+        res.seconds = time.perf_counter() - t0
+        res.fingerprint = fp
+        _write_json_atomic(self._point_path(spec.key), asdict(res))
+        return res
+
+    def run(self, command: str = "") -> SweepResult:
+        done: dict[str, PointResult] = {}
+        for spec in plan_points(self.opts):
+            done[spec.key] = self.run_point(spec, done)
+        gdws = [r for r in done.values() if r.method == "gdws"]
+        for spec in matched_points(self.opts, gdws):
+            done[spec.key] = self.run_point(spec, done)
+        env = environment(BenchConfig(ep=self.opts.ep, threads=self.opts.threads))
+        env["versions"] = versions()
+        result = SweepResult(model=self.path, model_sha256=self.sha, options=asdict(self.opts), environment=env,
+                             points=list(done.values()), command=command)
+        _write_json_atomic(os.path.join(self.out, "sweep.json"), result.to_dict())
+        return result
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=json_default)
+    os.replace(tmp, path)
+
+
+def sweep(model_path: str, out_dir: str, opts: SweepOptions | None = None, *, command: str = "",
+          progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None, **kwargs
+          ) -> SweepResult:
+    """Build and measure every point (resuming from `out_dir`); keyword arguments set SweepOptions."""
+    opts = opts or SweepOptions()
+    for k, v in kwargs.items():
+        if not hasattr(opts, k):
+            raise TypeError(f"sweep() got an unexpected keyword argument {k!r}")
+        setattr(opts, k, tuple(v) if isinstance(v, list) else v)
+    return Sweep(model_path, out_dir, opts, progress, log).run(command)
+
+
+def load_sweep(path: str) -> SweepResult:
+    """A sweep.json (or the folder holding it) back as a SweepResult."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "sweep.json")
+    with open(path) as f:
+        d = json.load(f)
+    d["points"] = [PointResult(**p) for p in d["points"]]
+    return SweepResult(**d)

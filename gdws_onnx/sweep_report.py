@@ -1,0 +1,266 @@
+"""A sweep's report: the table, Pareto plots (matplotlib PNGs), report.md and a self-contained
+report.html. Every number shown is read from the SweepResult (the JSON), nothing else."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from dataclasses import dataclass
+
+from .sweep import PointResult, SweepResult
+
+METHOD_NAMES = {
+    "original": "original", "gdws": "GDWS", "dws": "DWS (g=1)", "uniform": "uniform-rank GDWS",
+    "ssvd": "spatial SVD", "prune": "filter pruning (L1)", "int8": "INT8 (ORT static, QDQ)", "gdws+int8": "GDWS + INT8",
+}
+MARKERS = {"original": "*", "gdws": "o", "dws": "v", "uniform": "^", "ssvd": "s", "prune": "X", "int8": "D",
+           "gdws+int8": "P"}
+COLUMNS = ("point", "method", "conv MACs /", "params", "file KB", "clean %", "robust %", "agreement %")
+
+
+def ok_points(sweep: SweepResult) -> list[PointResult]:
+    return [p for p in sweep.points if p.status == "ok"]
+
+
+def baseline(sweep: SweepResult) -> PointResult:
+    for p in sweep.points:
+        if p.method == "original":
+            return p
+    raise ValueError("the sweep has no 'original' point")
+
+
+def batches(sweep: SweepResult) -> list[str]:
+    return [f"b{b}" for b in sweep.options["batches"]]
+
+
+def pareto(points: list[PointResult], batch: str) -> list[PointResult]:
+    """Points no other point beats on both robust accuracy (higher) and latency ratio (lower),
+    sorted by latency."""
+    pts = [p for p in points if p.robust is not None and batch in p.latency]
+    front = [p for p in pts if not any(
+        q.robust >= p.robust and q.latency[batch][0] <= p.latency[batch][0]
+        and (q.robust > p.robust or q.latency[batch][0] < p.latency[batch][0]) for q in pts)]
+    return sorted(front, key=lambda p: p.latency[batch][0])
+
+
+def reference(sweep: SweepResult, p: PointResult) -> PointResult:
+    """The original's evaluation a point is compared with (same attacks)."""
+    return next((q for q in sweep.points if q.key == p.reference and q.status == "ok"), baseline(sweep))
+
+
+def within(sweep: SweepResult, p: PointResult, max_drop_pp: float) -> bool:
+    """Robust (or, with no attack, clean) accuracy at most max_drop_pp points below the reference's."""
+    ref = reference(sweep, p)
+    metric = "robust" if ref.robust is not None else "clean"
+    mine = getattr(p, metric)
+    return mine is not None and mine >= getattr(ref, metric) - max_drop_pp / 100 - 1e-12
+
+
+def best_within(sweep: SweepResult, methods: tuple[str, ...], batch: str, max_drop_pp: float = 1.0
+                ) -> PointResult | None:
+    """The fastest point of `methods` within max_drop_pp points of the original's robust accuracy."""
+    cands = [p for p in ok_points(sweep) if p.method in methods and batch in p.latency and within(sweep, p, max_drop_pp)]
+    return min(cands, key=lambda p: p.latency[batch][0]) if cands else None
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def table_rows(sweep: SweepResult) -> list[list[str]]:
+    """The table behind the plots, one row per point (failed points say why)."""
+    rows = []
+    for p in sweep.points:
+        name = METHOD_NAMES.get(p.method, p.method)
+        if p.status != "ok":
+            rows.append([p.label, name, "failed: " + p.error.replace("|", "/")[:120]] +
+                        [""] * (len(COLUMNS) - 3 + len(batches(sweep))))
+            continue
+        cells = [p.label, name, "-" if p.conv_mac_reduction is None else f"{p.conv_mac_reduction:.2f}",
+                 f"{p.parameters}", f"{p.file_bytes / 1024:.0f}", _pct(p.clean), _pct(p.robust), _pct(p.agreement)]
+        for b in batches(sweep):
+            m, lo, hi = p.latency.get(b, [None] * 3)
+            cells.append("-" if m is None else f"{m:.2f} [{lo:.2f}-{hi:.2f}]")
+        rows.append(cells)
+    return rows
+
+
+def table_header(sweep: SweepResult) -> list[str]:
+    return [*COLUMNS, *[f"latency ratio {b} [p10-p90]" for b in batches(sweep)]]
+
+
+def markdown_table(sweep: SweepResult) -> str:
+    head = table_header(sweep)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(sweep)]
+    return "\n".join(lines)
+
+
+def summary(sweep: SweepResult) -> list[str]:
+    """Plain sentences: the best point of each method within 1 point of the original's robust
+    accuracy, per batch, and which one wins."""
+    base = baseline(sweep)
+    metric = "robust" if base.robust is not None else "clean"
+    out = [f"Original: clean {_pct(base.clean)} %, robust {_pct(base.robust)} % "
+           f"({', '.join(sweep.options['attacks']) or 'no attack'}, eps {sweep.options['eps']:g}, "
+           f"n = {sweep.options['n']})."]
+    sq = next((p for p in ok_points(sweep) if p.key == "original+square"), None)
+    if sq is not None:
+        out.append(f"With Square added (the reference of the INT8 points, which are attacked with BPDA "
+                   f"gradients and Square): robust {_pct(sq.robust)} %.")
+    methods = sorted({p.method for p in ok_points(sweep)} - {"original"}, key=list(METHOD_NAMES).index)
+    for b in batches(sweep):
+        best = {m: best_within(sweep, (m,), b) for m in methods}
+        parts = []
+        for m, p in best.items():
+            if p is None:
+                parts.append(f"{METHOD_NAMES[m]}: no point within 1 pt")
+            else:
+                parts.append(f"{METHOD_NAMES[m]}: {p.latency[b][0]:.2f}x latency ({p.label}, "
+                             f"{metric} {_pct(getattr(p, metric))} %)")
+        winners = [p for p in best.values() if p is not None]
+        line = f"Batch {b[1:]}, fastest within 1 pt of the original's {metric} accuracy: " + "; ".join(parts) + "."
+        if winners:
+            w = min(winners, key=lambda p: p.latency[b][0])
+            verdict = "faster" if w.latency[b][0] < 1 else "not faster"
+            line += f" Best overall: {w.label} ({METHOD_NAMES[w.method]}), {verdict} than the original."
+        out.append(line)
+    return out
+
+
+def plot(sweep: SweepResult, out_dir: str) -> list[str]:
+    """Robust accuracy vs latency ratio (one panel per batch) and clean accuracy vs conv-MAC
+    reduction; returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = ok_points(sweep)
+    bs = batches(sweep)
+    paths = []
+    fig, axes = plt.subplots(1, len(bs), figsize=(5.5 * len(bs), 4.2), squeeze=False)
+    for ax, b in zip(axes[0], bs):
+        for m in METHOD_NAMES:
+            sel = [p for p in pts if p.method == m and p.robust is not None and b in p.latency]
+            if sel:
+                ax.scatter([p.latency[b][0] for p in sel], [100 * p.robust for p in sel], marker=MARKERS[m],
+                           label=METHOD_NAMES[m], s=60 if m == "original" else 36)
+        front = pareto(pts, b)
+        if front:
+            ax.step([p.latency[b][0] for p in front], [100 * p.robust for p in front], where="post",
+                    color="gray", lw=1, ls="--", label="Pareto front")
+        ax.axvline(1.0, color="k", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"latency ratio to original, batch {b[1:]} (log; < 1 is faster)")
+        ax.set_ylabel("robust accuracy %")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{os.path.basename(sweep.model)}: robust accuracy vs measured latency ({sweep.options['ep']} EP)")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "robust_vs_latency.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for m in METHOD_NAMES:
+        sel = [p for p in pts if p.method == m and p.conv_mac_reduction]
+        if sel:
+            ax.scatter([p.conv_mac_reduction for p in sel], [100 * p.clean for p in sel], marker=MARKERS[m],
+                       label=METHOD_NAMES[m])
+    ax.set_xlabel("conv MAC reduction (original / point)")
+    ax.set_ylabel("clean accuracy %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "clean_vs_macs.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def environment_lines(sweep: SweepResult) -> list[str]:
+    e = sweep.environment
+    v = e.get("versions", {})
+    return [f"CPU: {e.get('cpu')} ({e.get('cpus')} logical CPUs); EP: {e.get('ep')}; intra-op threads: "
+            f"{e.get('threads')}; spinning {e.get('spinning')}",
+            "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+            f"Model: {sweep.model} (sha256 {sweep.model_sha256[:16]}...)",
+            f"Data: {sweep.options['data']}, first {sweep.options['n']} samples; INT8 calibration: "
+            f"{sweep.options.get('calibration') or 'default (see sweep.json)'}",
+            "Latency: each point timed interleaved with the original (order alternating), "
+            f"{sweep.options['runs']} rounds; median ratio [p10-p90]."]
+
+
+def notes(sweep: SweepResult) -> list[str]:
+    out = []
+    if any(p.gradient_source and "bpda" in p.gradient_source for p in ok_points(sweep)):
+        out.append("INT8 models are attacked with straight-through (BPDA) gradients through "
+                   "QuantizeLinear/DequantizeLinear, plus the Square attack on ONNX Runtime; their robust "
+                   "accuracy is the per-sample worst case of both.")
+    for p in sweep.points:
+        out += [f"{p.label}: {w}" for w in p.warnings]
+    return out
+
+
+def markdown(sweep: SweepResult, images: list[str]) -> str:
+    lines = [f"# GDWS trade-off sweep: {os.path.basename(sweep.model)}", ""]
+    lines += summary(sweep) + [""]
+    lines += [f"![{os.path.splitext(os.path.basename(i))[0]}]({os.path.basename(i)})" for i in images] + [""]
+    lines += ["## Points", "", markdown_table(sweep), ""]
+    lines += ["## Environment", ""] + [f"- {s}" for s in environment_lines(sweep)] + [""]
+    if notes(sweep):
+        lines += ["## Notes", ""] + [f"- {s}" for s in notes(sweep)] + [""]
+    lines += ["## Reproduce", "", "```", sweep.command or "(run through the Python API)", "```", ""]
+    return "\n".join(lines)
+
+
+def _img_tag(path: str) -> str:
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img alt="{html.escape(os.path.basename(path))}" src="data:image/png;base64,{data}">'
+
+
+def html_report(sweep: SweepResult, images: list[str]) -> str:
+    """One file, no external resources: plots embedded as data URIs."""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in table_header(sweep))
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in table_rows(sweep))
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>GDWS sweep: {e(os.path.basename(sweep.model))}</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
+        "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}</style>",
+        "</head><body>",
+        f"<h1>GDWS trade-off sweep: {e(os.path.basename(sweep.model))}</h1>",
+        *[f"<p>{e(s)}</p>" for s in summary(sweep)],
+        *[_img_tag(i) for i in images],
+        "<h2>Points</h2>", f"<table><tr>{head}</tr>{body}</table>",
+        "<h2>Environment</h2><ul>", *[f"<li>{e(s)}</li>" for s in environment_lines(sweep)], "</ul>",
+    ]
+    if notes(sweep):
+        parts += ["<h2>Notes</h2><ul>", *[f"<li>{e(s)}</li>" for s in notes(sweep)], "</ul>"]
+    parts += ["<h2>Reproduce</h2>", f"<pre>{e(sweep.command or '(run through the Python API)')}</pre>",
+              "</body></html>"]
+    return "\n".join(parts)
+
+
+@dataclass
+class ReportFiles:
+    markdown: str
+    html: str
+    images: list[str]
+
+
+def write_report(sweep: SweepResult, out_dir: str) -> ReportFiles:
+    """report.md, report.html and the PNGs into out_dir."""
+    images = plot(sweep, out_dir)
+    md = os.path.join(out_dir, "report.md")
+    page = os.path.join(out_dir, "report.html")
+    for path, text in ((md, markdown(sweep, images)), (page, html_report(sweep, images))):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return ReportFiles(md, page, images)

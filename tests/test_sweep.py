@@ -1,0 +1,218 @@
+"""The trade-off sweep (issue 7): points, peers, resumability, and a report that says what the JSON says."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from gdws_onnx import GDWSError
+from gdws_onnx.cli import main
+from gdws_onnx.sweep import PointResult, Sweep, SweepOptions, SweepResult, load_sweep, parse_budget, parse_peer, sweep
+from gdws_onnx.sweep_report import best_within, pareto, write_report
+from validate_helpers import fashion, fm_cnn
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep_in")
+    x, y = fashion(N)
+    data = str(d / "data.npz")
+    np.savez(data, x=x, y=y)
+    model = str(d / "cnn.onnx")
+    onnx.save(fm_cnn(), model)
+    return model, data
+
+
+def small_options(data: str, **kw) -> SweepOptions:
+    base = dict(data=data, n=N, steps=2, budgets=("error:0.05", "mac:1.3"),
+                peers=("dws", "ssvd", "prune", "int8", "gdws+int8"), batches=(1,), runs=3, skip_first=False)
+    base.update(kw)
+    opts = SweepOptions(**base)
+    opts.attacks = ("pgd",)
+    return opts
+
+
+@pytest.fixture(scope="module")
+def done(files, tmp_path_factory):
+    model, data = files
+    out = str(tmp_path_factory.mktemp("sweep_out"))
+    result = sweep(model, out, small_options(data), command="test")
+    return out, result
+
+
+def test_budget_and_peer_specs():
+    assert parse_budget("error:0.05") == {"error_budget": 0.05}
+    assert parse_budget("latency:1.2") == {"latency_reduction": 1.2, "target": "latency"}
+    assert parse_peer("uniform:3") == ("uniform", 3)
+    for bad in ("err:1", "mac:x", "mac"):
+        with pytest.raises(GDWSError):
+            parse_budget(bad)
+    for bad in ("uniform", "dws:2", "prune:2", "quantize", "uniform:0"):
+        with pytest.raises(GDWSError):
+            parse_peer(bad)
+
+
+def test_every_point_measured(done):
+    out, result = done
+    by_method = {}
+    for p in result.points:
+        assert p.status == "ok", (p.label, p.error)
+        by_method.setdefault(p.method, []).append(p)
+        assert os.path.isfile(os.path.join(out, p.model_file))
+        assert 0 <= p.clean <= 1 and 0 <= p.robust <= p.clean + 1e-9
+        assert p.latency["b1"][1] <= p.latency["b1"][0] <= p.latency["b1"][2]
+    assert set(by_method) == {"original", "gdws", "dws", "ssvd", "prune", "int8", "gdws+int8"}
+    orig = next(p for p in by_method["original"] if p.key == "original")
+    assert orig.conv_mac_reduction == pytest.approx(1.0) and orig.agreement == 1.0
+    # spatial SVD and pruning are placed at the MACs of each GDWS point that reduced them
+    gd = {round(p.conv_mac_reduction, 4) for p in by_method["gdws"] if p.conv_mac_reduction > 1}
+    assert {p.params["mac_reduction"] for p in by_method["ssvd"]} == gd
+    assert {p.params["mac_reduction"] for p in by_method["prune"]} == gd
+    for p in by_method["ssvd"]:
+        assert p.conv_mac_reduction >= p.params["mac_reduction"] * 0.97
+    # INT8 points keep their float parent's MACs and are smaller on disk
+    assert by_method["int8"][0].conv_macs == orig.conv_macs
+    assert by_method["int8"][0].file_bytes < orig.file_bytes
+    assert len(by_method["gdws+int8"]) == len(by_method["gdws"])
+    # quantized points: BPDA gradients plus Square, compared with the original under the same attacks
+    for p in by_method["int8"] + by_method["gdws+int8"]:
+        assert p.gradient_source == "torch-bpda" and set(p.robust_by_attack) == {"pgd", "square"}
+        assert p.reference == "original+square"
+    ref = next(p for p in by_method["original"] if p.key == "original+square")
+    assert set(ref.robust_by_attack) == {"pgd", "square"} and ref.robust <= orig.robust
+    assert all(p.reference == "original" for p in by_method["gdws"] + by_method["ssvd"])
+    assert os.path.isfile(os.path.join(out, "sweep.json"))
+
+
+def test_rerun_skips_finished_points(done, files, monkeypatch):
+    out, first = done
+    model, data = files
+
+    def no_build(*a, **k):
+        raise AssertionError("a finished point was rebuilt")
+
+    monkeypatch.setattr(Sweep, "build", no_build)
+    again = sweep(model, out, small_options(data), command="test")
+    assert [p.__dict__ for p in again.points] == [p.__dict__ for p in first.points]
+
+
+def test_changed_settings_redo_points(files, tmp_path):
+    model, data = files
+    out = str(tmp_path)
+    sweep(model, out, small_options(data, budgets=("error:0.05",), peers=()))
+    before = json.load(open(os.path.join(out, "points", "gdws_error_0.05.json")))
+    built = []
+    orig_build = Sweep.build
+
+    def counting(self, spec, d):
+        built.append(spec.key)
+        return orig_build(self, spec, d)
+
+    Sweep.build, saved = counting, Sweep.build
+    try:
+        sweep(model, out, small_options(data, budgets=("error:0.05",), peers=(), steps=3))
+    finally:
+        Sweep.build = saved
+    after = json.load(open(os.path.join(out, "points", "gdws_error_0.05.json")))
+    assert "gdws_error_0.05" in built and before["fingerprint"] != after["fingerprint"]
+
+
+def _md_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| point"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_report_table_matches_json(done):
+    out, _ = done
+    files = write_report(load_sweep(out), out)
+    data = json.load(open(os.path.join(out, "sweep.json")))
+    rows = _md_rows(open(files.markdown).read())
+    assert len(rows) == len(data["points"])
+    for p in data["points"]:
+        cells = rows[p["label"]]
+        assert float(cells[2]) == pytest.approx(p["conv_mac_reduction"], abs=0.006)
+        assert int(cells[3]) == p["parameters"]
+        assert float(cells[5]) == pytest.approx(100 * p["clean"], abs=0.051)
+        assert float(cells[6]) == pytest.approx(100 * p["robust"], abs=0.051)
+        med, lo, hi = map(float, re.match(r"([\d.]+) \[([\d.]+)-([\d.]+)\]", cells[8]).groups())
+        assert [med, lo, hi] == pytest.approx(p["latency"]["b1"], abs=0.006)
+    page = open(files.html).read()
+    assert page.count("data:image/png;base64,") == len(files.images) == 2
+    assert not re.search(r"(src|href)=\"?https?:", page)  # opens offline
+    for img in files.images:
+        assert open(img, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _pt(label, method, robust, lat):
+    return PointResult(key=label, label=label, method=method, params={}, status="ok", robust=robust, clean=robust,
+                       latency={"b1": [lat, lat, lat]})
+
+
+def test_pareto_and_best_within():
+    pts = [_pt("original", "original", 0.70, 1.0), _pt("a", "gdws", 0.695, 0.8), _pt("b", "gdws", 0.60, 0.5),
+           _pt("c", "gdws", 0.65, 0.9), _pt("q", "int8", 0.69, 0.45)]
+    assert [p.label for p in pareto(pts, "b1")] == ["q", "a", "original"]
+    s = SweepResult(model="m", model_sha256="0", options={"batches": [1]}, environment={}, points=pts)
+    assert best_within(s, ("gdws",), "b1").label == "a"
+    assert best_within(s, ("int8",), "b1").label == "q"
+    assert best_within(s, ("gdws",), "b1", max_drop_pp=0.1) is None
+
+
+def test_cli_sweep(files, tmp_path):
+    model, data = files
+    out = str(tmp_path / "s")
+    r = CliRunner().invoke(main, ["sweep", model, "--data", data, "--n", "16", "--steps", "1", "--budget",
+                                  "error:0.1", "--peer", "dws", "--batch", "1", "--runs", "3", "--no-skip-first",
+                                  "--out", out, "-q"])
+    assert r.exit_code == 0, r.output
+    assert {"sweep.json", "report.md", "report.html", "robust_vs_latency.png"} <= set(os.listdir(out))
+    bad = CliRunner().invoke(main, ["sweep", model, "--data", data, "--budget", "fast:2", "--out", out])
+    assert bad.exit_code == 2 and "error:" in bad.output
+
+
+def test_paper_table_rows():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "paper_table.py")
+    spec = importlib.util.spec_from_file_location("paper_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pts = [_pt("original", "original", 0.70, 1.0), _pt("a", "gdws", 0.695, 1.3), _pt("b", "gdws", 0.60, 0.5),
+           _pt("q", "int8", 0.69, 0.45), _pt("s", "ssvd", 0.5, 0.8)]
+    s = SweepResult(model="m.onnx", model_sha256="0", options={"batches": [1]}, environment={}, points=pts)
+    rows = {r[1]: r for r in mod.rows(s, 1.0)}
+    assert rows["GDWS"][2] == "a" and rows["GDWS"][6].startswith("1.30")
+    assert rows["INT8 (ORT static, QDQ)"][2] == "q"
+    assert rows["spatial SVD"][2].startswith("none within 1 pt (best robust 50.0 %")
+
+
+def test_new_timing_settings_retime_without_rebuilding(files, tmp_path, monkeypatch):
+    model, data = files
+    out = str(tmp_path)
+    first = sweep(model, out, small_options(data, budgets=("error:0.05",), peers=()))
+    import gdws_onnx.sweep as sw
+
+    def no_eval(*a, **k):
+        raise AssertionError("accuracy was re-measured")
+
+    monkeypatch.setattr(Sweep, "build", no_eval)
+    monkeypatch.setattr(sw, "evaluate_model", no_eval)
+    again = sweep(model, out, small_options(data, budgets=("error:0.05",), peers=(), runs=4, batches=(1, 2)))
+    for a, b in zip(first.points, again.points):
+        assert (a.clean, a.robust, a.fingerprint) == (b.clean, b.robust, b.fingerprint)
+        assert b.timing["runs"] == 4 and set(b.latency) == {"b1", "b2"}
