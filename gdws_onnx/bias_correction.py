@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 from .convs import ConstantResolver, ConvSite
 from .decompose import GDWSFactors, reconstruct
 from .errors import GDWSError
-from .forward_sensitivity import patch_means, site_geometry
+from .forward_sensitivity import patch_means, patches, site_geometry
 from .rewrite import Names, _consumed
 from .runtime import ORT_TYPES, make_session
 
@@ -213,15 +213,7 @@ def _out_shape(site: ConvSite, in_spatial) -> tuple[int, ...]:
 def _patch_gram(v: np.ndarray, site: ConvSite) -> np.ndarray:
     """Sum over samples and output positions of the per-group patch outer products, shape
     (groups, Cg K, Cg K): E ||conv(x, D)||^2 = sum_g tr(D_g G_g D_g^T) / N."""
-    k, s, p, d = site_geometry(site, v.shape[2:])
-    n = len(k)
-    x = np.pad(v, [(0, 0), (0, 0)] + [(p[i], p[i + n]) for i in range(n)])
-    out = _out_shape(site, v.shape[2:])
-    cols = []
-    for offs in np.ndindex(*k):
-        sl = tuple(slice(o * dd, o * dd + (q - 1) * ss + 1, ss) for o, dd, q, ss in zip(offs, d, out, s))
-        cols.append(x[(slice(None), slice(None), *sl)].reshape(v.shape[0], v.shape[1], -1))
-    pat = np.stack(cols, axis=2)  # (N, C, K, P)
+    pat = patches(v, *site_geometry(site, v.shape[2:]))  # (N, C, K, P)
     nb, c, kk, pp = pat.shape
     grp = site.group
     pat = pat.reshape(nb, grp, (c // grp) * kk, pp).transpose(1, 2, 0, 3).reshape(grp, (c // grp) * kk, nb * pp)

@@ -68,6 +68,25 @@ def spectrum(weight: np.ndarray, groups: int = 1) -> Spectrum:
                     kernel_shape=tuple(int(d) for d in weight.shape[2:]))
 
 
+def metric_spectrum(weight: np.ndarray, groups: int, metric: np.ndarray) -> Spectrum:
+    """Per-channel SVD in the metric ||X L_c||_F, L_c L_c^T = metric[c] (C, K, K), symmetric positive definite.
+
+    W_c L_c = U S V^T, and vt := V^T L_c^-1, so W_c = U S vt exactly and the rank-g truncation of
+    (u, s, vt) minimizes sum_c ||(W_c - Q_c) L_c||_F^2 (Eckart-Young on W_c L_c); s then measures
+    that error (weighted_error). metric = I gives `spectrum`."""
+    plain = spectrum(weight, groups)  # validates the shape
+    blocks = channel_blocks(np.asarray(weight, dtype=np.float64), groups)
+    c, _, k = blocks.shape
+    metric = np.asarray(metric, dtype=np.float64)
+    if metric.shape != (c, k, k):
+        raise ValueError(f"metric must have shape {(c, k, k)}, got {metric.shape}")
+    chol = np.linalg.cholesky(metric)
+    u, s, vt = np.linalg.svd(blocks @ chol, full_matrices=False)
+    vt = np.swapaxes(np.linalg.solve(np.swapaxes(chol, 1, 2), np.swapaxes(vt, 1, 2)), 1, 2)  # V^T L^-1
+    return Spectrum(u=u, s=s, vt=vt, out_channels=plain.out_channels, groups=groups,
+                    kernel_shape=plain.kernel_shape)
+
+
 def scores(spec: Spectrum, alpha: np.ndarray | float = 1.0) -> np.ndarray:
     """Value of each rank-1 term: alpha_c * s_ci^2, shape (C, r), non-increasing in i."""
     a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (spec.in_channels,))

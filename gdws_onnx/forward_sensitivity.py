@@ -59,11 +59,11 @@ import onnx
 from onnx import helper
 
 from .attacks import AttackSettings
-from .convs import ConvSite, find_convs
+from .convs import ConvSite
 from .errors import GDWSError
 from .gradients import logits_model
 from .runtime import ORT_TYPES, make_session
-from .sensitivity import DEFAULT_MIN_MARGIN, LayerInfo, SensitivityResult, _check_samples, pgd_inputs
+from .sensitivity import DEFAULT_MIN_MARGIN, LayerInfo, SensitivityResult, alpha_sites, pgd_inputs
 
 DEFAULT_NOISE = 1e-2  # relative weight noise sigma: ||Delta|| ~ sigma ||W_l||
 DEFAULT_DRAWS = 2
@@ -124,6 +124,19 @@ def patch_means(total: np.ndarray, count: int, kernel, strides, pads, dilations)
         sl = tuple(slice(o * d, o * d + (p - 1) * s + 1, s) for o, d, p, s in zip(offs, dilations, out, strides))
         res[:, k] = padded[(slice(None), *sl)].reshape(c, -1).sum(1)
     return res / (count * int(np.prod(out, dtype=np.int64)))
+
+
+def patches(v: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """The conv's input patches (N, C, K, P) of v (N, C, *spatial), zero padding included:
+    [n, c, k, p] = v_n[c, p * s + k * d - pad], K and P row-major."""
+    n = len(kernel)
+    x = np.pad(v, [(0, 0), (0, 0)] + [(pads[i], pads[i + n]) for i in range(n)])
+    out = out_spatial(v.shape[2:], kernel, strides, pads, dilations)
+    cols = []
+    for offs in np.ndindex(*kernel):
+        sl = tuple(slice(o * d, o * d + (q - 1) * s + 1, s) for o, d, q, s in zip(offs, dilations, out, strides))
+        cols.append(x[(slice(None), slice(None), *sl)].reshape(v.shape[0], v.shape[1], -1))
+    return np.stack(cols, axis=2)
 
 
 def site_geometry(site: ConvSite, in_spatial) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -368,12 +381,7 @@ def forward_alphas(model: onnx.ModelProto, x: np.ndarray, *, noise: float = DEFA
     if not min_margin >= 0:
         raise GDWSError(f"min margin must be >= 0, got {min_margin}")
     x = np.ascontiguousarray(x, np.float32)
-    _check_samples(model, x)
-    sites = find_convs(model)
-    skipped = {s.name: s.weight_source for s in sites if s.weight is None}
-    sites = [s for s in sites if s.weight is not None]
-    if not sites:
-        raise GDWSError("the model has no Conv with a constant weight: no alphas to compute")
+    sites, skipped = alpha_sites(model, x)
     timings: dict[str, float] = {}
     attack_info = None
     if attack is not None:

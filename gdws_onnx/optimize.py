@@ -14,6 +14,7 @@ import onnx
 
 from . import allocate, decompose, latency
 from .bias_correction import correct_biases
+from .data_aware import blended_metric, channel_second_moments
 from .convs import ConvSite, find_convs
 from .data import DataError, load_dataset
 from .errors import GDWSError
@@ -25,7 +26,7 @@ from .runtime import data_feeds, make_session, random_feeds, run_and_compare
 
 DEFAULT_ERROR_BUDGET = 0.1
 VERIFY_SAMPLES = 256  # samples of a --data set spec used for verification
-CALIBRATION_SAMPLES = 1000  # samples of a --data set spec used by --bias-correction
+CALIBRATION_SAMPLES = 1000  # samples of a --data set spec used by --bias-correction and --data-aware
 
 
 @dataclass
@@ -47,6 +48,7 @@ class OptimizeOptions:
     max_error: float | None = None  # gate on the relative output error
     seed: int = 0
     bias_correction: bool = False  # shift rewritten convs' biases by their mean output error on --data
+    data_aware: float | None = None  # lam: truncate in the metric (1 - lam) I + lam S_c / s from --data
     # hardware-aware allocation (target="latency")
     target: str = "macs"  # "macs": decide by MACs; "latency": by measured latency on `ep`
     ep: str = "cpu"
@@ -77,6 +79,11 @@ class OptimizeOptions:
                 raise GDWSError("--mismatch-budget decides by MACs; it cannot be used with --target latency")
         if self.bias_correction and not self.data:
             raise GDWSError("--bias-correction needs --data (calibration inputs)")
+        if self.data_aware is not None:
+            if not 0 < self.data_aware <= 1:
+                raise GDWSError(f"--data-aware must be in (0, 1], got {self.data_aware}")
+            if not self.data:
+                raise GDWSError("--data-aware needs --data (calibration inputs)")
         if self.target not in ("macs", "latency"):
             raise GDWSError(f"--target must be 'macs' or 'latency', got {self.target!r}")
         if self.latency_reduction is not None and self.target != "latency":
@@ -283,6 +290,17 @@ def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, opts: Op
     return VerificationReport(ran=True, inputs=desc, outputs=outputs, max_error=opts.max_error, passed=passed)
 
 
+def _spectra(model: onnx.ModelProto, sites: list[ConvSite], opts: OptimizeOptions) -> list[decompose.Spectrum]:
+    """Each site's per-channel spectrum: weight-space SVD, or with --data-aware the SVD in the
+    metric blended from the channel's input second moments on the calibration data."""
+    if opts.data_aware is None or not sites:
+        return [decompose.spectrum(s.weight, s.group) for s in sites]
+    arrays, _ = data_arrays(opts.data, CALIBRATION_SAMPLES)
+    second = channel_second_moments(model, _named_inputs(model, arrays), sites, threads=opts.threads)
+    return [decompose.metric_spectrum(s.weight, s.group, blended_metric(second[s.name], opts.data_aware))
+            for s in sites]
+
+
 def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.ModelProto, OptimizeReport]:
     """The pipeline on a loaded model; the model object is rewritten in place."""
     opts.validate()
@@ -302,8 +320,8 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
 
     t0 = time.perf_counter()
     reasons = {s.name: skip_reason(s, i == 0, opts) for i, s in enumerate(sites)}
-    cands = [_Candidate(s, decompose.spectrum(s.weight, s.group), _alpha_for(s, alphas))
-             for s in sites if not reasons[s.name]]
+    eligible = [s for s in sites if not reasons[s.name]]
+    cands = [_Candidate(s, spec, _alpha_for(s, alphas)) for s, spec in zip(eligible, _spectra(model, eligible, opts))]
     missing = [c.site.name for c in cands if c.site.name not in alphas]
     if opts.mismatch_budget is not None and missing:
         raise GDWSError("--mismatch-budget needs alphas for every rewritable conv; --alphas has none "

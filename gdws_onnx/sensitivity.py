@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 
 from .attacks import AttackSettings, _project, _random_start, check_budget
-from .convs import find_convs
+from .convs import ConvSite, find_convs
 from .data import DataError, Dataset, load_dataset
 from .errors import GDWSError
 from .gradients import OrtClassifier, TorchReplica, input_shape, make_source
@@ -185,6 +185,18 @@ def _check_samples(model: onnx.ModelProto, x: np.ndarray) -> None:
         raise GDWSError(f"the model input has dims {dims}; the data samples have shape {list(x.shape[1:])}")
 
 
+def alpha_sites(model: onnx.ModelProto, x: np.ndarray) -> tuple[list[ConvSite], dict[str, str]]:
+    """The convs alphas are computed for (constant weights) and the skipped ones' weight sources,
+    after checking the samples fit the model's single input."""
+    _check_samples(model, x)
+    sites = find_convs(model)
+    skipped = {s.name: s.weight_source for s in sites if s.weight is None}
+    sites = [s for s in sites if s.weight is not None]
+    if not sites:
+        raise GDWSError("the model has no Conv with a constant weight: no alphas to compute")
+    return sites, skipped
+
+
 def noise_gain_alphas(model: onnx.ModelProto, x: np.ndarray, *, y: np.ndarray | None = None,
                       batch_size: int = 64, attack: AttackSettings | None = None,
                       min_margin: float = DEFAULT_MIN_MARGIN, dtype: str = "float32",
@@ -211,12 +223,7 @@ def noise_gain_alphas(model: onnx.ModelProto, x: np.ndarray, *, y: np.ndarray | 
     if dtype not in ("float32", "float64"):
         raise GDWSError(f"dtype must be float32 or float64, got {dtype!r}")
     x = np.ascontiguousarray(x, np.float32)
-    _check_samples(model, x)
-    sites = find_convs(model)
-    skipped = {s.name: s.weight_source for s in sites if s.weight is None}
-    sites = [s for s in sites if s.weight is not None]
-    if not sites:
-        raise GDWSError("the model has no Conv with a constant weight: no alphas to compute")
+    sites, skipped = alpha_sites(model, x)
 
     old_threads = torch.get_num_threads()
     if threads is not None:

@@ -4,10 +4,12 @@ report.html. Every number shown is read from the SweepResult (the JSON), nothing
 from __future__ import annotations
 
 import base64
+import importlib.util
 import html
 import os
 from dataclasses import dataclass
 
+from .errors import GDWSError
 from .sweep import PointResult, SweepResult
 
 METHOD_NAMES = {
@@ -129,9 +131,16 @@ def summary(sweep: SweepResult) -> list[str]:
     return out
 
 
+def require_matplotlib() -> None:
+    """Raise GDWSError naming the extra to install when matplotlib (the report's plots) is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise GDWSError("the sweep report draws its plots with matplotlib: pip install 'onnx-gdws[report]'")
+
+
 def plot(sweep: SweepResult, out_dir: str) -> list[str]:
     """Robust accuracy vs latency ratio (one panel per batch) and clean accuracy vs conv-MAC
     reduction; returns the PNG paths."""
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")

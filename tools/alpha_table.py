@@ -12,13 +12,18 @@ and PGD-20 accuracy of:
   bias corr.         alpha=1 + `bias_correction` (mean output error on the same training images)
   bias corr. + grad  grad (clean) alphas + bias correction
   bias corr. + forward (margin)  forward (margin) alphas + bias correction
+  data-aware         alpha=1 with `optimize(data_aware=0.5)` (truncation in the blended weight/output
+                     metric, second moments on the --cal-n calibration images)
+  data-aware + forward (margin)            the same allocated with forward (margin) alphas
+  data-aware + forward (margin) + bias corr.  and bias-corrected
   (also selectable with --methods: "bias corr. + forward (noise-gain)")
 
 Every model is measured like `validate(orig, opt, n=N, attacks=("pgd",), eps=0.1, steps=20)`
 (the same first N test images, clean accuracy and white-box PGD-20 on each model, scored in ONNX
 Runtime): it calls validation.evaluate_model per model, so the original is attacked once
 instead of once per row; the numbers are those validate reports. Writes JSON (rewritten after
-every row) and prints a Markdown table.
+every row) and prints a Markdown table; `--combine A.json B.json ...` prints one table from
+several runs on the same model and images.
 
     nice -n 5 python tools/alpha_table.py models/vgg_small_fgsm.onnx --n 1000 --json out/alpha_table.json
 """
@@ -46,20 +51,23 @@ from gdws_onnx.stats import mcnemar_exact, proportion  # noqa: E402
 from gdws_onnx import validation  # noqa: E402
 from gdws_onnx.validation import ValidateOptions  # noqa: E402
 
-# one model's clean + PGD numbers as validate() computes them (public name in newer trees)
-_evaluate_model = getattr(validation, "evaluate_model", None) or getattr(validation, "_evaluate_model")
+_evaluate_model = validation.evaluate_model  # one model's clean + PGD numbers, as validate() computes them
 
-# method -> (alphas key or None, bias correction)
+DATA_AWARE = 0.5  # lam of the data-aware rows (tools/data_aware_variants.py compares others)
+# method -> (alphas key or None, bias correction, data-aware lam or None)
 METHODS = {
-    "alpha=1": (None, False),
-    "grad (clean)": ("grad_clean", False),
-    "grad (PGD)": ("grad_pgd", False),
-    "forward (noise-gain)": ("forward", False),
-    "forward (margin)": ("forward_margin", False),
-    "bias corr.": (None, True),
-    "bias corr. + grad": ("grad_clean", True),
-    "bias corr. + forward (noise-gain)": ("forward", True),
-    "bias corr. + forward (margin)": ("forward_margin", True),
+    "alpha=1": (None, False, None),
+    "grad (clean)": ("grad_clean", False, None),
+    "grad (PGD)": ("grad_pgd", False, None),
+    "forward (noise-gain)": ("forward", False, None),
+    "forward (margin)": ("forward_margin", False, None),
+    "bias corr.": (None, True, None),
+    "bias corr. + grad": ("grad_clean", True, None),
+    "bias corr. + forward (noise-gain)": ("forward", True, None),
+    "bias corr. + forward (margin)": ("forward_margin", True, None),
+    "data-aware": (None, False, DATA_AWARE),
+    "data-aware + forward (margin)": ("forward_margin", False, DATA_AWARE),
+    "data-aware + forward (margin) + bias corr.": ("forward_margin", True, DATA_AWARE),
 }
 DEFAULT_METHODS = ("alpha=1", "grad (clean)", "grad (PGD)", "forward (noise-gain)", "forward (margin)", "bias corr.",
                    "bias corr. + grad", "bias corr. + forward (margin)")
@@ -119,7 +127,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def combine(paths: list[str]) -> dict:
+    """One result from several runs on the same model and test images (later files win a
+    (method, reduction) cell); refuses runs whose original-model numbers differ."""
+    runs = [json.load(open(p)) for p in paths]
+    first = runs[0]
+    for r in runs[1:]:
+        same = (r["model"], r["data"]["n"], r["original"]["clean"], r["original"]["pgd20"]) == \
+            (first["model"], first["data"]["n"], first["original"]["clean"], first["original"]["pgd20"])
+        if not same:
+            raise SystemExit("runs differ in model, test images or the original's accuracy: not one table")
+    rows = {(row["method"], row["reduction"]): row for r in runs for row in r["rows"]}
+    methods = list(dict.fromkeys(m for r in runs for m in r["methods"]))
+    return {**first, "reductions": sorted({red for _, red in rows}), "methods": methods, "rows": list(rows.values())}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--combine":  # tools/alpha_table.py --combine a.json b.json ...
+        print(markdown(combine(sys.argv[2:])))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--n", type=int, default=1000, help="test images (validate's n)")
@@ -154,10 +180,10 @@ def main() -> None:
     base: dict[float, dict] = {}
     for r in reductions:
         for m in methods:
-            key, bias = METHODS[m]
+            key, bias, lam = METHODS[m]
             t0 = time.perf_counter()
             opt, rep = optimize(model, mac_reduction=r, alphas=alphas.get(key), bias_correction=bias,
-                                data=a.cal if bias else None, verify=False)
+                                data_aware=lam, data=a.cal if bias or lam else None, verify=False)
             t_opt = time.perf_counter() - t0
             ev = evaluate(opt, m, x, y, vopts)
             clean_correct = np.asarray(ev["predictions"]) == y

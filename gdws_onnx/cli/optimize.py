@@ -54,6 +54,9 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("--bias-correction", is_flag=True,
               help="Shift each rewritten conv's bias by its mean output error on --data (first 1000 samples of "
                    "a data set spec, or the whole .npz), layer by layer on the rewritten model's own activations.")
+@click.option("--data-aware", "data_aware", type=float, default=None, metavar="LAMBDA",
+              help="Truncate each channel in the metric (1 - LAMBDA) I + LAMBDA S_c / s, S_c the second moment of "
+                   "its input patches on --data: a blend of weight error and output error (0.5 measured best).")
 @input_shape_option
 @click.option("--max-error", type=float, default=None,
               help="Gate: fail (exit 1, no output written) if any output's relative error exceeds TOL.")
@@ -63,14 +66,14 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @handle_errors
 def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, uniform_rank, alphas, target, latency_reduction, ep,
-                 batches, threads, runs, cache, skip_first, include, exclude, force, verify, data, bias_correction,
+                 batches, threads, runs, cache, skip_first, include, exclude, force, verify, data, bias_correction, data_aware,
                  input_shapes, max_error, seed, report_path, overwrite_input, quiet) -> None:
     """Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."""
     start = time.perf_counter()
     opts = OptimizeOptions(error_budget=error_budget, mac_reduction=mac_reduction,
                            mismatch_budget=mismatch_budget, uniform_rank=uniform_rank, alphas=alphas,
                            skip_first=skip_first, include=include, exclude=exclude, force=force,
-                           verify=verify, data=data, bias_correction=bias_correction,
+                           verify=verify, data=data, bias_correction=bias_correction, data_aware=data_aware,
                            input_shapes=shapes_from(input_shapes),
                            max_error=max_error, seed=seed, target=target, latency_reduction=latency_reduction,
                            ep=parse_eps(ep)[0], batches=parse_ints(batches, "--batch"), threads=threads,

@@ -10,7 +10,7 @@ import click
 from ..attacks import ATTACKS
 from ..providers import parse_eps
 from ..sweep import DEFAULT_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
-from ..sweep_report import summary, write_report
+from ..sweep_report import require_matplotlib, summary, write_report
 from .common import handle_errors, parse_ints, progress_bars, stderr_console, stdout_console
 
 
@@ -48,6 +48,7 @@ def sweep_cmd(model, data, n, attacks, eps, steps, budgets, peers, calibration, 
 
     Resumable: each point is saved to OUT/points/ when measured; a rerun skips finished points
     (and only re-times them when the latency settings changed or --retime is given)."""
+    require_matplotlib()  # fail before hours of measuring, not after
     attacks = tuple(a for a in (attacks or ("pgd",)) if a != "none")
     opts = SweepOptions(data=data, n=n, attacks=attacks, eps=eps, steps=steps,
                         budgets=tuple(budgets) or DEFAULT_BUDGETS,
