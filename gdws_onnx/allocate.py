@@ -250,3 +250,36 @@ def choose_options(options: list[list[tuple[float, float]]], required: float, bi
         pick, prev = trace[layer]
         choice[layer], state = pick[state], prev[state]
     return choice, met
+
+
+def round_width(scores: np.ndarray, ranks: np.ndarray, group_of: np.ndarray, multiple: int,
+                down: bool = False) -> np.ndarray:
+    """Ranks whose GDWS width W = max over groups of sum g_c (every group is padded to W) is a
+    multiple of `multiple`.
+
+    up (default): W -> ceil(W / m) m, each group filled with its best remaining terms (the padding
+    slots get real terms: less error, same realized shape; a group that runs out stays padded).
+    down: W -> floor(W / m) m (up when that is 0), each group over it dropping its lowest-scored
+    kept terms (fewer MACs: keeps a MAC budget met). scores (C, r) non-increasing per row."""
+    ranks = np.asarray(ranks, dtype=np.int64).copy()
+    groups = np.unique(group_of)
+    width = max(int(ranks[group_of == j].sum()) for j in groups)
+    if multiple <= 1 or width % multiple == 0:
+        return ranks
+    target = (width // multiple) * multiple if down else -(-width // multiple) * multiple
+    if target == 0:
+        target = multiple
+    for j in groups:
+        chans = np.flatnonzero(group_of == j)
+        while ranks[chans].sum() < target:
+            room = chans[ranks[chans] < scores.shape[1]]
+            if room.size == 0:
+                break
+            best = room[np.argmax(scores[room, ranks[room]])]
+            ranks[best] += 1
+        while ranks[chans].sum() > target:
+            kept = chans[ranks[chans] > 0]
+            worst = kept[np.argmin(scores[kept, ranks[kept] - 1])]
+            ranks[worst] -= 1
+    return ranks
+

@@ -49,6 +49,7 @@ class OptimizeOptions:
     seed: int = 0
     bias_correction: bool = False  # shift rewritten convs' biases by their mean output error on --data
     data_aware: float | None = None  # lam: truncate in the metric (1 - lam) I + lam S_c / s from --data
+    width_multiple: int = 1  # round each layer's GDWS width G to a multiple (8: ORT CPU's fast conv widths)
     # hardware-aware allocation (target="latency")
     target: str = "macs"  # "macs": decide by MACs; "latency": by measured latency on `ep`
     ep: str = "cpu"
@@ -79,6 +80,8 @@ class OptimizeOptions:
                 raise GDWSError("--mismatch-budget decides by MACs; it cannot be used with --target latency")
         if self.bias_correction and not self.data:
             raise GDWSError("--bias-correction needs --data (calibration inputs)")
+        if self.width_multiple < 1:
+            raise GDWSError(f"--width-multiple must be >= 1, got {self.width_multiple}")
         if self.data_aware is not None:
             if not 0 < self.data_aware <= 1:
                 raise GDWSError(f"--data-aware must be in (0, 1], got {self.data_aware}")
@@ -195,6 +198,15 @@ def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOpti
     return BudgetReport(mode="macs", target=opts.mac_reduction, achieved=None, met=result.feasible,
                         message="" if result.feasible else
                         "budget cannot be met with the eligible layers: every rewritten layer keeps one term")
+
+
+def _round_widths(cands: list[_Candidate], multiple: int, down: bool) -> None:
+    """Round every chosen layer's GDWS width to a multiple: up (extra terms, less error) except
+    under a MAC budget, where the lowest-value terms go instead so the budget stays met."""
+    for c in cands:
+        if c.ranks is not None:
+            c.ranks = allocate.round_width(decompose.scores(c.spec, c.alpha), c.ranks, c.spec.channel_group(),
+                                           multiple, down=down)
 
 
 def _allocate_mismatch(cands: list[_Candidate], sites: list[ConvSite], budget: float) -> BudgetReport:
@@ -331,6 +343,8 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
         budget, latency_report = latency.plan(cands, model, opts)
     else:
         budget = _allocate(cands, sites, opts)
+        if opts.width_multiple > 1 and budget.mode != "uniform":
+            _round_widths(cands, opts.width_multiple, down=budget.mode == "macs")
     for c in cands:
         if c.ranks is not None and not opts.force and opts.target == "macs" and \
                 decompose.gdws_cost_per_pixel(c.spec, c.ranks) >= decompose.original_cost_per_pixel(c.spec):

@@ -37,6 +37,7 @@ PEERS = ("dws", "uniform", "ssvd", "prune", "int8", "gdws+int8")
 QUANTIZED = ("int8", "gdws+int8")  # attacked with BPDA gradients plus Square, like their reference
 DEFAULT_BUDGETS = ("error:0.02", "error:0.05", "error:0.1", "error:0.2", "mac:1.5", "mac:2", "mac:3", "mac:4")
 DEFAULT_PEERS = ("dws", "uniform:2", "uniform:4", "ssvd", "prune", "int8", "gdws+int8")
+PRUNE_MULTIPLE = 8  # pruned widths stay multiples of 8: odd widths lose ORT's fast CPU conv kernels
 
 
 @dataclass
@@ -211,8 +212,10 @@ def matched_points(opts: SweepOptions, gdws: list[PointResult]) -> list[PointSpe
             continue
         for peer in ("ssvd", "prune"):
             if peer in names and r.conv_mac_reduction and r.conv_mac_reduction > 1.0 + 1e-6:
-                pts.append(PointSpec(peer, {"mac_reduction": round(r.conv_mac_reduction, 4)},
-                                     f"{peer} mac:{r.conv_mac_reduction:.3g}"))
+                params = {"mac_reduction": round(r.conv_mac_reduction, 4)}
+                if peer == "prune":
+                    params["multiple"] = PRUNE_MULTIPLE
+                pts.append(PointSpec(peer, params, f"{peer} mac:{r.conv_mac_reduction:.3g}"))
         if "gdws+int8" in names:
             pts.append(PointSpec("gdws+int8", {"from": r.key, **r.params}, f"{r.label} + int8"))
     return pts
@@ -285,7 +288,7 @@ class Sweep:
             return model, {}
         if spec.method in ("ssvd", "prune"):
             build = peers.spatial_svd if spec.method == "ssvd" else peers.prune_channels
-            model, _ = build(self.original, mac_reduction=spec.params["mac_reduction"], skip_first=self.opts.skip_first)
+            model, _ = build(self.original, skip_first=self.opts.skip_first, **spec.params)
             return model, {}
         if spec.method == "int8":
             return peers.quantize_int8(self.original, self.calibration()), {"float_parent": "original"}

@@ -108,3 +108,59 @@ def test_layers_that_would_cost_more_are_left_original():
     layer = allocate.LayerCost(scores=sc, term_cost=11.0, original_cost=2 * 2 * 9.0)
     res = allocate.allocate_macs([layer], 1e9)
     assert res.ranks == [None] and res.total_cost == layer.original_cost
+
+
+def _width(ranks, group_of):
+    return max(int(ranks[group_of == j].sum()) for j in np.unique(group_of))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("down", [False, True])
+def test_round_width_is_a_multiple_and_best_of_its_kind(seed, down):
+    """Up: every group reaches the next multiple with the most valuable extra terms (brute force);
+    down: the least valuable terms go. Either way the width is a multiple of m."""
+    rng = np.random.default_rng(seed)
+    c, r, m = 4, 3, 4
+    scores = -np.sort(-rng.random((c, r)) ** 2, axis=1)
+    group_of = np.array([0, 0, 1, 1]) if seed % 2 else np.zeros(c, np.int64)
+    ranks = rng.integers(0, r + 1, size=c)
+    if ranks.sum() == 0:
+        ranks[0] = 1
+    out = allocate.round_width(scores, ranks, group_of, m, down=down)
+    width = _width(out, group_of)
+    assert width % m == 0 or all(out[group_of == j].sum() in (0, r * (group_of == j).sum()) or
+                                 out[group_of == j].sum() == width for j in np.unique(group_of))
+    assert (out >= ranks).all() if not down or _width(ranks, group_of) < m else (out <= ranks).all()
+    kept = lambda rk: sum(scores[i, :rk[i]].sum() for i in range(c))  # noqa: E731
+    for j in np.unique(group_of):
+        chans = np.flatnonzero(group_of == j)
+        total = int(out[chans].sum())
+        best = max(kept(np.where(group_of == j, np.array(cand), 0)) for cand in itertools.product(range(r + 1), repeat=c)
+                   if sum(cand[i] for i in chans) == total and all(cand[i] == 0 for i in range(c) if i not in chans)
+                   and all((cand[i] >= ranks[i]) if (out >= ranks).all() else (cand[i] <= ranks[i]) for i in chans))
+        assert kept(np.where(group_of == j, out, 0)) == pytest.approx(best)
+
+
+def test_round_width_leaves_multiples_alone():
+    scores = np.ones((4, 2))
+    ranks = np.array([2, 2, 2, 2])
+    assert (allocate.round_width(scores, ranks, np.zeros(4, np.int64), 8) == ranks).all()
+    assert (allocate.round_width(scores, ranks, np.zeros(4, np.int64), 1) == ranks).all()
+
+
+@pytest.mark.parametrize("budget", [{"error_budget": 0.1}, {"mac_reduction": 1.5}])
+def test_optimize_width_multiple(budget):
+    from builders import small_cnn
+
+    from gdws_onnx import optimize
+
+    model = small_cnn(seed=0, channels=(8, 16, 16))
+    _, plain = optimize(model, skip_first=False, force=True, verify=False, **budget)
+    _, rounded = optimize(model, skip_first=False, force=True, width_multiple=8, **budget)
+    assert rounded.rewritten and all(lay.total_rank % 8 == 0 for lay in rounded.rewritten)
+    assert rounded.verification.ran
+    if "error_budget" in budget:  # rounded up: never more error than asked
+        assert all(lay.relative_error <= 0.1 + 1e-9 for lay in rounded.rewritten)
+        assert sum(lay.total_rank for lay in rounded.rewritten) >= sum(lay.total_rank for lay in plain.rewritten)
+    else:  # rounded down: the MAC budget still holds
+        assert rounded.mac_reduction >= 1.5 and rounded.budget.met

@@ -8,7 +8,7 @@ from builders import ConvCase, conv_model, small_cnn
 from gdws_onnx import optimize
 from gdws_onnx.bench import conv_macs
 from gdws_onnx.errors import GDWSError
-from gdws_onnx.peers import (explicit_pads, prune_channels, quantize_int8, relative_error, spatial_factors,
+from gdws_onnx.peers import (explicit_pads, kept_filters, prune_channels, quantize_int8, relative_error, spatial_factors,
                              spatial_reconstruct, spatial_spectrum, spatial_svd)
 from gdws_onnx.runtime import make_session
 
@@ -194,6 +194,17 @@ def test_pruning_reaches_a_mac_target(cnn):
     assert np.all(np.isfinite(_run(out, np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32))))
     _, report = prune_channels(cnn, mac_reduction=1.5)  # skip_first leaves one prunable conv
     assert [layer.status for layer in report.layers] == ["skipped", "rewritten", "skipped"]
+
+
+def test_pruning_keeps_widths_multiple_of(cnn):
+    _, report = prune_channels(cnn, mac_reduction=1.05, skip_first=False, multiple=4)
+    pruned = [layer for layer in report.layers if layer.status == "rewritten"]
+    assert pruned and report.met
+    assert all(layer.rank % 4 == 0 and layer.rank < layer.max_rank for layer in pruned)
+    assert kept_filters(np.ones((6, 2, 3, 3)), 0.5, multiple=8).size == 6  # narrower than 8: kept whole
+    assert kept_filters(np.ones((64, 2, 3, 3)), 1 / 64, multiple=8).size == 56
+    with pytest.raises(GDWSError):
+        prune_channels(cnn, fraction=0.1, multiple=0)
 
 
 def _check_int8(float_model, calibration, x, min_agreement):

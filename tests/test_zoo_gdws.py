@@ -13,6 +13,7 @@ from gdws_onnx import optimize, validate
 from gdws_onnx.runtime import make_session
 
 VGG = Path(__file__).resolve().parents[1] / "models" / "vgg_small_fgsm.onnx"
+RESNET = VGG.with_name("resnet18_small_fgsm.onnx")
 pytestmark = pytest.mark.skipif(not VGG.is_file(), reason="models/vgg_small_fgsm.onnx not present")
 
 
@@ -23,10 +24,13 @@ def data():
     return fashion(100)
 
 
-def test_full_rank_rewrite_of_zoo_model_is_exact(data):
-    model = onnx.load(str(VGG))
+@pytest.mark.parametrize("path,convs", [(VGG, 7), (RESNET, 20)], ids=["vgg", "resnet"])
+def test_full_rank_rewrite_of_zoo_model_is_exact(data, path, convs):
+    if not path.is_file():
+        pytest.skip(f"{path.name} not present")
+    model = onnx.load(str(path))
     out, rep = optimize(model, error_budget=0.0, force=True, skip_first=False, verify=False)
-    assert len(rep.rewritten) == 7
+    assert len(rep.rewritten) == convs
     x = data[0]
     ref = make_session(model).run(None, {"input": x})[0]
     new = make_session(out).run(None, {"input": x})[0]

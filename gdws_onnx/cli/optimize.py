@@ -57,6 +57,10 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("--data-aware", "data_aware", type=float, default=None, metavar="LAMBDA",
               help="Truncate each channel in the metric (1 - LAMBDA) I + LAMBDA S_c / s, S_c the second moment of "
                    "its input patches on --data: a blend of weight error and output error (0.5 measured best).")
+@click.option("--width-multiple", type=int, default=1, show_default=True, metavar="N",
+              help="Round each rewritten layer's GDWS width (depthwise channels) to a multiple of N: up with the "
+                   "next best terms, or down under --mac-reduction. ORT's CPU convs are much faster at multiples "
+                   "of 8 (measured: tools/width_multiple.py).")
 @input_shape_option
 @click.option("--max-error", type=float, default=None,
               help="Gate: fail (exit 1, no output written) if any output's relative error exceeds TOL.")
@@ -66,7 +70,7 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @handle_errors
 def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, uniform_rank, alphas, target, latency_reduction, ep,
-                 batches, threads, runs, cache, skip_first, include, exclude, force, verify, data, bias_correction, data_aware,
+                 batches, threads, runs, cache, skip_first, include, exclude, force, verify, data, bias_correction, data_aware, width_multiple,
                  input_shapes, max_error, seed, report_path, overwrite_input, quiet) -> None:
     """Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."""
     start = time.perf_counter()
@@ -74,6 +78,7 @@ def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, un
                            mismatch_budget=mismatch_budget, uniform_rank=uniform_rank, alphas=alphas,
                            skip_first=skip_first, include=include, exclude=exclude, force=force,
                            verify=verify, data=data, bias_correction=bias_correction, data_aware=data_aware,
+                           width_multiple=width_multiple,
                            input_shapes=shapes_from(input_shapes),
                            max_error=max_error, seed=seed, target=target, latency_reduction=latency_reduction,
                            ep=parse_eps(ep)[0], batches=parse_ints(batches, "--batch"), threads=threads,

@@ -26,11 +26,14 @@ def filter_norms(weight: np.ndarray) -> np.ndarray:
     return np.abs(weight.astype(np.float64)).reshape(weight.shape[0], -1).sum(axis=1)
 
 
-def kept_filters(weight: np.ndarray, fraction: float) -> np.ndarray:
+def kept_filters(weight: np.ndarray, fraction: float, multiple: int = 1) -> np.ndarray:
     """Sorted indices of the filters kept when the floor(fraction O) smallest-L1 ones are dropped
-    (at least one is kept; ties drop the later filter)."""
+    (at least one is kept; ties drop the later filter). With `multiple` > 1 the kept count is
+    rounded down to a multiple of it (at least `multiple`; layers narrower than that are kept whole)."""
     o = weight.shape[0]
     keep = max(o - math.floor(fraction * o + 1e-9), 1)
+    if multiple > 1:
+        keep = o if o <= multiple else max(keep // multiple * multiple, multiple)
     order = np.lexsort((-np.arange(o), -filter_norms(weight)))  # largest norm first, then lower index
     return np.sort(order[:keep])
 
@@ -74,10 +77,11 @@ class _PruneCandidate:
     chain: list[str]
 
 
-def _pruned_macs(sites: list[ConvSite], cands: list[_PruneCandidate], fraction: float) -> tuple[int, dict]:
+def _pruned_macs(sites: list[ConvSite], cands: list[_PruneCandidate], fraction: float,
+                 multiple: int = 1) -> tuple[int, dict]:
     """Whole-model conv MACs when every candidate drops floor(fraction O) filters, and the kept
     filters per candidate conv name. A conv costs pixels x O' x C' x K (C' = kept inputs)."""
-    keep = {c.site.name: kept_filters(c.site.weight, fraction) for c in cands}
+    keep = {c.site.name: kept_filters(c.site.weight, fraction, multiple) for c in cands}
     kept_in = {c.consumer.name: keep[c.site.name].size for c in cands}
     total = 0
     for s in sites:
@@ -139,7 +143,8 @@ def _drop_unused(graph: onnx.GraphProto, names: set[str]) -> None:
 
 def prune_channels(model: onnx.ModelProto | str, mac_reduction: float | None = None,
                    fraction: float | None = None, skip_first: bool = True,
-                   input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, PeerReport]:
+                   input_shapes: dict[str, list[int]] | None = None,
+                   multiple: int = 1) -> tuple[onnx.ModelProto, PeerReport]:
     """Drop the smallest-L1-norm output filters of every eligible conv (group 1, feeding exactly
     one group-1 conv through channel-wise ops only) and the matching input channels of that conv.
 
@@ -147,7 +152,12 @@ def prune_channels(model: onnx.ModelProto | str, mac_reduction: float | None = N
     conv MACs before / after, all convs counted): the least uniform fraction (steps of 1/512) that
     reaches R. No fine-tuning. Per layer, `rank` / `max_rank` are kept / original output channels
     and `relative_error` the dropped share of ||W||_F^2. The model passed in is not modified.
+    multiple: keep filter counts that are multiples of it (see `kept_filters`): ONNX Runtime's CPU
+    convs are much faster at widths that are multiples of 8 (on the zoo VGG, pruning 64 -> 63 and
+    128 -> 126 filters, 1.02x fewer MACs, ran 1.9x slower at batch 1 and 3.1x at batch 32).
     """
+    if multiple < 1:
+        raise GDWSError(f"multiple must be >= 1, got {multiple}")
     if (mac_reduction is None) == (fraction is None):
         raise GDWSError("give one of mac_reduction or fraction")
     if mac_reduction is not None and not mac_reduction >= 1:
@@ -171,10 +181,10 @@ def prune_channels(model: onnx.ModelProto | str, mac_reduction: float | None = N
         require_output_sizes(sites)
         total = sum(site_macs(s) for s in sites if s.weight is not None)
         fractions = np.arange(512) / 512
-        fraction = next((f for f in fractions if _pruned_macs(sites, cands, f)[0] <= total / mac_reduction),
-                        fractions[-1])
-        report.met = _pruned_macs(sites, cands, fraction)[0] <= total / mac_reduction
-    _, keep = _pruned_macs(sites, cands, fraction)
+        fraction = next((f for f in fractions
+                         if _pruned_macs(sites, cands, f, multiple)[0] <= total / mac_reduction), fractions[-1])
+        report.met = _pruned_macs(sites, cands, fraction, multiple)[0] <= total / mac_reduction
+    _, keep = _pruned_macs(sites, cands, fraction, multiple)
     keep = {c.site.name: keep[c.site.name] for c in cands if keep[c.site.name].size < c.site.out_channels}
     keep_in = {c.consumer.name: keep[c.site.name] for c in cands if c.site.name in keep}
     changed = [s for s in sites if s.name in keep or s.name in keep_in]
