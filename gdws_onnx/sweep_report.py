@@ -152,6 +152,7 @@ def plot(sweep: SweepResult, out_dir: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     pts = ok_points(sweep)
     bs = batches(sweep)
@@ -169,6 +170,10 @@ def plot(sweep: SweepResult, out_dir: str) -> list[str]:
                     color="gray", lw=1, ls="--", label="Pareto front")
         ax.axvline(1.0, color="k", lw=0.6)
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(f"latency ratio to original, batch {b[1:]} (log; < 1 is faster)")
         ax.set_ylabel("robust accuracy %")
         ax.grid(alpha=0.3)
