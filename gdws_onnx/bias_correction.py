@@ -37,7 +37,7 @@ from .decompose import GDWSFactors, reconstruct
 from .errors import GDWSError
 from .forward_sensitivity import patch_means, patches, site_geometry
 from .rewrite import Names, _consumed
-from .runtime import ORT_TYPES, make_session
+from .runtime import ORT_TYPES, make_session, run_batches
 
 
 # ----------------------------------------------------------------------------- numpy
@@ -152,27 +152,14 @@ def correct_biases(model: onnx.ModelProto, rewrites: list, feeds: dict[str, np.n
             outputs.add(t)
     sess = make_session(probe, threads=threads)
     input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in sess.get_inputs()}
-    data_inputs = [i.name for i in sess.get_inputs() if i.name not in {lay.feed for lay in layers}]
-    missing = [i for i in data_inputs if i not in feeds]
-    if missing:
-        raise GDWSError(f"calibration data has no array for input(s) {missing}")
-
-    fixed = {i.name: i.shape[0] for i in sess.get_inputs() if i.name in data_inputs
-             and len(i.shape) and isinstance(i.shape[0], int) and i.shape[0] > 0}
-    step = min(fixed.values()) if fixed else batch_size
 
     def moments(lay: _Layer, second: bool) -> tuple[np.ndarray, np.ndarray | None, tuple]:
         """Sum over samples of the layer's input (and, with `second`, of its patch Gram matrices)."""
         name = lay.site.node.input[0]
         s1, s2, shape = None, None, None
         bias_feeds = {other.feed: other.bias.astype(input_types[other.feed]) for other in layers}
-        for s in range(0, n_samples, step):
-            batch = {k: np.asarray(feeds[k][s:s + step], input_types[k]) for k in data_inputs}
-            k = len(next(iter(batch.values())))
-            if fixed and k < step:  # a fixed batch dimension: pad with the last sample, drop it after
-                batch = {key: np.concatenate([v, np.repeat(v[-1:], step - k, 0)]) for key, v in batch.items()}
-            v = batch[name] if name in batch else sess.run([name], {**batch, **bias_feeds})[0]
-            v = np.asarray(v[:k], np.float64)
+        for values in run_batches(sess, feeds, [name], batch_size, extra=bias_feeds):
+            v = np.asarray(values[name], np.float64)
             shape = v.shape[2:]
             s1 = v.sum(0) if s1 is None else s1 + v.sum(0)
             if second:

@@ -25,9 +25,8 @@ import onnx
 
 from .convs import ConvSite
 from .decompose import channel_blocks
-from .errors import GDWSError
 from .forward_sensitivity import patches, site_geometry
-from .runtime import ORT_TYPES, make_session
+from .runtime import make_session, run_batches
 
 PATCH_ELEMENTS = 1 << 24  # float64 patch values held at once while accumulating (128 MB)
 
@@ -78,28 +77,11 @@ def channel_second_moments(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
         if t not in have and t not in graph_inputs:
             probe.graph.output.append(onnx.ValueInfoProto(name=t))
     sess = make_session(probe, threads=threads)
-    inputs = {i.name: i for i in sess.get_inputs()}
-    missing = [k for k in inputs if k not in feeds]
-    if missing:
-        raise GDWSError(f"calibration data has no array for input(s) {missing}")
-    sizes = {len(feeds[k]) for k in inputs}
-    if len(sizes) != 1 or 0 in sizes:
-        raise GDWSError("calibration data needs the same, non-zero number of samples for every input")
-    n = sizes.pop()
-    fixed = [i.shape[0] for i in inputs.values() if len(i.shape) and isinstance(i.shape[0], int) and i.shape[0] > 0]
-    step = min(fixed) if fixed else batch_size
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {s.name: 0 for s in sites}
-    fetch = [t for t in wanted if t not in inputs]
-    for s in range(0, n, step):
-        batch = {k: np.asarray(feeds[k][s:s + step], ORT_TYPES.get(i.type, np.float32)) for k, i in inputs.items()}
-        k = len(next(iter(batch.values())))
-        if fixed and k < step:  # a fixed batch dimension: pad with the last sample, drop it after
-            batch = {key: np.concatenate([v, np.repeat(v[-1:], step - k, 0)]) for key, v in batch.items()}
-        values = dict(zip(fetch, sess.run(fetch, batch))) if fetch else {}
-        values.update({key: v for key, v in batch.items() if key in wanted})
+    for values in run_batches(sess, feeds, wanted, batch_size):
         for site in sites:
-            g, c = _accumulate(np.asarray(values[site.node.input[0]][:k], np.float64), site)
+            g, c = _accumulate(np.asarray(values[site.node.input[0]], np.float64), site)
             sums[site.name] = g if site.name not in sums else sums[site.name] + g
             counts[site.name] += c
     return {name: sums[name] / counts[name] for name in sums}

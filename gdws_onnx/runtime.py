@@ -126,6 +126,34 @@ class OutputComparison:
         return asdict(self)
 
 
+def run_batches(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], fetch: list[str],
+                batch_size: int = 64, extra: dict[str, np.ndarray] | None = None):
+    """Yield {name: value} for `fetch` over the samples of `feeds` (data input name -> array, samples
+    on axis 0), batch by batch; `extra` inputs (not batched) are fed as they are. A fixed batch
+    dimension is honoured by padding the last batch with its last sample (dropped again); a
+    fetched name that is a data input comes from the feed itself."""
+    extra = extra or {}
+    inputs = {i.name: i for i in sess.get_inputs() if i.name not in extra}
+    missing = [k for k in inputs if k not in feeds]
+    if missing:
+        raise GDWSError(f"calibration data has no array for input(s) {missing}")
+    sizes = {len(feeds[k]) for k in inputs}
+    if len(sizes) != 1 or 0 in sizes:
+        raise GDWSError("calibration data needs the same, non-zero number of samples for every input")
+    n = sizes.pop()
+    fixed = [i.shape[0] for i in inputs.values() if len(i.shape) and isinstance(i.shape[0], int) and i.shape[0] > 0]
+    step = min(fixed) if fixed else batch_size
+    run = [t for t in fetch if t not in inputs]
+    for s in range(0, n, step):
+        batch = {k: np.asarray(feeds[k][s:s + step], ORT_TYPES.get(i.type, np.float32)) for k, i in inputs.items()}
+        k = len(next(iter(batch.values())))
+        if fixed and k < step:
+            batch = {key: np.concatenate([v, np.repeat(v[-1:], step - k, 0)]) for key, v in batch.items()}
+        values = dict(zip(run, sess.run(run, {**batch, **extra}))) if run else {}
+        values.update({t: batch[t] for t in fetch if t in batch})
+        yield {t: v[:k] for t, v in values.items()}
+
+
 def compare(name: str, ref: np.ndarray, new: np.ndarray) -> OutputComparison:
     ref64, new64 = np.asarray(ref, np.float64), np.asarray(new, np.float64)
     diff = np.abs(new64 - ref64)
