@@ -55,16 +55,20 @@ def channel_blocks(weight: np.ndarray, groups: int = 1) -> np.ndarray:
     return w.transpose(0, 2, 1, 3).reshape(groups * c_per_group, mg, k)
 
 
-def spectrum(weight: np.ndarray, groups: int = 1) -> Spectrum:
-    """Batched per-channel SVD of a conv weight, computed in float64."""
+def _checked_blocks(weight: np.ndarray, groups: int) -> np.ndarray:
+    """channel_blocks in float64, after checking the weight is a conv weight for `groups`."""
     if weight.ndim < 3:
         raise ValueError(f"conv weight must have rank >= 3, got shape {weight.shape}")
     m = weight.shape[0]
     if groups < 1 or m % groups:
         raise ValueError(f"output channels {m} not divisible by groups {groups}")
-    blocks = channel_blocks(np.asarray(weight, dtype=np.float64), groups)
-    u, s, vt = np.linalg.svd(blocks, full_matrices=False)
-    return Spectrum(u=u, s=s, vt=vt, out_channels=m, groups=groups,
+    return channel_blocks(np.asarray(weight, dtype=np.float64), groups)
+
+
+def spectrum(weight: np.ndarray, groups: int = 1) -> Spectrum:
+    """Batched per-channel SVD of a conv weight, computed in float64."""
+    u, s, vt = np.linalg.svd(_checked_blocks(weight, groups), full_matrices=False)
+    return Spectrum(u=u, s=s, vt=vt, out_channels=weight.shape[0], groups=groups,
                     kernel_shape=tuple(int(d) for d in weight.shape[2:]))
 
 
@@ -74,8 +78,7 @@ def metric_spectrum(weight: np.ndarray, groups: int, metric: np.ndarray) -> Spec
     W_c L_c = U S V^T, and vt := V^T L_c^-1, so W_c = U S vt exactly and the rank-g truncation of
     (u, s, vt) minimizes sum_c ||(W_c - Q_c) L_c||_F^2 (Eckart-Young on W_c L_c); s then measures
     that error (weighted_error). metric = I gives `spectrum`."""
-    plain = spectrum(weight, groups)  # validates the shape
-    blocks = channel_blocks(np.asarray(weight, dtype=np.float64), groups)
+    blocks = _checked_blocks(weight, groups)
     c, _, k = blocks.shape
     metric = np.asarray(metric, dtype=np.float64)
     if metric.shape != (c, k, k):
@@ -83,8 +86,8 @@ def metric_spectrum(weight: np.ndarray, groups: int, metric: np.ndarray) -> Spec
     chol = np.linalg.cholesky(metric)
     u, s, vt = np.linalg.svd(blocks @ chol, full_matrices=False)
     vt = np.swapaxes(np.linalg.solve(np.swapaxes(chol, 1, 2), np.swapaxes(vt, 1, 2)), 1, 2)  # V^T L^-1
-    return Spectrum(u=u, s=s, vt=vt, out_channels=plain.out_channels, groups=groups,
-                    kernel_shape=plain.kernel_shape)
+    return Spectrum(u=u, s=s, vt=vt, out_channels=weight.shape[0], groups=groups,
+                    kernel_shape=tuple(int(d) for d in weight.shape[2:]))
 
 
 def scores(spec: Spectrum, alpha: np.ndarray | float = 1.0) -> np.ndarray:

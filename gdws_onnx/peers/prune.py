@@ -154,7 +154,7 @@ def prune_channels(model: onnx.ModelProto | str, mac_reduction: float | None = N
     and `relative_error` the dropped share of ||W||_F^2. The model passed in is not modified.
     multiple: keep filter counts that are multiples of it (see `kept_filters`): ONNX Runtime's CPU
     convs are much faster at widths that are multiples of 8 (on the zoo VGG, pruning 64 -> 63 and
-    128 -> 126 filters, 1.02x fewer MACs, ran 1.9x slower at batch 1 and 3.1x at batch 32).
+    128 -> 126 filters, 1.02x fewer MACs, ran 1.4x slower at batch 1 and 2.1x at batch 32; README).
     """
     if multiple < 1:
         raise GDWSError(f"multiple must be >= 1, got {multiple}")
