@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from . import providers
 from .errors import GDWSError
+from .rewrite import layer_of
 from .runtime import random_feeds, session_options
 
 Timer = Callable[[Callable[[], object]], float]
@@ -166,11 +167,6 @@ def profile_nodes(model: onnx.ModelProto | str, config: BenchConfig) -> dict[str
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
             durations.setdefault(ev["name"][: -len("_kernel_time")], []).append(float(ev.get("dur", 0)))
     return {k: float(np.median(v[-config.runs:])) for k, v in durations.items()}
-
-
-def layer_of(node_name: str) -> str:
-    """'<conv>/gdws/dw' or '<conv>/ssvd/a' -> '<conv>'; other names are their own layer."""
-    return node_name.split("/gdws/")[0].split("/ssvd/")[0]
 
 
 def environment(config: BenchConfig) -> dict:

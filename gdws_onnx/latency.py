@@ -21,10 +21,12 @@ import onnxruntime as ort
 from . import allocate, decompose
 from .bench import Ratio
 from .convs import ConvSite
+from .fold import FoldGatherPass
 from .rewrite import layer_model
 
 LADDER = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # G / C points measured per layer
 FASTER = 0.95  # a layer is kept only if its measured ratio is below this
+WIDTH_MULTIPLES = (8, 16)  # GDWS widths also measured rounded up to these
 
 
 class Probe(Protocol):
@@ -98,17 +100,35 @@ def default_cache_path() -> str:
     return os.path.join(root, "onnx-gdws", "latency.json")
 
 
-def candidate_ranks(spec: decompose.Spectrum, scores: np.ndarray) -> list[tuple[np.ndarray, bool]]:
-    """The ladder of realizations measured for a layer: MEGO ranks at G = t C with Gather,
-    and uniform rank r in channel-multiplier form; only those with fewer MACs than the conv."""
+def realizations(spec: decompose.Spectrum, scores: np.ndarray, ranks: np.ndarray,
+                 multiplier: bool = True) -> list[tuple[np.ndarray, bool]]:
+    """The forms of one rank choice that are measured: Gather + depthwise at its own width G and
+    with G rounded up to each of WIDTH_MULTIPLES (the padding filled with the next best terms:
+    less error, and ORT's CPU convs are much faster at such widths), and the channel-multiplier
+    form; only those with fewer MACs than the conv."""
     original = decompose.original_cost_per_pixel(spec)
+    out, seen = [], set()
+    for m in (1, *WIDTH_MULTIPLES):
+        r = allocate.round_width(scores, ranks, spec.channel_group(), m)
+        if tuple(r) not in seen and decompose.gdws_cost_per_pixel(spec, r) < original:
+            seen.add(tuple(r))
+            out.append((r, False))
+    if multiplier and decompose.multiplier_cost_per_pixel(spec, ranks) < original:
+        out.append((np.asarray(ranks), True))
+    return out
+
+
+def candidate_ranks(spec: decompose.Spectrum, scores: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+    """The ladder measured for a layer under a latency budget: MEGO ranks at G = t C (each in
+    its `realizations`), and uniform rank r in channel-multiplier form."""
     out, seen = [], set()
     for t in LADDER:
         ranks = allocate.mego(scores, max(1, int(round(t * spec.in_channels))))
-        key = (int(ranks.sum()), False)
-        if key not in seen and decompose.gdws_cost_per_pixel(spec, ranks) < original:
-            seen.add(key)
-            out.append((ranks, False))
+        for r, mult in realizations(spec, scores, ranks, multiplier=False):
+            if tuple(r) not in seen:
+                seen.add(tuple(r))
+                out.append((r, mult))
+    original = decompose.original_cost_per_pixel(spec)
     for r in range(1, spec.max_rank + 1):
         ranks = np.full(spec.in_channels, r)
         if decompose.multiplier_cost_per_pixel(spec, ranks) < original:
@@ -190,6 +210,35 @@ def never_slower(original: onnx.ModelProto, build: Callable[[list[str]], onnx.Mo
     return result
 
 
+@dataclass
+class FoldTrial:
+    """One measured choice between a layer's Gather and folding it into its producer."""
+
+    layer: str
+    producer: str
+    ratios: dict[int, float]  # batch -> median(folded / not folded) whole-model latency
+    folded: bool
+
+
+def choose_folds(build: Callable[[list[str]], onnx.ModelProto], probes: dict[int, Probe]) -> list[FoldTrial]:
+    """Greedy, in graph order: fold a layer's Gather into its producer (fold.py) only if the whole
+    model measures faster with the fold at every batch. `build(layers)` is the model with
+    those layers' Gathers folded."""
+    current = build([])
+    foldable = FoldGatherPass()
+    foldable.call(build([]))
+    trials, folded = [], []
+    for layer, producer in foldable.folded.items():
+        trial = build(folded + [layer])
+        ratios = {b: p.compare(current, trial).median for b, p in probes.items()}
+        ok = all(r < 1.0 for r in ratios.values())
+        trials.append(FoldTrial(layer, producer, ratios, ok))
+        if ok:
+            folded.append(layer)
+            current = trial
+    return trials
+
+
 def environment_key(ep: str, threads: int | None) -> dict:
     """What a cached layer latency depends on besides the layer itself."""
     from .bench import BenchConfig, environment
@@ -237,15 +286,10 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
 
             eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
             ranks, beta = allocate.relative_lego(sc, eps, c.site.weight.dtype)
-            choices = [(ranks, False)]
-            if decompose.multiplier_cost_per_pixel(c.spec, ranks) < decompose.original_cost_per_pixel(c.spec):
-                choices.append((ranks, True))
-            choices = [ch for ch in choices if ch[1] or
-                       decompose.gdws_cost_per_pixel(c.spec, ranks) < decompose.original_cost_per_pixel(c.spec)]
-            measured[c.site.name] = measure_layer(c.site, c.spec, c.alpha, choices, layer_probes, cache, env)
+            choices = realizations(c.spec, sc, ranks)
         else:
             choices = candidate_ranks(c.spec, sc)
-            measured[c.site.name] = measure_layer(c.site, c.spec, c.alpha, choices, layer_probes, cache, env)
+        measured[c.site.name] = measure_layer(c.site, c.spec, c.alpha, choices, layer_probes, cache, env)
 
     original_bytes = model.SerializeToString()
     spec_of = {c.site.name: c for c in cands}
@@ -286,6 +330,19 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
     for c in chosen_cands:
         if c.site.name not in check.kept:
             c.reason = "reverted: the whole model was not faster with it"
+    trials = choose_folds(lambda folded: FoldGatherPass(folded).call(build(check.kept)),
+                          model_probes) if check.faster else []
+    folded = {t.layer for t in trials if t.folded}
+    final = check.steps[-1].ratios if check.faster else {}
+    if folded:  # the returned model is the folded one: it too must measure faster than the original
+        last = FoldGatherPass(sorted(folded)).call(build(check.kept))
+        ratios = {b: asdict(p.compare(model, last)) for b, p in model_probes.items()}
+        if all(r["median"] < 1.0 for r in ratios.values()):
+            final = ratios
+        else:
+            folded = set()
+    for c in cands:
+        c.fold = c.site.name in folded
     cache.save()
     if opts.latency_reduction is None:
         budget = BudgetReport(mode="error", target=eps, achieved=None)
@@ -293,7 +350,6 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
         budget = BudgetReport(mode="latency", target=opts.latency_reduction, achieved=None, met=met,
                               message="" if met else "the latency budget cannot be met by layers that are "
                                                      "measurably faster; kept every one that is")
-    final = check.steps[-1].ratios if check.faster else {}
     if final:
         worst = max(r["median"] for r in final.values())
         budget.achieved = 1 / worst
@@ -307,6 +363,7 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
         "model_baseline_ms": baseline_ms, "budget_search": searches,
         "faster": check.faster, "final_ratios": final,
         "checks": [asdict(s) for s in check.steps],
+        "fold_trials": [asdict(t) for t in trials], "folded": sorted(folded),
         "message": "" if check.faster or not chosen_cands else
         "no rewrite made the whole model faster: the original is returned unchanged",
     }

@@ -21,7 +21,8 @@ from .errors import GDWSError
 from .latency import Probe
 from .model_io import LoadedModel, load_model
 from .report import BudgetReport, LayerReport, OptimizeReport, VerificationReport, versions
-from .rewrite import GDWSRewritePass, LayerRewrite
+from .fold import FoldGatherPass
+from .rewrite import GDWSRewritePass, LayerRewrite, layer_of
 from .runtime import data_feeds, make_session, random_feeds, run_and_compare
 
 DEFAULT_ERROR_BUDGET = 0.1
@@ -162,6 +163,7 @@ class _Candidate:
     ranks: np.ndarray | None = None
     multiplier: bool = False
     measured_ratio: dict[int, float] | None = None  # batch -> layer latency ratio (latency target)
+    fold: bool = False  # fold the Gather into the producer (measured faster, latency target)
     reason: str = ""
 
 
@@ -262,6 +264,24 @@ def _layer_report(site: ConvSite, reason: str, cand: _Candidate | None,
         energy = decompose.weighted_energy(spec, cand.alpha)
         rep.relative_error = decompose.weighted_error(spec, ranks, cand.alpha) / energy if energy > 0 else 0.0
     return rep
+
+
+def _account_folds(layers: list[LayerReport], model: onnx.ModelProto, folded: dict[str, str]) -> None:
+    """A folded Gather makes its producer emit G channels instead of C: move (G - C) output
+    channels' MACs and weights onto the producer's layer, and name the realization."""
+    by_name = {r.name: r for r in layers}
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    for layer, producer in folded.items():
+        rep, node = by_name[layer], nodes[producer]
+        rep.realization = f"dw+pw, Gather folded into {producer}"
+        width = rep.total_rank  # G: the producer now emits the G gathered channels
+        per_channel = int(np.prod(inits[node.input[1]].dims[1:]))
+        bias = 1 if len(node.input) > 2 and node.input[2] else 0
+        owner = by_name.get(layer_of(producer))
+        if owner is not None and owner.macs_per_pixel_after is not None:
+            owner.macs_per_pixel_after += (width - rep.in_channels) * per_channel
+            owner.params_after += (width - rep.in_channels) * (per_channel + bias)
 
 
 def data_arrays(data: str, n: int) -> tuple[dict[str, np.ndarray], str]:
@@ -370,9 +390,13 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
         correction.inputs += f"; {desc}"
         timings["bias_correction"] = time.perf_counter() - t0
 
+    folds = FoldGatherPass([c.site.name for c in chosen if c.fold])
+    folds.call(model)
+
     by_name = {c.site.name: c for c in cands}
     factors = {r.site.name: r.factors for r in rewrites}
     layers = [_layer_report(s, reasons[s.name], by_name.get(s.name), factors.get(s.name)) for s in sites]
+    _account_folds(layers, model, folds.folded)
     report = OptimizeReport(layers=layers, budget=budget, verification=VerificationReport(ran=False),
                             options=_options_dict(opts), versions=versions(), latency=latency_report,
                             predicted_mismatch=predicted_mismatch(cands, alphas),

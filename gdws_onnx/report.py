@@ -208,6 +208,10 @@ def latency_lines(lat: dict | None) -> list[str]:
                            for b, r in step["ratios"].items())
         tail = f" -> not faster, reverting {step['reverted']}" if step["reverted"] else " -> faster"
         lines.append(f"  {len(step['rewritten'])} layers rewritten: optimized/original {ratios}{tail}")
+    for t in lat.get("fold_trials", []):
+        ratios = ", ".join(f"batch {b}: {r:.3f}" for b, r in t["ratios"].items())
+        verdict = "folded" if t["layer"] in lat["folded"] else "kept the Gather"
+        lines.append(f"  fold {t['layer']}'s Gather into {t['producer']}: folded/not {ratios} -> {verdict}")
     if lat["message"]:
         lines.append(f"  {lat['message']}")
     return lines

@@ -156,6 +156,11 @@ class GDWSRewritePass:
         return weights, nodes
 
 
+def layer_of(node_name: str) -> str:
+    """'<conv>/gdws/dw' or '<conv>/ssvd/a' -> '<conv>'; other names are their own layer."""
+    return node_name.split("/gdws/")[0].split("/ssvd/")[0]
+
+
 def layer_model(site: ConvSite, batch: int, factors: GDWSFactors | None = None,
                 opset: int = 17) -> onnx.ModelProto:
     """A model holding just this conv (or its GDWS form) at its real input shape, for timing."""

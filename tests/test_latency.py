@@ -161,3 +161,23 @@ def test_bench_cli_reports_interleaved_ratios_and_profile(runner, cnn_path, tmp_
     assert data["runs"][0]["environment"]["spinning"] == "off"
     layers = {row["conv"] for row in data["profile"]["layers"]}
     assert {"conv1", "conv2"} <= layers  # GDWS nodes map back to the original conv names
+
+
+def test_realizations_measure_rounded_widths_and_the_multiplier_form():
+    """Each rank choice is measured at its own width G, at G rounded up to multiples of 8 and 16
+    (more terms, so no more error), and without a Gather; none costs more MACs than the conv."""
+    from gdws_onnx import decompose, latency
+
+    rng = np.random.default_rng(3)
+    spec = decompose.spectrum(rng.standard_normal((64, 32, 3, 3)).astype(np.float32))
+    sc = decompose.scores(spec, np.ones(32))
+    ranks = allocate.mego(sc, 45)
+    forms = latency.realizations(spec, sc, ranks)
+    widths = [int(r.sum()) for r, mult in forms if not mult]
+    assert widths == [45, 48]  # 16 rounds 45 to 48 too: measured once
+    assert any(mult for _, mult in forms)
+    errors = [decompose.weighted_error(spec, r, np.ones(32)) for r, mult in forms if not mult]
+    assert errors == sorted(errors, reverse=True)
+    original = decompose.original_cost_per_pixel(spec)
+    assert all((decompose.multiplier_cost_per_pixel if m else decompose.gdws_cost_per_pixel)(spec, r) < original
+               for r, m in forms)
