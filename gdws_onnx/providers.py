@@ -42,8 +42,20 @@ def _register_openvino() -> list:
                 raise GDWSError(f"cannot register the OpenVINO plugin: {e}") from None
     devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
     if not devices:
-        raise GDWSError("the OpenVINO plugin is installed but reports no device on this machine")
+        vendor = _cpu_vendor()
+        why = (f"; its device filter accepts Intel hardware only and this CPU is {vendor} "
+               "(microsoft/onnxruntime PR 31981 lifts that for CPUs)" if vendor and vendor != "GenuineIntel" else "")
+        raise GDWSError(f"the OpenVINO plugin is installed but reports no device on this machine{why}")
     return devices
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor id ('GenuineIntel', 'AuthenticAMD', ...), '' when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
 
 
 def configure(so: ort.SessionOptions, ep: str) -> list | None:

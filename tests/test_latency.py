@@ -181,3 +181,23 @@ def test_realizations_measure_rounded_widths_and_the_multiplier_form():
     original = decompose.original_cost_per_pixel(spec)
     assert all((decompose.multiplier_cost_per_pixel if m else decompose.gdws_cost_per_pixel)(spec, r) < original
                for r, m in forms)
+
+
+def test_openvino_errors_name_the_package_or_the_vendor_filter(monkeypatch):
+    import sys
+    import types
+
+    import onnxruntime as ort
+
+    from gdws_onnx import providers
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)  # not installed
+    with pytest.raises(GDWSError, match="pip install onnxruntime-ep-openvino"):
+        configure(ort.SessionOptions(), "openvino")
+    fake = types.SimpleNamespace(get_ep_name=lambda: "OpenVINOExecutionProvider", get_library_path=lambda: "x.so")
+    monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", fake)
+    monkeypatch.setattr(ort, "register_execution_provider_library", lambda name, path: None)
+    monkeypatch.setattr(ort, "get_ep_devices", lambda: [])
+    monkeypatch.setattr(providers, "_cpu_vendor", lambda: "AuthenticAMD")
+    with pytest.raises(GDWSError, match="Intel hardware only and this CPU is AuthenticAMD"):
+        configure(ort.SessionOptions(), "openvino")
