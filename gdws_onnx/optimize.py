@@ -275,8 +275,9 @@ def _account_folds(layers: list[LayerReport], model: onnx.ModelProto, folded: di
     for layer, producer in folded.items():
         rep, node = by_name[layer], nodes[producer]
         rep.realization = f"dw+pw, Gather folded into {producer}"
-        width = rep.total_rank  # G: the producer now emits the G gathered channels
-        per_channel = int(np.prod(inits[node.input[1]].dims[1:]))
+        weight = inits[node.input[1]]
+        width = int(weight.dims[0])  # the producer now emits the gathered channels
+        per_channel = int(np.prod(weight.dims[1:]))
         bias = 1 if len(node.input) > 2 and node.input[2] else 0
         owner = by_name.get(layer_of(producer))
         if owner is not None and owner.macs_per_pixel_after is not None:

@@ -16,12 +16,13 @@ from gdws_onnx.report import latency_lines
 from gdws_onnx.rewrite import GDWSRewritePass, LayerRewrite
 
 
-def _chain_model(chain: list[str], producer_group: int = 1, branch: bool = False) -> onnx.ModelProto:
+def _chain_model(chain: list[str], producer_group: int = 1, branch: bool = False,
+                 target_group: int = 1) -> onnx.ModelProto:
     """x -> conv0 (8 ch) -> chain ops -> conv1 (6 ch) [-> + a second reader of conv0's output]."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((8, 4 // producer_group, 3, 3)).astype(np.float32), "w0"),
              numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b0"),
-             numpy_helper.from_array(rng.standard_normal((6, 8, 3, 3)).astype(np.float32), "w1")]
+             numpy_helper.from_array(rng.standard_normal((6, 8 // target_group, 3, 3)).astype(np.float32), "w1")]
     nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["t0"], name="conv0", pads=[1] * 4,
                               group=producer_group)]
     prev = "t0"
@@ -39,7 +40,7 @@ def _chain_model(chain: list[str], producer_group: int = 1, branch: bool = False
             extra.append(f"slope{k}")
         nodes.append(helper.make_node(op, [prev, *extra], [out], name=f"{op.lower()}{k}", **attrs))
         prev = out
-    nodes.append(helper.make_node("Conv", [prev, "w1"], ["y"], name="conv1", pads=[1] * 4))
+    nodes.append(helper.make_node("Conv", [prev, "w1"], ["y"], name="conv1", pads=[1] * 4, group=target_group))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])]
     if branch:
         outputs.append(helper.make_tensor_value_info("t0", TensorProto.FLOAT, ["n", "c", "h", "w"]))
@@ -51,7 +52,7 @@ def _chain_model(chain: list[str], producer_group: int = 1, branch: bool = False
 
 
 def _gdws_full_rank(model: onnx.ModelProto, layer: str = "conv1") -> onnx.ModelProto:
-    """Rewrite `layer` exactly (full rank, so G = 3 x 3 x ... > C and a Gather is needed)."""
+    """Rewrite `layer` exactly (full rank, so G > C and a Gather is needed)."""
     site = next(s for s in find_convs(model) if s.name == layer)
     spec = decompose.spectrum(site.weight, site.group)
     f = decompose.factors(spec, np.full(site.in_channels, spec.max_rank))
@@ -67,8 +68,16 @@ def _run(model: onnx.ModelProto) -> np.ndarray:
 @pytest.mark.parametrize("chain", [[], ["Relu"], ["Relu", "MaxPool"], ["BatchNormalization", "Relu"],
                                    ["Clip", "AveragePool", "Sigmoid"]])
 def test_fold_is_exact_and_removes_the_gather(chain):
-    original = _chain_model(chain)
-    rewritten = _gdws_full_rank(_chain_model(chain))
+    _check_fold_exact(chain, target_group=1)
+
+
+def test_fold_is_exact_for_a_grouped_gdws_layer():
+    _check_fold_exact(["Relu"], target_group=2)
+
+
+def _check_fold_exact(chain, target_group):
+    original = _chain_model(chain, target_group=target_group)
+    rewritten = _gdws_full_rank(_chain_model(chain, target_group=target_group))
     assert any(n.op_type == "Gather" for n in rewritten.graph.node)
     fold = FoldGatherPass()
     folded = fold.call(onnx.ModelProto.FromString(rewritten.SerializeToString()))
