@@ -29,9 +29,10 @@ BN_PARAMS = slice(1, 5)  # scale, B, mean, var: one value per channel
 class Fold:
     """A Gather that can be folded: the producer Conv and the per-channel ops in between."""
 
-    gather: str  # Gather node name
-    producer: str  # Conv node name
-    chain: tuple[str, ...]  # per-channel nodes from the producer's output to the Gather
+    gather: str  # the Gather's output tensor (nodes are found by output: names may be empty)
+    producer: str  # the producing Conv's output tensor
+    chain: tuple[str, ...]  # outputs of the per-channel nodes from the producer to the Gather
+    label: str  # the producer's name for reports (its output when the node is unnamed)
 
 
 class _Graph:
@@ -90,7 +91,8 @@ def foldable(model: onnx.ModelProto, gather: onnx.NodeProto) -> Fold | None:
     params = [p for p in node.input[1:] if p]
     if group != 1 or not all(g.private_init(p) for p in params):
         return None
-    return Fold(gather.name, node.name, tuple(n.name for n in reversed(chain)))
+    return Fold(gather.output[0], node.output[0], tuple(n.output[0] for n in reversed(chain)),
+                node.name or node.output[0])
 
 
 def fold_gather(model: onnx.ModelProto, fold: Fold) -> onnx.ModelProto:
@@ -98,7 +100,7 @@ def fold_gather(model: onnx.ModelProto, fold: Fold) -> onnx.ModelProto:
     drop the Gather, and forget the now wider intermediate tensors' recorded shapes."""
     graph = model.graph
     g = _Graph(graph)
-    nodes = {n.name: n for n in graph.node}
+    nodes = g.producer  # output tensor -> node
     gather = nodes[fold.gather]
     idx = _gather_indices(g, gather)
     names = Names(graph)
@@ -114,7 +116,7 @@ def fold_gather(model: onnx.ModelProto, fold: Fold) -> onnx.ModelProto:
             graph.initializer.remove(old)
             graph.initializer.append(new)
             node.input[k] = new.name
-    widened = {nodes[n].output[0] for n in (fold.producer, *fold.chain)}
+    widened = {fold.producer, *fold.chain}
     for n in graph.node:
         for k, x in enumerate(n.input):
             if x == gather.output[0]:
@@ -148,5 +150,5 @@ class FoldGatherPass:
             fold = foldable(model, gather)
             if fold is not None:
                 fold_gather(model, fold)
-                self.folded[layer] = fold.producer
+                self.folded[layer] = fold.label
         return model

@@ -270,7 +270,7 @@ def _account_folds(layers: list[LayerReport], model: onnx.ModelProto, folded: di
     """A folded Gather makes its producer emit G channels instead of C: move (G - C) output
     channels' MACs and weights onto the producer's layer, and name the realization."""
     by_name = {r.name: r for r in layers}
-    nodes = {n.name: n for n in model.graph.node}
+    nodes = {n.name or n.output[0]: n for n in model.graph.node if n.op_type == "Conv"}
     inits = {t.name: t for t in model.graph.initializer}
     for layer, producer in folded.items():
         rep, node = by_name[layer], nodes[producer]

@@ -71,18 +71,21 @@ def test_fold_is_exact_and_removes_the_gather(chain):
     _check_fold_exact(chain, target_group=1)
 
 
-def test_fold_is_exact_for_a_grouped_gdws_layer():
-    _check_fold_exact(["Relu"], target_group=2)
+def test_fold_is_exact_for_a_grouped_gdws_layer_and_an_unnamed_producer():
+    _check_fold_exact(["Relu"], target_group=2, unnamed=True)
 
 
-def _check_fold_exact(chain, target_group):
+def _check_fold_exact(chain, target_group, unnamed=False):
     original = _chain_model(chain, target_group=target_group)
-    rewritten = _gdws_full_rank(_chain_model(chain, target_group=target_group))
+    model = _chain_model(chain, target_group=target_group)
+    if unnamed:
+        model.graph.node[0].name = ""
+    rewritten = _gdws_full_rank(model)
     assert any(n.op_type == "Gather" for n in rewritten.graph.node)
     fold = FoldGatherPass()
     folded = fold.call(onnx.ModelProto.FromString(rewritten.SerializeToString()))
     onnx.checker.check_model(folded)
-    assert fold.folded == {"conv1": "conv0"}
+    assert fold.folded == {"conv1": "t0" if unnamed else "conv0"}
     assert not any(n.op_type == "Gather" for n in folded.graph.node)
     w0 = next(t for t in folded.graph.initializer if t.name.startswith("w0"))
     assert w0.dims[0] > 8  # the producer emits the G > C gathered channels
