@@ -220,13 +220,14 @@ class FoldTrial:
     folded: bool
 
 
-def choose_folds(build: Callable[[list[str]], onnx.ModelProto], probes: dict[int, Probe]) -> list[FoldTrial]:
+def choose_folds(build: Callable[[list[str]], onnx.ModelProto], probes: dict[int, Probe]
+                 ) -> tuple[list[FoldTrial], onnx.ModelProto]:
     """Greedy, in graph order: fold a layer's Gather into its producer (fold.py) only if the whole
     model measures faster with the fold at every batch. `build(layers)` is the model with
-    those layers' Gathers folded."""
+    those layers' Gathers folded. Returns the trials and the model with the accepted folds."""
     current = build([])
     foldable = FoldGatherPass()
-    foldable.call(build([]))
+    foldable.call(onnx.ModelProto.FromString(current.SerializeToString()))
     trials, folded = [], []
     for layer, producer in foldable.folded.items():
         trial = build(folded + [layer])
@@ -236,7 +237,7 @@ def choose_folds(build: Callable[[list[str]], onnx.ModelProto], probes: dict[int
         if ok:
             folded.append(layer)
             current = trial
-    return trials
+    return trials, current
 
 
 def environment_key(ep: str, threads: int | None) -> dict:
@@ -330,12 +331,11 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
     for c in chosen_cands:
         if c.site.name not in check.kept:
             c.reason = "reverted: the whole model was not faster with it"
-    trials = choose_folds(lambda folded: FoldGatherPass(folded).call(build(check.kept)),
-                          model_probes) if check.faster else []
+    trials, last = choose_folds(lambda folded: FoldGatherPass(folded).call(build(check.kept)),
+                                model_probes) if check.faster else ([], None)
     folded = {t.layer for t in trials if t.folded}
     final = check.steps[-1].ratios if check.faster else {}
     if folded:  # the returned model is the folded one: it too must measure faster than the original
-        last = FoldGatherPass(sorted(folded)).call(build(check.kept))
         ratios = {b: asdict(p.compare(model, last)) for b, p in model_probes.items()}
         if all(r["median"] < 1.0 for r in ratios.values()):
             final = ratios

@@ -18,10 +18,10 @@ from .data_aware import blended_metric, channel_second_moments
 from .convs import ConvSite, find_convs
 from .data import DataError, load_dataset
 from .errors import GDWSError
+from .fold import FoldGatherPass
 from .latency import Probe
 from .model_io import LoadedModel, load_model
 from .report import BudgetReport, LayerReport, OptimizeReport, VerificationReport, versions
-from .fold import FoldGatherPass
 from .rewrite import GDWSRewritePass, LayerRewrite, layer_of
 from .runtime import data_feeds, make_session, random_feeds, run_and_compare
 
