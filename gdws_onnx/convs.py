@@ -65,7 +65,8 @@ def node_label(node: onnx.NodeProto) -> str:
     return node.name or (node.output[0] if node.output else node.op_type)
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """Attribute name -> Python value."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -200,7 +201,7 @@ def find_convs(model: onnx.ModelProto, base_dir: str = "",
                         weight_source=source,
                         weight_producers={o for i in wnodes for o in model.graph.node[i].output})
         if weight is not None:
-            a = _attrs(node)
+            a = node_attrs(node)
             nsp = weight.ndim - 2
             site.group = int(a.get("group", 1))
             site.strides = tuple(a.get("strides", [1] * nsp))

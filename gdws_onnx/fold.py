@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .convs import node_attrs, node_label
 from .rewrite import Names, _consumed, layer_of
 
 # Ops that act on each channel alone (and keep channels on axis 1): a channel gather commutes.
@@ -59,8 +60,7 @@ class _Graph:
 
 
 def _gather_indices(g: _Graph, node: onnx.NodeProto) -> np.ndarray | None:
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    if node.op_type != "Gather" or axis != 1 or node.input[1] not in g.inits:
+    if node.op_type != "Gather" or node_attrs(node).get("axis", 0) != 1 or node.input[1] not in g.inits:
         return None
     idx = numpy_helper.to_array(g.inits[node.input[1]])
     return idx if idx.ndim == 1 else None
@@ -87,12 +87,11 @@ def foldable(model: onnx.ModelProto, gather: onnx.NodeProto) -> Fold | None:
             return None
         chain.append(node)
         tensor = node.input[0]
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
     params = [p for p in node.input[1:] if p]
-    if group != 1 or not all(g.private_init(p) for p in params):
+    if node_attrs(node).get("group", 1) != 1 or not all(g.private_init(p) for p in params):
         return None
     return Fold(gather.output[0], node.output[0], tuple(n.output[0] for n in reversed(chain)),
-                node.name or node.output[0])
+                node_label(node))
 
 
 def fold_gather(model: onnx.ModelProto, fold: Fold) -> onnx.ModelProto:

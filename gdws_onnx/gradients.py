@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .convs import node_attrs
 from .errors import GDWSError
 from .runtime import make_session
 
@@ -295,10 +296,6 @@ _QRANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorPr
 _QDQ_TYPES = (*_QRANGES, TensorProto.INT32, TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _same_pads(in_sp, k, s, d, mode):
     pads_b, pads_e = [], []
     for i, kk, ss, dd in zip(in_sp, k, s, d):
@@ -374,7 +371,7 @@ class TorchReplica:
                     and all(not i or i in self.consts for i in node.input):
                 with self.torch.no_grad():
                     self.consts[node.output[0]] = self._op(node, [self.consts[i] if i else None for i in node.input],
-                                                           _attrs(node))
+                                                           node_attrs(node))
                 continue
             kept.append(node)
         return kept
@@ -390,7 +387,7 @@ class TorchReplica:
                 continue
             ins = [env[i] if i else None for i in node.input]
             try:
-                outs = self._op(node, ins, _attrs(node))
+                outs = self._op(node, ins, node_attrs(node))
             except GDWSError:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -758,7 +755,7 @@ def _fuse_gdws_chains(nodes: list, consts: dict, graph_output: str) -> list:
     for pw in nodes:
         if pw.op_type != "Conv" or len(pw.input) < 2 or pw.input[1] not in consts:
             continue
-        pa = _attrs(pw)
+        pa = node_attrs(pw)
         w = consts[pw.input[1]]
         if pa.get("group", 1) != 1 or any(k != 1 for k in w.shape[2:]) or any(v != 1 for v in pa.get("strides", [1])) \
                 or any(pa.get("pads", [0])) or pa.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
@@ -766,11 +763,11 @@ def _fuse_gdws_chains(nodes: list, consts: dict, graph_output: str) -> list:
         dw = producer.get(pw.input[0])
         if dw is None or dw.op_type != "Conv" or not single_use(dw.output[0]) or dw.input[1] not in consts:
             continue
-        dwt, da = consts[dw.input[1]], _attrs(dw)
+        dwt, da = consts[dw.input[1]], node_attrs(dw)
         if dwt.shape[1] != 1 or dwt.shape[0] != w.shape[1]:
             continue
         src, index, gather = dw.input[0], None, producer.get(dw.input[0])
-        if gather is not None and gather.op_type == "Gather" and _attrs(gather).get("axis", 0) == 1 \
+        if gather is not None and gather.op_type == "Gather" and node_attrs(gather).get("axis", 0) == 1 \
                 and gather.input[1] in consts and single_use(gather.output[0]) and da.get("group", 1) == dwt.shape[0]:
             index, src = consts[gather.input[1]].reshape(-1).long(), gather.input[0]
             drop.add(id(gather))
@@ -854,7 +851,7 @@ def _const_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     vals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            a = _attrs(n)
+            a = node_attrs(n)
             if "value" in a:
                 vals[n.output[0]] = numpy_helper.to_array(a["value"])
     return vals
@@ -909,7 +906,7 @@ def dequantized_surrogate(model: onnx.ModelProto) -> onnx.ModelProto:
         if n.op_type not in QDQ_OPS or n.domain not in ("", "ai.onnx"):
             new_nodes.append(n)
             continue
-        a = _attrs(n)
+        a = node_attrs(n)
         if a.get("block_size", 0):
             raise GDWSError(f"{n.op_type} with block_size is not supported")
         ins = [consts.get(i) if i else None for i in n.input]

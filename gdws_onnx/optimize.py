@@ -15,7 +15,7 @@ import onnx
 from . import allocate, decompose, latency
 from .bias_correction import correct_biases
 from .data_aware import blended_metric, channel_second_moments
-from .convs import ConvSite, find_convs
+from .convs import ConvSite, find_convs, node_label
 from .data import DataError, load_dataset
 from .errors import GDWSError
 from .fold import FoldGatherPass
@@ -270,7 +270,7 @@ def _account_folds(layers: list[LayerReport], model: onnx.ModelProto, folded: di
     """A folded Gather makes its producer emit G channels instead of C: move (G - C) output
     channels' MACs and weights onto the producer's layer, and name the realization."""
     by_name = {r.name: r for r in layers}
-    nodes = {n.name or n.output[0]: n for n in model.graph.node if n.op_type == "Conv"}
+    nodes = {node_label(n): n for n in model.graph.node if n.op_type == "Conv"}
     inits = {t.name: t for t in model.graph.initializer}
     for layer, producer in folded.items():
         rep, node = by_name[layer], nodes[producer]
