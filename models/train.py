@@ -15,6 +15,15 @@ Recipe (defaults):
   checks    each epoch: clean and PGD-10 accuracy on the validation set; a drop of PGD accuracy
             to near zero flags catastrophic overfitting, and the checkpoint with the best
             validation PGD accuracy (robust methods) / clean accuracy (standard) is kept.
+  precision --precision bf16 runs forward/backward (attack steps included) under
+            torch.autocast("cpu"/"cuda", bfloat16); master weights, optimizer state, evaluation
+            and export stay fp32.
+  resume    a checkpoint (model, optimizer, RNG, history, best state) is written after every
+            epoch to --ckpt; --resume CKPT continues a run that was cut short, bit for bit in
+            its schedule (the one-cycle LR is indexed by the global step).
+  spectra   after every epoch (and at initialization) the log records, per conv, the fraction
+            of weight energy kept by the top 1/2/4 ranks of every input channel's block (the
+            raw conv weight, before BatchNorm folding): does training create low-rank structure?
   export    eval mode, torch.onnx.export(dynamo=False), opset 17, dynamic batch axis, constant
             folding (BatchNorm folded into Conv), normalization in the graph, logits output;
             ir_version capped at 10; checked to load in onnxruntime and to match torch (< 1e-4).
@@ -33,6 +42,7 @@ Smoke test:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -91,6 +101,19 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     return ok / len(x)
 
 
+def conv_spectra(model: torch.nn.Module, ranks: tuple[int, ...] = (1, 2, 4)) -> dict[str, list[float]]:
+    """Per conv: fraction of ||W||^2 kept by the top-r ranks of each input channel's M x k block."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size != (1, 1):
+            w = mod.weight.detach().float().cpu()
+            m, c = w.shape[:2]
+            s2 = torch.linalg.svdvals(w.reshape(m, c, -1).transpose(0, 1)) ** 2  # c x min(m, k)
+            total = float(s2.sum())
+            out[name] = [round(float(s2[:, :r].sum()) / total, 4) for r in ranks]
+    return out
+
+
 def lr_at(t: float, lr_max: float) -> float:
     """One-cycle: linear 0 -> lr_max over t in [0, 0.4], then linear to 0 at t = 1."""
     return float(np.interp(t, [0.0, 0.4, 1.0], [0.0, lr_max, 0.0]))
@@ -133,7 +156,7 @@ def check_parity(model: torch.nn.Module, path: str, x: np.ndarray, tol: float = 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vgg_small", choices=["vgg_small", "resnet18_small"])
+    p.add_argument("--arch", default="vgg_small", choices=["vgg_small", "resnet18_small", "vgg16_fmnist"])
     p.add_argument("--method", default="fgsm_rs", choices=["standard", "fgsm_rs", "pgd"])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -153,7 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="where to train (auto: cuda when available); evaluation runs on CPU")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--log", default=None, help="JSON log (default models/logs/<out stem>.json)")
-    p.add_argument("--ckpt", default=None, help="torch state_dict (default out/checkpoints/<stem>.pt)")
+    p.add_argument("--ckpt", default=None, help="training checkpoint, rewritten every epoch "
+                   "(default out/checkpoints/<stem>.pt)")
+    p.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast forward/backward, fp32 weights and export (default fp32)")
     a = p.parse_args(argv)
 
     torch.set_num_threads(a.threads)
@@ -187,11 +214,24 @@ def main(argv: list[str] | None = None) -> dict:
         n_batches = min(n_batches, a.limit_batches)
     total = a.epochs * n_batches
     gen = torch.Generator().manual_seed(a.seed)
-    history, best, best_state = [], -1.0, None
+    history, best, best_state, best_epoch, start_epoch = [], -1.0, None, 0, 0
+    spectra = [{"epoch": 0, "convs": conv_spectra(model)}]
+    wall_before = 0.0
+    if a.resume:
+        ck = torch.load(a.resume, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        history, best, best_state, best_epoch = ck["history"], ck["best"], ck["best_state"], ck["best_epoch"]
+        spectra, start_epoch, wall_before = ck["spectra"], ck["epoch"], ck["wall_s"]
+        print(f"[train] resumed from {a.resume} after epoch {start_epoch}", flush=True)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if a.precision == "bf16" \
+        else contextlib.nullcontext
     print(f"[train] {a.arch} {a.method} eps={a.eps} epochs={a.epochs} train={len(xtr)} val={len(xva)} "
           f"batches/epoch={n_batches} device={device}", flush=True)
     t_start = time.time()
-    for ep in range(a.epochs):
+    for ep in range(start_epoch, a.epochs):
         model.train()
         order = torch.randperm(len(xtr), generator=gen)
         t_ep, loss_sum, ok, seen = time.time(), 0.0, 0, 0
@@ -203,17 +243,19 @@ def main(argv: list[str] | None = None) -> dict:
             eps = a.eps * min(1.0, (it + 1) / (a.eps_warmup * n_batches)) if a.eps_warmup > 0 else a.eps
             idx = order[b * a.batch:(b + 1) * a.batch].to(device)
             xb, yb = xtr[idx], ytr[idx]
-            xin = perturb(model, xb, yb, a.method, eps, a.pgd_steps)
-            out = model(xin)
-            loss = F.cross_entropy(out, yb)
+            with autocast():
+                xin = perturb(model, xb, yb, a.method, eps, a.pgd_steps)
+                out = model(xin)
+                loss = F.cross_entropy(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += float(loss.detach()) * len(yb)
             ok += int((out.argmax(1) == yb).sum())
             seen += len(yb)
-        val_clean = accuracy(model, xva, yva)
-        val_pgd = accuracy(model, xva, yva, a.eps, 10) if robust else None
+        with autocast():  # checkpoint selection only; the reported test numbers are fp32, scored in ORT
+            val_clean = accuracy(model, xva, yva)
+            val_pgd = accuracy(model, xva, yva, a.eps, 10) if robust else None
         rec = {"epoch": ep + 1, "lr_end": round(lr, 6), "eps_end": round(eps, 5),
                "train_loss": round(loss_sum / seen, 4), "train_acc": round(ok / seen, 4),
                "val_clean": round(val_clean, 4), "val_pgd10": None if val_pgd is None else round(val_pgd, 4),
@@ -227,10 +269,15 @@ def main(argv: list[str] | None = None) -> dict:
             best = score
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best_epoch = ep + 1
-    wall_train = time.time() - t_start
+        spectra.append({"epoch": ep + 1, "convs": conv_spectra(model)})
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "history": history, "best": best,
+                    "best_state": best_state, "best_epoch": best_epoch, "spectra": spectra, "epoch": ep + 1,
+                    "wall_s": wall_before + time.time() - t_start, "args": vars(a)}, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+    wall_train = wall_before + time.time() - t_start
     model.load_state_dict(best_state)
     model.cpu().eval()
-    torch.save(best_state, ckpt_path)
     print(f"[train] done in {wall_train:.0f}s; keeping epoch {best_epoch} (val {'pgd10' if robust else 'clean'} "
           f"{best:.4f}); checkpoint {ckpt_path}", flush=True)
 
@@ -257,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "epochs": a.epochs, "lr": a.lr, "lr_schedule": "one-cycle linear (peak at 40%)",
                    "wd": a.wd, "momentum": a.momentum, "batch": a.batch, "seed": a.seed,
                    "train_samples": int(len(xtr)), "val_samples": int(len(xva)),
-                   "limit_batches": a.limit_batches, "selected_epoch": best_epoch},
+                   "limit_batches": a.limit_batches, "selected_epoch": best_epoch,
+                   "precision": a.precision},
         "wall_time_train_s": round(wall_train, 1),
         "threads": a.threads,
         "device": str(device),
@@ -266,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         "export_parity_max_abs": parity,
         "test": metrics,
         "history": history,
+        "spectra_per_epoch": spectra,
         "command": "python -m models.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
