@@ -16,7 +16,9 @@ attack libraries. torch is imported lazily; everything onnx-ad needs is torch-fr
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
@@ -36,6 +38,25 @@ SOURCES = ("torch", "onnx-ad")
 # indices every GDWS layer has) races in ORT's thread pool unless run on one thread. The torch
 # replica is exact on all of these; onnx-ad stays as the no-torch fallback and cross-check.
 DEFAULT_SOURCE = "torch"
+# The package each source imports, and how to install it.
+SOURCE_PACKAGES = {"torch": ("torch", "pip install torch==2.13.0"),
+                   "onnx-ad": ("onnx_ad", "pip install onnx-ad==0.3.0")}
+
+
+def package_installed(package: str) -> bool:
+    """Whether `import package` can work, found without importing it (instant). A module set to
+    None in sys.modules (Python's marker for a blocked import) counts as missing."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def installed_sources() -> tuple[str, ...]:
+    """The gradient sources whose package is installed (instant: nothing is imported)."""
+    return tuple(s for s in SOURCES if package_installed(SOURCE_PACKAGES[s][0]))
 
 
 # ----------------------------------------------------------------------------- model prep

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 
 from . import decompose
 from .convs import find_convs
-from .errors import GDWSError
 from .model_io import load_model
 from .optimize import OptimizeOptions, skip_reason
+from .runtime import probe_shapes
 
 TOP_RANKS = (1, 2, 4)
 
@@ -35,11 +35,11 @@ class ConvInfo:
 
 
 def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None) -> list[ConvInfo]:
-    """Describe every Conv of the model at `path` (eligibility as `optimize` defaults judge it)."""
+    """Describe every Conv of the model at `path` (eligibility as `optimize` defaults judge it);
+    an empty list for a model without Conv nodes."""
     loaded = load_model(path)
-    sites = find_convs(loaded.model, loaded.base_dir, input_shapes)
-    if not sites:
-        raise GDWSError("the model has no Conv node (in its top-level graph)")
+    sites = find_convs(loaded.model, loaded.base_dir, input_shapes,
+                       shape_probe=lambda names: probe_shapes(loaded.model, names, input_shapes))
     opts = OptimizeOptions()
     infos = []
     for i, s in enumerate(sites):

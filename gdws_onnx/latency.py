@@ -2,7 +2,10 @@
 disk), rank choice under a latency or error budget, and the never-slower whole-model check.
 
 A `Probe` measures candidate / baseline latency (interleaved); `bench.OrtProbe` is the real
-one, tests inject their own. Nothing here decides by MACs alone.
+one, tests inject their own. Nothing here decides by MACs alone, nor by a median alone: "faster
+than T" means the confidence interval of the median per-round ratio lies below T
+(`bench.verdict`), at every batch; an interval that straddles T is "not measurably faster".
+Layers must beat FASTER, whole models and folds 1.0, a latency budget R 1/R.
 """
 
 from __future__ import annotations
@@ -19,18 +22,28 @@ import onnx
 import onnxruntime as ort
 
 from . import allocate, decompose
-from .bench import Ratio
+from .bench import Ratio, format_ratio, ratio_of, verdict
 from .convs import ConvSite
 from .fold import FoldGatherPass
 from .rewrite import layer_model
 
 LADDER = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # G / C points measured per layer
-FASTER = 0.95  # a layer is kept only if its measured ratio is below this
+FASTER = 0.95  # a layer is kept only if the upper bound of its measured ratio is below this
 WIDTH_MULTIPLES = (8, 16)  # GDWS widths also measured rounded up to these
+CONFIDENCE = 0.95  # of the interval every "faster" decision rests on (bench.Rounds, over all its looks)
 
 
 class Probe(Protocol):
-    def compare(self, baseline: onnx.ModelProto, candidate: onnx.ModelProto) -> Ratio: ...
+    def compare(self, baseline: onnx.ModelProto, candidate: onnx.ModelProto,
+                threshold: float | tuple[float, ...] | None = None) -> Ratio:
+        """candidate / baseline latency; given a threshold (or several), measure until the
+        Ratio's interval lies on one side of it (of each), as far as the probe's limits allow."""
+        ...
+
+
+def faster(r: Ratio | dict, threshold: float) -> bool:
+    """Measurably below threshold: the whole interval of the median ratio is below it."""
+    return verdict(r if isinstance(r, Ratio) else ratio_of(r), threshold) == "below"
 
 
 @dataclass
@@ -43,10 +56,21 @@ class LayerOption:
     ratios: dict[int, float]  # batch -> median(gdws / original) latency
     baseline_ms: float  # original layer at the first batch
     gdws_ms: float
+    measured: dict[int, dict] = field(default_factory=dict)  # batch -> bench.Ratio as a dict
 
     @property
     def worst_ratio(self) -> float:
         return max(self.ratios.values())
+
+    @property
+    def faster(self) -> bool:
+        """Measurably faster than FASTER x the original at every batch."""
+        return all(faster(r, FASTER) for r in self.measured.values())
+
+    @property
+    def worst(self) -> dict:
+        """The measurement at the batch with the highest median ratio."""
+        return max(self.measured.values(), key=lambda r: r["median"])
 
     @property
     def saving_ms(self) -> float:
@@ -76,8 +100,11 @@ class LatencyCache:
         blob = json.dumps({"env": env, "layer": geometry}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str, usable: Callable[[dict], bool] | None = None) -> dict | None:
+        """The entry under key if there is one and `usable` accepts it (a miss otherwise)."""
         hit = self.entries.get(key)
+        if hit is not None and usable is not None and not usable(hit):
+            hit = None
         self.hits += hit is not None
         self.misses += hit is None
         return hit
@@ -136,40 +163,53 @@ def candidate_ranks(spec: decompose.Spectrum, scores: np.ndarray) -> list[tuple[
     return out
 
 
+def conclusive(entry: dict) -> bool:
+    """A cached layer measurement that can be reused: it has its spread (older entries held a
+    median only) and its interval (`Ratio.bounds`) decides the FASTER question; others are
+    measured again."""
+    if any(entry.get(k) is None for k in _CACHED):
+        return False
+    return verdict(ratio_of(entry), FASTER) != "undecided"
+
+
+_CACHED = ("median", "p10", "p90", "baseline_ms", "candidate_ms")
+
+
 def measure_layer(site: ConvSite, spec: decompose.Spectrum, alpha: np.ndarray,
                   choices: list[tuple[np.ndarray, bool]], probes: dict[int, Probe],
                   cache: LatencyCache, env: dict) -> list[LayerOption]:
-    """Time each realization against the original layer, at every batch (cached)."""
+    """Time each realization against the original layer, at every batch, until its interval
+    decides FASTER or the probe's limits are reached. Cached with its spread and interval; a
+    cached entry that did not decide is measured again."""
     options = []
     originals = {b: layer_model(site, b) for b in probes}
     for ranks, mult in choices:
-        ratios, base_ms, gdws_ms = {}, 0.0, 0.0
-        for i, (batch, probe) in enumerate(probes.items()):
+        measured: dict[int, dict] = {}
+        for batch, probe in probes.items():
             key = LatencyCache.key(site, (int(ranks.sum()), mult), batch, env)
-            hit = cache.get(key)
+            hit = cache.get(key, usable=conclusive)
             if hit is None:
                 f = decompose.factors(spec, ranks, site.weight.dtype, multiplier=mult)
-                r = probe.compare(originals[batch], layer_model(site, batch, f))
-                hit = {"ratio": r.median, "baseline_ms": r.baseline_ms, "candidate_ms": r.candidate_ms}
+                hit = asdict(probe.compare(originals[batch], layer_model(site, batch, f), threshold=FASTER))
                 cache.put(key, hit)
-            ratios[batch] = hit["ratio"]
-            if i == 0:
-                base_ms, gdws_ms = hit["baseline_ms"], hit["candidate_ms"]
-        options.append(LayerOption(ranks, mult, decompose.weighted_error(spec, ranks, alpha), ratios,
-                                   base_ms, gdws_ms))
+            measured[batch] = asdict(ratio_of(hit))
+        first = measured[next(iter(probes))]
+        options.append(LayerOption(ranks, mult, decompose.weighted_error(spec, ranks, alpha),
+                                   {b: r["median"] for b, r in measured.items()},
+                                   first["baseline_ms"], first["candidate_ms"], measured))
     return options
 
 
 def pick_for_error_budget(options: list[LayerOption], max_error: float) -> LayerOption | None:
     """The fastest measured option within the error budget, if it is measurably faster."""
-    ok = [o for o in options if o.error <= max_error and o.worst_ratio < FASTER]
+    ok = [o for o in options if o.error <= max_error and o.faster]
     return min(ok, key=lambda o: o.worst_ratio) if ok else None
 
 
 def pick_for_latency(layers: list[list[LayerOption]], required_ms: float) -> tuple[list[LayerOption | None], bool]:
     """Least total error whose measured layer savings reach `required_ms` (first batch);
     only options measurably faster at every batch compete."""
-    usable = [[o for o in opts if o.worst_ratio < FASTER] for opts in layers]
+    usable = [[o for o in opts if o.faster] for opts in layers]
     table = [[(0.0, 0.0)] + [(o.saving_ms, o.error) for o in opts] for opts in usable]
     choice, met = allocate.choose_options(table, required_ms)
     return [usable[i][j - 1] if j else None for i, j in enumerate(choice)], met
@@ -192,18 +232,21 @@ class NeverSlowerResult:
 
 
 def never_slower(original: onnx.ModelProto, build: Callable[[list[str]], onnx.ModelProto],
-                 layers_worst_first: list[str], probes: dict[int, Probe]) -> NeverSlowerResult:
-    """Measure original vs optimized at every batch; while any median ratio is >= 1, revert the
-    layer with the worst measured layer ratio and measure again. With nothing left, the
-    original is kept: the result is never a model that measured slower."""
+                 layers_worst_first: list[str], probes: dict[int, Probe],
+                 also: tuple[float, ...] = ()) -> NeverSlowerResult:
+    """Measure original vs optimized at every batch; unless every batch is measurably faster
+    (interval of the median ratio below 1), revert the layer with the worst measured layer
+    ratio and measure again. With nothing left, the original is kept: the result is never a
+    model that did not measure faster. `also`: further thresholds each measurement should
+    settle (a latency budget's 1/R), so that its interval says whether the budget is met."""
     kept = list(layers_worst_first)
     result = NeverSlowerResult(kept=[])
     while kept:
         candidate = build(kept)
-        ratios = {b: p.compare(original, candidate) for b, p in probes.items()}
+        ratios = {b: p.compare(original, candidate, threshold=(1.0, *also)) for b, p in probes.items()}
         step = FallbackStep(rewritten=list(kept), ratios={b: asdict(r) for b, r in ratios.items()})
         result.steps.append(step)
-        if all(r.median < 1.0 for r in ratios.values()):
+        if all(faster(r, 1.0) for r in ratios.values()):
             result.kept, result.faster = kept, True
             return result
         step.reverted = kept.pop(0)
@@ -216,14 +259,14 @@ class FoldTrial:
 
     layer: str
     producer: str
-    ratios: dict[int, float]  # batch -> median(folded / not folded) whole-model latency
+    ratios: dict[int, dict]  # batch -> bench.Ratio (folded / not folded whole-model latency) as a dict
     folded: bool
 
 
 def choose_folds(build: Callable[[list[str]], onnx.ModelProto], probes: dict[int, Probe]
                  ) -> tuple[list[FoldTrial], onnx.ModelProto]:
     """Greedy, in graph order: fold a layer's Gather into its producer (fold.py) only if the whole
-    model measures faster with the fold at every batch. `build(layers)` is the model with
+    model measures faster with the fold at every batch (interval below 1). `build(layers)` is the model with
     those layers' Gathers folded. Returns the trials and the model with the accepted folds."""
     current = build([])
     foldable = FoldGatherPass()
@@ -231,8 +274,8 @@ def choose_folds(build: Callable[[list[str]], onnx.ModelProto], probes: dict[int
     trials, folded = [], []
     for layer, producer in foldable.folded.items():
         trial = build(folded + [layer])
-        ratios = {b: p.compare(current, trial).median for b, p in probes.items()}
-        ok = all(r < 1.0 for r in ratios.values())
+        ratios = {b: asdict(p.compare(current, trial, threshold=1.0)) for b, p in probes.items()}
+        ok = all(faster(r, 1.0) for r in ratios.values())
         trials.append(FoldTrial(layer, producer, ratios, ok))
         if ok:
             folded.append(layer)
@@ -249,7 +292,7 @@ def environment_key(ep: str, threads: int | None) -> dict:
 
 
 def _probes(opts, kind: str) -> dict[int, Probe]:
-    from .bench import BenchConfig, OrtProbe
+    from .bench import BenchConfig, OrtProbe, Rounds
 
     out = {}
     for b in opts.batches:
@@ -258,7 +301,9 @@ def _probes(opts, kind: str) -> dict[int, Probe]:
         else:
             shapes = opts.input_shapes if kind == "model" else {}
             out[b] = OrtProbe(BenchConfig(ep=opts.ep, batch=b, threads=opts.threads, runs=opts.runs,
-                                          warmup=3, input_shapes=shapes, seed=opts.seed))
+                                          warmup=3, input_shapes=shapes, seed=opts.seed),
+                              rounds=Rounds(max_rounds=max(opts.max_rounds, opts.runs),
+                                            max_seconds=opts.measure_seconds, confidence=CONFIDENCE))
     return out
 
 
@@ -315,10 +360,12 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
     for c in cands:
         o = picks.get(c.site.name)
         if o is None:
-            best = min((m.worst_ratio for m in measured[c.site.name]), default=None)
+            best = min(measured[c.site.name], key=lambda m: ratio_of(m.worst).bounds()[1], default=None)
             c.reason = (f"not measurably faster on {opts.ep}" +
-                        (f" (best measured layer ratio {best:.2f})" if best is not None else " (no cheaper form)")
-                        if best is None or best >= FASTER else "not needed for the latency budget")
+                        (f" (best layer ratio {format_ratio(best.worst)})" if best is not None
+                         else " (no cheaper form)")
+                        if best is None or not any(m.faster for m in measured[c.site.name])
+                        else "not needed for the latency budget")
         else:
             c.ranks, c.multiplier, c.measured_ratio = o.ranks, o.multiplier, o.ratios
 
@@ -327,7 +374,8 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
     def build(names: list[str]) -> onnx.ModelProto:
         return build_options({n: picks[n] for n in names})
 
-    check = never_slower(model, build, [c.site.name for c in chosen_cands], model_probes)
+    budget_bound = () if opts.latency_reduction is None else (1 / opts.latency_reduction,)
+    check = never_slower(model, build, [c.site.name for c in chosen_cands], model_probes, also=budget_bound)
     for c in chosen_cands:
         if c.site.name not in check.kept:
             c.reason = "reverted: the whole model was not faster with it"
@@ -336,32 +384,33 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
     folded = {t.layer for t in trials if t.folded}
     final = check.steps[-1].ratios if check.faster else {}
     if folded:  # the returned model is the folded one: it too must measure faster than the original
-        ratios = {b: asdict(p.compare(model, last)) for b, p in model_probes.items()}
-        if all(r["median"] < 1.0 for r in ratios.values()):
+        ratios = {b: asdict(p.compare(model, last, threshold=(1.0, *budget_bound))) for b, p in model_probes.items()}
+        if all(faster(r, 1.0) for r in ratios.values()):
             final = ratios
         else:
             folded = set()
     for c in cands:
         c.fold = c.site.name in folded
     cache.save()
-    if opts.latency_reduction is None:
+    # the measured whole-model speed-up (original / optimized latency, worst batch's median)
+    speedup = 1 / max(r["median"] for r in final.values()) if final else None
+    if opts.latency_reduction is None:  # achieved (the largest layer error) is set by optimize
         budget = BudgetReport(mode="error", target=eps, achieved=None)
     else:
-        budget = BudgetReport(mode="latency", target=opts.latency_reduction, achieved=None, met=met,
+        budget = BudgetReport(mode="latency", target=opts.latency_reduction, achieved=speedup, met=met,
                               message="" if met else "the latency budget cannot be met by layers that are "
                                                      "measurably faster; kept every one that is")
-    if final:
-        worst = max(r["median"] for r in final.values())
-        budget.achieved = 1 / worst
-        if opts.latency_reduction is not None and budget.met and budget.achieved < opts.latency_reduction:
+        if final and budget.met and not all(faster(r, 1 / opts.latency_reduction) for r in final.values()):
             budget.met = False
-            budget.message = (f"measured whole-model speed-up {budget.achieved:.2f}x is short of "
-                              f"{opts.latency_reduction:g}x (layer times do not add up exactly in the model)")
+            budget.message = (f"measured whole-model speed-up {speedup:.2f}x is not measurably "
+                              f"{opts.latency_reduction:g}x or more (layer times do not add up exactly in the model)")
     report = {
         "ep": opts.ep, "batches": opts.batches, "threads": opts.threads, "environment": env,
         "cache": {"path": cache.path, "hits": cache.hits, "misses": cache.misses},
         "model_baseline_ms": baseline_ms, "budget_search": searches,
-        "faster": check.faster, "final_ratios": final,
+        "faster": check.faster, "final_ratios": final, "speedup": speedup,
+        "layer_threshold": FASTER, "confidence": CONFIDENCE,
+        "layers": {c.site.name: _layer_entry(measured[c.site.name], picks.get(c.site.name)) for c in cands},
         "checks": [asdict(s) for s in check.steps],
         "fold_trials": [asdict(t) for t in trials], "folded": sorted(folded),
         "message": "" if check.faster or not chosen_cands else
@@ -372,17 +421,25 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
     return budget, report
 
 
+def _layer_entry(options: list[LayerOption], chosen: LayerOption | None) -> dict:
+    """A layer's measured options for the report, and the index of the chosen one (None: none)."""
+    return {"options": [{"total_rank": int(o.ranks.sum()), "multiplier": o.multiplier, "error": o.error,
+                         "ratios": o.measured} for o in options],
+            "chosen": next((i for i, o in enumerate(options) if o is chosen), None)}
+
+
 def _search_latency_budget(cands: list, measured: dict[str, list[LayerOption]], target: float,
                            model: onnx.ModelProto, build: Callable[[dict], onnx.ModelProto], probe: Probe,
                            steps: int = 6) -> tuple[dict, bool, float, list[dict]]:
-    """Least-error choice whose *whole model* measures at most 1/target of the original.
+    """Least-error choice whose *whole model* measures below 1/target of the original (the
+    interval of its median ratio below 1/target).
 
     Layer savings measured in isolation do not add up to the model's (session overheads,
     fused neighbours), so the saving asked of the layer table is bisected against
     whole-model measurements. Returns (picks, met, baseline ms, search log)."""
     layers = [measured[c.site.name] for c in cands]
     names = [c.site.name for c in cands]
-    max_saving = sum(max([o.saving_ms for o in opts if o.worst_ratio < FASTER] + [0.0]) for opts in layers)
+    max_saving = sum(max([o.saving_ms for o in opts if o.faster] + [0.0]) for opts in layers)
     baseline_ms = probe.compare(model, model).baseline_ms
     lo, hi = 0.0, max_saving
     required = min(baseline_ms * (1 - 1 / target), max_saving)
@@ -390,10 +447,10 @@ def _search_latency_budget(cands: list, measured: dict[str, list[LayerOption]], 
     for _ in range(steps):
         chosen, _ = pick_for_latency(layers, required)
         picks = {n: o for n, o in zip(names, chosen) if o is not None}
-        r = probe.compare(model, build(picks)) if picks else None
-        ratio = r.median if r else 1.0
-        log.append({"required_layer_saving_ms": required, "layers": len(picks), "model_ratio": ratio})
-        if ratio <= 1 / target:
+        r = probe.compare(model, build(picks), threshold=1 / target) if picks else None
+        log.append({"required_layer_saving_ms": required, "layers": len(picks),
+                    "model_ratio": asdict(r) if r else None})
+        if r is not None and faster(r, 1 / target):
             best, hi = picks, required
         else:
             lo = required

@@ -13,8 +13,6 @@ import numpy as np
 import onnx
 
 from . import allocate, decompose, latency
-from .bias_correction import correct_biases
-from .data_aware import blended_metric, channel_second_moments
 from .convs import ConvSite, find_convs, node_label
 from .data import DataError, load_dataset
 from .errors import GDWSError
@@ -23,7 +21,8 @@ from .latency import Probe
 from .model_io import LoadedModel, load_model
 from .report import BudgetReport, LayerReport, OptimizeReport, VerificationReport, versions
 from .rewrite import GDWSRewritePass, LayerRewrite, layer_of
-from .runtime import data_feeds, make_session, random_feeds, run_and_compare
+from .runtime import (data_feeds, input_insensitive_outputs, make_session, probe_shapes, random_feeds,
+                      run_and_compare)
 
 DEFAULT_ERROR_BUDGET = 0.1
 VERIFY_SAMPLES = 256  # samples of a --data set spec used for verification
@@ -58,7 +57,9 @@ class OptimizeOptions:
     threads: int | None = None
     latency_reduction: float | None = None  # whole-model latency / R
     cache: str | None = None  # latency-table JSON; None = the user cache, "" = no cache
-    runs: int = 20  # timed runs per measurement
+    runs: int = 20  # timed runs per measurement (the first look; more are added until decided)
+    max_rounds: int = 320  # cap on the interleaved rounds of one latency comparison
+    measure_seconds: float = 10.0  # cap on the timing of one latency comparison
     probe_factory: Callable[[int, str], Probe] | None = None  # (batch, "layer"|"model") -> Probe
 
     def validate(self) -> None:
@@ -98,6 +99,8 @@ class OptimizeOptions:
             raise GDWSError(f"--latency-reduction must be >= 1, got {self.latency_reduction}")
         if not self.batches or any(b < 1 for b in self.batches) or self.runs < 3:
             raise GDWSError("--batch needs positive sizes and --runs at least 3")
+        if self.max_rounds < 1 or not self.measure_seconds > 0:
+            raise GDWSError("--max-rounds must be >= 1 and --measure-seconds > 0")
         if self.error_budget is not None and not 0 <= self.error_budget < 1:
             raise GDWSError(f"--error-budget must be in [0, 1), got {self.error_budget}")
         if self.mac_reduction is not None and not self.mac_reduction >= 1:
@@ -181,10 +184,7 @@ def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOpti
             c.ranks, _ = allocate.relative_lego(decompose.scores(c.spec, c.alpha), eps, c.site.weight.dtype)
         return BudgetReport(mode="error", target=eps, achieved=None)
 
-    unknown = [s.name for s in sites if s.weight is not None and s.pixels is None]
-    if unknown:
-        raise GDWSError("--mac-reduction needs every conv's output size; shapes are unknown for "
-                        f"{unknown[:3]}{'...' if len(unknown) > 3 else ''}: give --input-shape NAME:DIMS")
+    _require_sizes([s for s in sites if s.weight is not None], "--mac-reduction", "every conv's")
     cand_names = {c.site.name for c in cands}
     fixed = sum(s.pixels * s.macs_per_pixel for s in sites if s.weight is not None and s.name not in cand_names)
     total = fixed + sum(c.site.pixels * c.site.macs_per_pixel for c in cands)
@@ -202,6 +202,16 @@ def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOpti
                         "budget cannot be met with the eligible layers: every rewritten layer keeps one term")
 
 
+def _require_sizes(sites: list[ConvSite], flag: str, which: str) -> None:
+    """Raise GDWSError unless every site's output size is known, saying why it is not."""
+    unknown = [s for s in sites if s.pixels is None]
+    if unknown:
+        names = [s.name for s in unknown]
+        why = unknown[0].shape_note or "shape inference cannot see it"
+        raise GDWSError(f"{flag} needs {which} output size; it is unknown for {names[:3]}"
+                        f"{'...' if len(names) > 3 else ''}: {why}")
+
+
 def _round_widths(cands: list[_Candidate], multiple: int, down: bool) -> None:
     """Round every chosen layer's GDWS width to a multiple: up (extra terms, less error) except
     under a MAC budget, where the lowest-value terms go instead so the budget stays met."""
@@ -213,10 +223,7 @@ def _round_widths(cands: list[_Candidate], multiple: int, down: bool) -> None:
 
 def _allocate_mismatch(cands: list[_Candidate], sites: list[ConvSite], budget: float) -> BudgetReport:
     """One global greedy over all candidates' alpha s^2 / cost terms (allocate.allocate_mismatch)."""
-    unknown = [c.site.name for c in cands if c.site.pixels is None]
-    if unknown:
-        raise GDWSError("--mismatch-budget needs every candidate conv's output size; shapes are unknown for "
-                        f"{unknown[:3]}{'...' if len(unknown) > 3 else ''}: give --input-shape NAME:DIMS")
+    _require_sizes([c.site for c in cands], "--mismatch-budget", "every candidate conv's")
     layers = [allocate.LayerCost(
         scores=decompose.scores(c.spec, c.alpha),
         term_cost=c.site.pixels * (c.spec.kernel_size + c.spec.out_channels / c.spec.groups),
@@ -305,7 +312,9 @@ def data_arrays(data: str, n: int) -> tuple[dict[str, np.ndarray], str]:
 
 def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, opts: OptimizeOptions
            ) -> VerificationReport:
-    """Run both models in ONNX Runtime on the same inputs and compare every output."""
+    """Run both models in ONNX Runtime on the same inputs and compare every output; flag the outputs
+    that do not depend on the input (the original on a second, different input gives the same values),
+    and call the verification vacuous when that holds for all of them."""
     ref = make_session(original)
     new = make_session(optimized)
     if opts.data:
@@ -318,9 +327,13 @@ def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, opts: Op
             return VerificationReport(ran=False, message=str(e))
         desc = "random inputs in [0,1) (seed {}, shapes {})".format(
             opts.seed, ", ".join(f"{k}:{','.join(map(str, v.shape))}" for k, v in feeds.items()))
-    outputs = run_and_compare(ref, new, feeds)
+    names = [o.name for o in ref.get_outputs()]
+    reference = dict(zip(names, ref.run(names, feeds)))
+    outputs = run_and_compare(ref, new, feeds, reference)
     passed = opts.max_error is None or all(o.relative <= opts.max_error for o in outputs)
-    return VerificationReport(ran=True, inputs=desc, outputs=outputs, max_error=opts.max_error, passed=passed)
+    constant = input_insensitive_outputs(ref, feeds, reference, seed=opts.seed + 1) or []
+    return VerificationReport(ran=True, inputs=desc, outputs=outputs, max_error=opts.max_error, passed=passed,
+                              constant_outputs=constant, vacuous=bool(outputs) and len(constant) == len(outputs))
 
 
 def _spectra(model: onnx.ModelProto, sites: list[ConvSite], opts: OptimizeOptions) -> list[decompose.Spectrum]:
@@ -328,6 +341,8 @@ def _spectra(model: onnx.ModelProto, sites: list[ConvSite], opts: OptimizeOption
     metric blended from the channel's input second moments on the calibration data."""
     if opts.data_aware is None or not sites:
         return [decompose.spectrum(s.weight, s.group) for s in sites]
+    from .data_aware import blended_metric, channel_second_moments  # loads the attack code: only when asked
+
     arrays, _ = data_arrays(opts.data, CALIBRATION_SAMPLES)
     second = channel_second_moments(model, _named_inputs(model, arrays), sites, threads=opts.threads)
     return [decompose.metric_spectrum(s.weight, s.group, blended_metric(second[s.name], opts.data_aware))
@@ -340,13 +355,15 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model = loaded.model
-    sites = find_convs(model, loaded.base_dir, opts.input_shapes)
-    if not sites:
-        raise GDWSError("the model has no Conv node (in its top-level graph): nothing to optimize")
+    sites = find_convs(model, loaded.base_dir, opts.input_shapes,
+                       shape_probe=lambda names: probe_shapes(model, names, opts.input_shapes, opts.threads))
     alphas = load_alphas(opts.alphas)
     unknown = sorted(set(alphas) - {s.name for s in sites})
     if unknown:
         raise GDWSError(f"--alphas names convs that are not in the model: {unknown[:5]}")
+    if not sites:  # a valid model with nothing to rewrite: returned as it is, not an error
+        timings["analyze"] = time.perf_counter() - t0
+        return model, unchanged_report(opts, NO_CONV, timings)
     if opts.mismatch_budget is not None and not alphas:
         raise GDWSError("--mismatch-budget needs non-empty --alphas")
     timings["analyze"] = time.perf_counter() - t0
@@ -386,6 +403,8 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     correction = None
     if opts.bias_correction and rewrites:
         t0 = time.perf_counter()
+        from .bias_correction import correct_biases  # loads the attack code: only when asked
+
         arrays, desc = data_arrays(opts.data, CALIBRATION_SAMPLES)
         correction = correct_biases(model, rewrites, _named_inputs(model, arrays), threads=opts.threads)
         correction.inputs += f"; {desc}"
@@ -402,7 +421,8 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
                             options=_options_dict(opts), versions=versions(), latency=latency_report,
                             predicted_mismatch=predicted_mismatch(cands, alphas),
                             bias_correction=None if correction is None else correction.to_dict())
-    report.budget.achieved = report.mac_reduction
+    if budget.mode != "latency":  # latency: the measured speed-up, set by latency.plan
+        report.budget.achieved = achieved(report)
     if budget.mode == "macs" and budget.met and report.mac_reduction is not None \
             and report.mac_reduction < budget.target * (1 - 1e-3):
         budget.met = False
@@ -420,6 +440,39 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     timings["verify"] = time.perf_counter() - t0
     report.timings = timings
     return model, report
+
+
+def achieved(report: OptimizeReport) -> float | None:
+    """What the budget measured, in its target's unit: the largest rewritten layer's relative
+    error (error), the conv MAC ratio (macs), the predicted mismatch (mismatch); None for a
+    uniform rank. (The MAC ratio is always in the summary as mac_reduction.)"""
+    mode = report.budget.mode
+    if mode == "error":
+        return max((layer.relative_error for layer in report.rewritten), default=0.0)
+    return {"macs": report.mac_reduction, "mismatch": report.predicted_mismatch}.get(mode)
+
+
+NO_CONV = "the model has no Conv node (in its top-level graph): nothing to rewrite, the model is unchanged"
+
+
+def requested_budget(opts: OptimizeOptions) -> BudgetReport:
+    """The budget the options ask for (mode and target), before anything is allocated."""
+    for mode, target in (("macs", opts.mac_reduction), ("mismatch", opts.mismatch_budget),
+                         ("uniform", opts.uniform_rank), ("latency", opts.latency_reduction)):
+        if target is not None:
+            return BudgetReport(mode=mode, target=target, achieved=None)
+    return BudgetReport(mode="error", target=DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget,
+                        achieved=None)
+
+
+def unchanged_report(opts: OptimizeOptions, message: str, timings: dict[str, float]) -> OptimizeReport:
+    """The report of a run that rewrote nothing because there was nothing to rewrite (`message` says why)."""
+    budget = requested_budget(opts)
+    budget.message = message
+    return OptimizeReport(layers=[], budget=budget,
+                          verification=VerificationReport(ran=False, message="--no-verify" if not opts.verify
+                                                          else "no conv was rewritten"),
+                          options=_options_dict(opts), versions=versions(), timings=timings)
 
 
 def _named_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -47,7 +47,11 @@ class BudgetReport:
 
     mode: str  # "error", "macs", "latency", "mismatch" or "uniform"
     target: float
-    achieved: float | None  # model-level conv MAC ratio (before / after) when known
+    # what the budget measured, in the target's unit: largest rewritten layer's relative error
+    # (error), conv MAC ratio before / after (macs), measured whole-model speed-up original /
+    # optimized (latency), predicted mismatch (mismatch); None when not known or for "uniform".
+    # The conv MAC ratio is always in OptimizeReport.mac_reduction.
+    achieved: float | None
     met: bool = True
     message: str = ""
 
@@ -62,6 +66,10 @@ class VerificationReport:
     max_error: float | None = None  # the gate on relative error, if any
     passed: bool = True
     message: str = ""
+    # outputs whose values stayed the same when the original ran on a second, different input:
+    # they do not depend on the input, so agreeing on them does not show the rewrite right on real inputs
+    constant_outputs: list[str] = field(default_factory=list)
+    vacuous: bool = False  # every compared output is such (e.g. onnx's light-zoo models)
 
 
 @dataclass
@@ -165,15 +173,59 @@ def human(n: float | None) -> str:
     return f"{n:.3g}"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _worst(ratios: dict) -> dict:
+    """The measurement (a bench.Ratio dict) of the batch with the highest median."""
+    return max(ratios.values(), key=lambda r: r["median"])
+
+
+def _fold_producers(lat: dict | None) -> dict[str, str]:
+    """Producer conv -> the layer whose Gather was folded into it (so it emits that layer's
+    gathered channels: its row's MACs and parameters change)."""
+    from .rewrite import layer_of
+
+    if not lat:
+        return {}
+    return {layer_of(t["producer"]): t["layer"] for t in lat.get("fold_trials", []) if t["layer"] in lat["folded"]}
+
+
+def _status(layer: LayerReport, lat: dict | None, folded_in: str | None) -> str:
+    """The status cell: rewritten (realization, measured layer ratio) or skipped (reason), and
+    which layer's Gather was folded into this conv (changing its output channels), if any."""
+    from .bench import format_ratio
+
+    if layer.status == "rewritten":
+        text = "rewritten" + (f" ({layer.realization})" if layer.realization else "")
+        measured = (lat or {}).get("layers", {}).get(layer.name)
+        if measured and measured["chosen"] is not None:
+            text += f", layer ratio {format_ratio(_worst(measured['options'][measured['chosen']]['ratios']))}"
+    else:
+        text = f"skipped: {layer.reason}"
+    if folded_in:
+        text += f"; output channels changed: {folded_in}'s Gather folded into it"
+    return text
+
+
 def optimize_table(report: OptimizeReport):
-    """A rich Table: one row per Conv, a totals row."""
+    """A rich Table: one row per Conv, a totals row. Under --target latency its caption says
+    what the ratios are: GDWS / original latency (below 1 is faster), median [interval]."""
     from rich.table import Table
 
-    t = Table(title="GDWS rewrite", show_lines=False)
+    lat = report.latency
+    caption = None
+    if lat:
+        caption = ("layer ratio = GDWS / original latency of the layer alone (< 1 is faster), median "
+                   f"[{lat.get('confidence', 0.95):.0%} confidence interval of the median] over interleaved "
+                   f"rounds; a layer is kept only if the whole interval is below {lat.get('layer_threshold', 1):g}")
+    t = Table(title="GDWS rewrite", show_lines=False, caption=caption, caption_justify="left")
     for col, justify in (("conv", "left"), ("kernel", "left"), ("C->M (g)", "left"), ("G/max", "right"),
                          ("MACs before", "right"), ("MACs after", "right"), ("params before", "right"),
                          ("params after", "right"), ("rel. err", "right"), ("status", "left")):
         t.add_column(col, justify=justify, overflow="fold")
+    folded_into = _fold_producers(lat)
     for layer in report.layers:
         rewritten = layer.status == "rewritten"
         grp = f" ({layer.groups})" if layer.groups > 1 else ""
@@ -183,9 +235,7 @@ def optimize_table(report: OptimizeReport):
             human(layer.macs_before), human(layer.macs_after),
             human(layer.params_before), human(layer.params_after),
             f"{layer.relative_error:.4f}" if rewritten else "-",
-            "rewritten" + (f" ({layer.realization})" if layer.realization else "")
-            + (f", measured x{1 / max(layer.measured_ratio.values()):.2f}" if layer.measured_ratio else "")
-            if rewritten else f"skipped: {layer.reason}",
+            _status(layer, lat, folded_into.get(layer.name)),
         )
     ratio = report.mac_reduction
     t.add_row("total", "", "", "", human(report.conv_macs_before), human(report.conv_macs_after),
@@ -197,21 +247,35 @@ def optimize_table(report: OptimizeReport):
 
 
 def latency_lines(lat: dict | None) -> list[str]:
-    """Plain lines on the measured whole-model latency (--target latency)."""
+    """Plain lines on the measured whole-model latency (--target latency). Every ratio is new /
+    old latency, median [confidence interval of the median], with its number of rounds."""
+    from .bench import format_ratio
+
     if not lat:
         return []
     env = lat["environment"]
+
+    def ratios(rs: dict) -> str:
+        return ", ".join(f"batch {b}: {format_ratio(r, 3)}" + (f" ({r['rounds']} rounds)" if r.get("rounds") else "")
+                         for b, r in rs.items())
+
     lines = [f"latency on {lat['ep']} ({env['cpu']}, threads {env['threads'] or 'default'}, "
              f"onnxruntime {env['ort']}; layer cache hits {lat['cache']['hits']}, misses {lat['cache']['misses']}):"]
+    if lat["checks"] or lat.get("fold_trials"):
+        lines.append(f"  ratios: new / old latency, median [{lat.get('confidence', 0.95):.0%} confidence interval "
+                     "of the median]; faster = the whole interval below 1")
     for step in lat["checks"]:
-        ratios = ", ".join(f"batch {b}: {r['median']:.3f} [{r['p10']:.3f}-{r['p90']:.3f}]"
-                           for b, r in step["ratios"].items())
-        tail = f" -> not faster, reverting {step['reverted']}" if step["reverted"] else " -> faster"
-        lines.append(f"  {len(step['rewritten'])} layers rewritten: optimized/original {ratios}{tail}")
+        tail = f" -> not measurably faster, reverting {step['reverted']}" if step["reverted"] else " -> faster"
+        lines.append(f"  {_plural(len(step['rewritten']), 'layer')} rewritten: optimized/original "
+                     f"{ratios(step['ratios'])}{tail}")
     for t in lat.get("fold_trials", []):
-        ratios = ", ".join(f"batch {b}: {r:.3f}" for b, r in t["ratios"].items())
-        verdict = "folded" if t["layer"] in lat["folded"] else "kept the Gather"
-        lines.append(f"  fold {t['layer']}'s Gather into {t['producer']}: folded/not {ratios} -> {verdict}")
+        verdict = ("folded" if t["layer"] in lat["folded"] else
+                   "folded, then undone: the folded model was not measurably faster than the original"
+                   if t["folded"] else "kept the Gather")
+        lines.append(f"  fold {t['layer']}'s Gather into {t['producer']}: folded/not {ratios(t['ratios'])} -> {verdict}")
+    if lat["folded"] and lat["final_ratios"]:
+        lines.append(f"  with {_plural(len(lat['folded']), 'Gather')} folded: optimized/original "
+                     f"{ratios(lat['final_ratios'])} -> faster")
     if lat["message"]:
         lines.append(f"  {lat['message']}")
     return lines
@@ -254,6 +318,14 @@ def verification_lines(v: VerificationReport) -> list[str]:
         top1 = f", top-1 agreement {o.top1_agreement:.1%}" if o.top1_agreement is not None else ""
         lines.append(f"  {o.name}: max abs {o.max_abs:.3g}, mean abs {o.mean_abs:.3g}, "
                      f"relative {o.relative:.3g}{top1}")
+    if v.vacuous:
+        lines.append("  warning: the verification is vacuous: no output changes with the input (the original gives "
+                     "the same values on a second, different input), so agreement does not show that the rewrite "
+                     "is right on real inputs")
+    elif v.constant_outputs:
+        lines.append(f"  warning: {len(v.constant_outputs)} of {len(v.outputs)} outputs do not change with the input "
+                     f"({', '.join(v.constant_outputs)}): agreement on them does not show that the rewrite is right "
+                     "on real inputs")
     if v.max_error is not None:
         lines.append(f"  gate --max-error {v.max_error:g} (relative): {'PASS' if v.passed else 'FAIL'}")
     if v.message:

@@ -101,6 +101,31 @@ def random_feeds(sess: ort.InferenceSession, given: dict[str, list[int]] | None 
     return feeds
 
 
+def probe_shapes(model: onnx.ModelProto, names: list[str], given: dict[str, list[int]] | None = None,
+                 threads: int | None = 1) -> dict[str, list[int]]:
+    """Dims of the tensors `names` from one ONNX Runtime run of `model` on seeded random inputs
+    at the `given` input shapes (other inputs: the model's dims with a dynamic batch of 1), for
+    shapes that static shape inference cannot see. Raises GDWSError saying why it cannot run."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:  # fail on an unknown dimension before building a session
+        if vi.name not in inits:
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in vi.type.tensor_type.shape.dim]
+            resolve_shape(vi.name, dims, given or {}, 1)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    sess = make_session(copy, threads)
+    try:
+        values = sess.run(names, random_feeds(sess, given, batch=1))
+    except GDWSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises several types for models it cannot run
+        raise GDWSError(f"ONNX Runtime cannot run the model: {e}") from None
+    return {n: list(v.shape) for n, v in zip(names, values)}
+
+
 def data_feeds(sess: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Inputs from user data: arrays keyed by input name, or `x` for a single-input model."""
     inputs = sess.get_inputs()
@@ -167,9 +192,38 @@ def compare(name: str, ref: np.ndarray, new: np.ndarray) -> OutputComparison:
 
 
 def run_and_compare(original: ort.InferenceSession, optimized: ort.InferenceSession,
-                    feeds: dict[str, np.ndarray]) -> list[OutputComparison]:
-    """Run both sessions on the same feeds and compare every output by name."""
+                    feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None = None
+                    ) -> list[OutputComparison]:
+    """Run both sessions on the same feeds and compare every output by name (`reference`: the
+    original's outputs on `feeds` when already computed)."""
     names = [o.name for o in original.get_outputs()]
-    ref = original.run(names, feeds)
+    ref = [reference[n] for n in names] if reference is not None else original.run(names, feeds)
     new = optimized.run(names, feeds)
     return [compare(n, r, o) for n, r, o in zip(names, ref, new)]
+
+
+INPUT_INSENSITIVE_RTOL = 1e-6  # an output "does not change" when it moves by less than this, relative
+
+
+def input_insensitive_outputs(sess: ort.InferenceSession, feeds: dict[str, np.ndarray],
+                              reference: dict[str, np.ndarray], seed: int = 1) -> list[str] | None:
+    """Floating-point outputs that do not depend on the input: those that move by at most
+    INPUT_INSENSITIVE_RTOL of their norm when every floating-point input in `feeds` is replaced by
+    different, seeded uniform [0, 1) values of the same shape (`reference`: the outputs on `feeds`).
+    Comparing such an output says nothing about the layers before it. None when the model has no
+    floating-point input to vary; integer and bool outputs are not judged (they may agree by chance)."""
+    rng = np.random.default_rng(seed)
+    varied = {k: rng.random(v.shape).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v
+              for k, v in feeds.items()}
+    if all(varied[k] is feeds[k] for k in feeds):
+        return None
+    names = [n for n, r in reference.items() if np.issubdtype(np.asarray(r).dtype, np.floating)]
+    if not names:
+        return []
+    out = []
+    for name, value in zip(names, sess.run(names, varied)):
+        ref = np.asarray(reference[name], np.float64)
+        moved = float(np.linalg.norm(np.asarray(value, np.float64) - ref))
+        if moved <= INPUT_INSENSITIVE_RTOL * float(np.linalg.norm(ref)):
+            out.append(name)
+    return out

@@ -6,7 +6,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats as _st
 
 
 @dataclass
@@ -32,7 +31,9 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return 0.0, 1.0
-    z = float(_st.norm.ppf(0.5 + confidence / 2))
+    from scipy.special import ndtri  # the normal quantile; scipy.stats costs 0.5 s to import
+
+    z = float(ndtri(0.5 + confidence / 2))
     p = k / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -74,7 +75,11 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
     a_only = int(np.sum(a & ~b))
     b_only = int(np.sum(~a & b))
     disc = a_only + b_only
-    p = 1.0 if disc == 0 else float(_st.binomtest(a_only, disc, 0.5, alternative="two-sided").pvalue)
+    p = 1.0
+    if disc:
+        from scipy import stats  # 0.5 s to import: only when a p-value is needed
+
+        p = float(stats.binomtest(a_only, disc, 0.5, alternative="two-sided").pvalue)
     diff = float(a.mean() - b.mean()) if a.size else 0.0
     return McNemar(a_only, b_only, disc, min(p, 1.0), diff)
 

@@ -5,8 +5,11 @@ GDWS, spatial SVD at the MACs of a GDWS point, ONNX Runtime static INT8, GDWS th
 measured on the same samples as the original: clean accuracy, white-box robust accuracy
 (`validation.evaluate_model`: each model attacked with its own gradients, ONNX Runtime judging),
 agreement with the original, conv MACs, parameters, file size, and the latency ratio to the
-original timed interleaved on the chosen EP. Each point is written to `points/<key>.json` as
-soon as it is measured; a rerun skips every point whose JSON matches the current settings.
+original timed interleaved on the chosen EP, and the wall time of each phase (rewrite, each
+attack, timing). Each point is written to `points/<key>.json` as soon as it is measured; a rerun
+skips every point whose JSON matches the current settings. Attacks run beyond the ones asked for
+(Square beside the BPDA gradients of quantized points) are announced before any work
+(`extra_attacks`) and kept in the result.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .model_io import file_sha256, load_model, save_model
 from .optimize import optimize
 from .report import json_default, versions
 from .stats import mcnemar_exact, proportion
-from .validation import ProgressFactory, ValidateOptions, evaluate_model
+from .validation import WHITE_BOX, ProgressFactory, ValidateOptions, check_attack_requirements, evaluate_model
 
 BUDGET_KINDS = {"error": "error_budget", "mac": "mac_reduction", "latency": "latency_reduction"}
 PEERS = ("dws", "uniform", "ssvd", "prune", "int8", "gdws+int8")
@@ -136,7 +139,11 @@ class PointResult:
     latency: dict[str, list[float]] = field(default_factory=dict)  # "b1": [median, p10, p90] ratio
     original_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the point's last build-and-measure (or re-timing) run
+    # wall time of each phase of that run, seconds: "build" (the rewrite / peer construction),
+    # "reference" (evaluating the original it is compared with, when that happened in this point),
+    # "clean", "gradient_check", "attack <name>" for every attack run, "timing" (latency)
+    phases: dict[str, float] = field(default_factory=dict)
     fingerprint: str = ""
     timing: dict = field(default_factory=dict)  # SweepOptions.timing() of the latency numbers
 
@@ -151,6 +158,8 @@ class SweepResult:
     environment: dict
     points: list[PointResult]
     command: str = ""
+    extra_attacks: list[str] = field(default_factory=list)  # attacks run beyond options["attacks"], and why
+    seconds: float = 0.0  # wall time of the run that wrote this result (points done before not counted)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,6 +211,19 @@ def plan_points(opts: SweepOptions) -> list[PointSpec]:
     return pts
 
 
+def extra_attacks(opts: SweepOptions) -> list[str]:
+    """The attacks the sweep runs beyond `opts.attacks`, on which points, and why (said before any
+    work starts and kept in the result)."""
+    quantized = sorted({parse_peer(p)[0] for p in opts.peers} & set(QUANTIZED))
+    if not quantized or not any(a in WHITE_BOX for a in opts.attacks) or "square" in opts.attacks:
+        return []
+    q = ValidateOptions().queries
+    return [f"Square ({q} queries per sample, ONNX Runtime forward passes only) also runs on the quantized "
+            f"points ({', '.join(quantized)}): their white-box gradients through QuantizeLinear/DequantizeLinear "
+            "are straight-through (BPDA) estimates, so a gradient-free attack backs them up; and on a second "
+            "evaluation of the original ('original+square'), their reference, so that both face the same attacks."]
+
+
 def matched_points(opts: SweepOptions, gdws: list[PointResult]) -> list[PointSpec]:
     """Peers placed at measured GDWS points: spatial SVD and filter pruning at the same conv-MAC
     reduction, and each GDWS model quantized to INT8."""
@@ -247,6 +269,7 @@ class Sweep:
     def __init__(self, model_path: str, out_dir: str, opts: SweepOptions,
                  progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None):
         opts.check()
+        check_attack_requirements(opts.attacks)  # before loading anything
         opts.calibration = opts.calibration_spec()
         self.path, self.out, self.opts = model_path, out_dir, opts
         self.progress = progress
@@ -314,8 +337,9 @@ class Sweep:
                                                      quantized_pair=square)[0]
         return self._baselines[square]
 
-    def measure(self, spec: PointSpec, model: onnx.ModelProto, facts: dict, done: dict[str, PointResult]
-                ) -> PointResult:
+    def measure(self, spec: PointSpec, model: onnx.ModelProto, facts: dict, done: dict[str, PointResult],
+                phases: dict[str, float]) -> PointResult:
+        """Save and measure the point's model; adds the wall time of each phase to `phases`."""
         key = spec.key
         path = os.path.join(self.out, "models", key + ".onnx")
         save_model(model, path)
@@ -331,13 +355,21 @@ class Sweep:
             res.conv_macs = total_conv_macs(model)
         res.conv_mac_reduction = self.original_macs / res.conv_macs if res.conv_macs else None
         warnings: list[str] = []
+        t0, fresh = time.perf_counter(), spec.quantized not in self._baselines
         base = self.baseline(spec.quantized)
+        if fresh and spec.method != "original":  # e.g. a resumed sweep: the reference is re-evaluated here
+            phases["reference"] = time.perf_counter() - t0
         res.reference = "original+square" if spec.quantized else "original"
         if spec.method == "original":
             r = base
         else:
             r, _ = evaluate_model(model, path, self.x, self.y, self._validate_options(), warnings, res.label,
                                   self.progress, quantized_pair=spec.quantized)
+        for name, s in r.timings.items():
+            if name in ("clean", "gradient_check"):
+                phases[name] = s
+            elif not name.endswith("_model"):
+                phases[f"attack {name}"] = s
         res.clean, res.clean_interval = r.clean_accuracy, r.clean_accuracy_interval
         res.robust, res.robust_interval = r.robust_accuracy, r.robust_accuracy_interval
         res.robust_by_attack, res.gradient_source = r.robust_accuracy_by_attack, r.gradient_source
@@ -345,7 +377,10 @@ class Sweep:
         if r.robust_correct is not None and base.robust_correct is not None:
             res.robust_mcnemar_p = mcnemar_exact(base.robust_correct, r.robust_correct).p_value
         res.warnings = warnings
+        res.phases = phases
+        t0 = time.perf_counter()
         self.time(res, model)
+        phases["timing"] = time.perf_counter() - t0
         return res
 
     def time(self, res: PointResult, model: onnx.ModelProto) -> None:
@@ -383,7 +418,9 @@ class Sweep:
         cached = self._load_point(spec, fp)
         if cached is not None and (self.opts.retime or cached.timing != self.opts.timing()):
             self.log(f"{spec.label}: accuracy done before; re-timing")
+            t0 = time.perf_counter()
             self.time(cached, onnx.load(os.path.join(self.out, cached.model_file)))
+            cached.phases = {**cached.phases, "timing": time.perf_counter() - t0}
             _write_json_atomic(self._point_path(spec.key), asdict(cached))
             return cached
         if cached is not None:
@@ -391,21 +428,34 @@ class Sweep:
             return cached
         t0 = time.perf_counter()
         self.log(f"{spec.label}: building and measuring")
+        phases: dict[str, float] = {}
         try:
             model, facts = self.build(spec, done)
-            res = self.measure(spec, model, facts, done)
+            if spec.method != "original":  # the original is not built
+                phases["build"] = time.perf_counter() - t0
+            res = self.measure(spec, model, facts, done, phases)
         except (GDWSError, GateFailed) as e:  # recorded and reported; the other points go on
             res = PointResult(key=spec.key, label=spec.label, method=spec.method, params=spec.params,
-                              status="failed", error=str(e))
+                              status="failed", error=str(e), phases=phases)
             self.log(f"{spec.label}: failed: {e}")
         res.seconds = time.perf_counter() - t0
+        if res.status == "ok":
+            self.log(f"{spec.label}: done in {res.seconds:.1f} s ({format_phases(res.phases)})")
         res.fingerprint = fp
         _write_json_atomic(self._point_path(spec.key), asdict(res))
         return res
 
     def run(self, command: str = "") -> SweepResult:
+        start = time.perf_counter()
+        planned = plan_points(self.opts)
+        matched = sorted({parse_peer(p)[0] for p in self.opts.peers} & {"ssvd", "prune", "gdws+int8"})
+        self.log(f"{len(planned)} points: {', '.join(s.label for s in planned)}"
+                 + (f"; then {', '.join(matched)} at each GDWS point" if matched else ""))
+        extra = extra_attacks(self.opts)
+        for line in extra:
+            self.log(line)
         done: dict[str, PointResult] = {}
-        for spec in plan_points(self.opts):
+        for spec in planned:
             done[spec.key] = self.run_point(spec, done)
         gdws = [r for r in done.values() if r.method == "gdws"]
         for spec in matched_points(self.opts, gdws):
@@ -413,9 +463,15 @@ class Sweep:
         env = environment(BenchConfig(ep=self.opts.ep, threads=self.opts.threads))
         env["versions"] = versions()
         result = SweepResult(model=self.path, model_sha256=self.sha, options=asdict(self.opts), environment=env,
-                             points=list(done.values()), command=command)
+                             points=list(done.values()), command=command, extra_attacks=extra,
+                             seconds=time.perf_counter() - start)
         _write_json_atomic(os.path.join(self.out, "sweep.json"), result.to_dict())
         return result
+
+
+def format_phases(phases: dict[str, float]) -> str:
+    """'build 1.2 s, clean 0.3 s, gradient check 0.8 s, attack pgd 20.1 s, timing 19.6 s'."""
+    return ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:

@@ -99,11 +99,48 @@ def table_header(sweep: SweepResult) -> list[str]:
     return [*COLUMNS, *[f"latency ratio {b} [p10-p90]" for b in batches(sweep)]]
 
 
-def markdown_table(sweep: SweepResult) -> str:
-    head = table_header(sweep)
+def _md(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(sweep)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def markdown_table(sweep: SweepResult) -> str:
+    return _md(table_header(sweep), table_rows(sweep))
+
+
+TIME_PHASES = ("build", "reference", "clean", "gradient_check")  # then the attacks, then "timing"
+
+
+def time_header(sweep: SweepResult) -> list[str]:
+    attacks = sorted({k for p in sweep.points for k in p.phases if k.startswith("attack ")})
+    return ["point", "total s", *[k.replace("_", " ") + " s" for k in TIME_PHASES],
+            *[f"{k} s" for k in attacks], "timing s"]
+
+
+def time_rows(sweep: SweepResult) -> list[list[str]]:
+    """Wall time of each point and of each of its phases (seconds, from the JSON)."""
+    keys = [*TIME_PHASES, *[h[:-2] for h in time_header(sweep)[2 + len(TIME_PHASES):-1]], "timing"]
+    rows = []
+    for p in ordered(sweep.points):
+        rows.append([p.label, f"{p.seconds:.1f}",
+                     *["-" if k not in p.phases else f"{p.phases[k]:.1f}" for k in keys]])
+    return rows
+
+
+def time_lines(sweep: SweepResult) -> list[str]:
+    """Where the time went, in sentences (above the wall-time table)."""
+    total = sum(p.seconds for p in sweep.points)
+    out = [f"This run took {sweep.seconds:.0f} s; the points' own build-and-measure times add up to {total:.0f} s "
+           "(a point finished by an earlier run keeps that run's times)."]
+    by_phase: dict[str, float] = {}
+    for p in sweep.points:
+        for k, v in p.phases.items():
+            by_phase[k] = by_phase.get(k, 0.0) + v
+    if by_phase:
+        out.append("Summed over points: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in
+                                                      sorted(by_phase.items(), key=lambda kv: -kv[1])) + ".")
+    return out
 
 
 def summary(sweep: SweepResult) -> list[str]:
@@ -215,7 +252,7 @@ def environment_lines(sweep: SweepResult) -> list[str]:
 
 
 def notes(sweep: SweepResult) -> list[str]:
-    out = []
+    out = list(sweep.extra_attacks)
     if any(p.gradient_source and "bpda" in p.gradient_source for p in ok_points(sweep)):
         out.append("INT8 models are attacked with straight-through (BPDA) gradients through "
                    "QuantizeLinear/DequantizeLinear, plus the Square attack on ONNX Runtime; their robust "
@@ -238,6 +275,7 @@ def markdown(sweep: SweepResult, images: list[str]) -> str:
     lines += summary(sweep) + [""]
     lines += [f"![{os.path.splitext(os.path.basename(i))[0]}]({os.path.basename(i)})" for i in images] + [""]
     lines += ["## Points", "", markdown_table(sweep), ""]
+    lines += ["## Wall time", ""] + time_lines(sweep) + ["", _md(time_header(sweep), time_rows(sweep)), ""]
     lines += ["## Environment", ""] + [f"- {s}" for s in environment_lines(sweep)] + [""]
     if notes(sweep):
         lines += ["## Notes", ""] + [f"- {s}" for s in notes(sweep)] + [""]
@@ -251,11 +289,15 @@ def _img_tag(path: str) -> str:
     return f'<img alt="{html.escape(os.path.basename(path))}" src="data:image/png;base64,{data}">'
 
 
+def _html_rows(rows: list[list[str]]) -> str:
+    return "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+
+
 def html_report(sweep: SweepResult, images: list[str]) -> str:
     """One file, no external resources: plots embedded as data URIs."""
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in table_header(sweep))
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in table_rows(sweep))
+    body = _html_rows(table_rows(sweep))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>GDWS sweep: {e(os.path.basename(sweep.model))}</title>",
@@ -266,6 +308,9 @@ def html_report(sweep: SweepResult, images: list[str]) -> str:
         *[f"<p>{e(s)}</p>" for s in summary(sweep)],
         *[_img_tag(i) for i in images],
         "<h2>Points</h2>", f"<table><tr>{head}</tr>{body}</table>",
+        "<h2>Wall time</h2>", *[f"<p>{e(s)}</p>" for s in time_lines(sweep)],
+        "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in time_header(sweep)) + "</tr>"
+        + _html_rows(time_rows(sweep)) + "</table>",
         "<h2>Environment</h2><ul>", *[f"<li>{e(s)}</li>" for s in environment_lines(sweep)], "</ul>",
     ]
     if notes(sweep):

@@ -19,8 +19,8 @@ import onnx
 from .attacks import ATTACKS, AttackSettings, autoattack, pgd, square_linf
 from .data import DataError, load_dataset
 from .errors import GateFailed, GDWSError
-from .gradients import (DEFAULT_SOURCE, SOURCES, OrtClassifier, activation_quantizers, check_gradient_source,
-                        make_source)
+from .gradients import (DEFAULT_SOURCE, SOURCE_PACKAGES, SOURCES, OrtClassifier, activation_quantizers,
+                        check_gradient_source, installed_sources, make_source, package_installed)
 from .model_io import load_model
 from .report import json_default, versions
 from .stats import error_stats, mcnemar_exact, proportion
@@ -28,6 +28,26 @@ from .stats import error_stats, mcnemar_exact, proportion
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (description, total) -> advance
 GRADIENT_CHOICES = ("auto", *SOURCES)
 WHITE_BOX = ("pgd", "pgd-l2", "autoattack")
+VALIDATE_EXTRA = 'pip install -e ".[validate]"'
+
+
+def check_attack_requirements(attacks: tuple[str, ...] | list[str], gradient: str = "auto") -> None:
+    """Raise GDWSError, before any work, when an attack needs a package that is not installed:
+    white-box attacks need a gradient source (`gradient`: "auto" = any of SOURCES, else that one),
+    AutoAttack also needs torch and torchattacks. Square needs nothing beyond ONNX Runtime.
+    Nothing is imported (instant)."""
+    white = [a for a in attacks if a in WHITE_BOX]
+    if not white:
+        return
+    wanted = SOURCES if gradient == "auto" else (gradient,)
+    if not set(wanted) & set(installed_sources()):
+        how = " or ".join(f"{s} ({SOURCE_PACKAGES[s][1]})" for s in wanted)
+        raise GDWSError(f"the white-box attack {', '.join(white)} needs input gradients and no gradient source "
+                        f"{'is' if gradient == 'auto' else f'{gradient!r} is'} installed: install {how}; "
+                        f"{VALIDATE_EXTRA} installs both. The square attack needs forward passes only.")
+    if "autoattack" in attacks and not (package_installed("torch") and package_installed("torchattacks")):
+        raise GDWSError("AutoAttack needs torch and torchattacks: pip install torch==2.13.0 && "
+                        "pip install --no-deps torchattacks==3.5.1")
 
 
 @dataclass
@@ -134,7 +154,9 @@ def _as_model(m: onnx.ModelProto | str) -> tuple[onnx.ModelProto, str]:
 
 def _pick_source(model: onnx.ModelProto, ort_model: OrtClassifier, x: np.ndarray, y: np.ndarray,
                  opts: ValidateOptions, warnings: list[str], label: str):
-    """Build and gate a gradient source. Returns (source or None, check dict or None)."""
+    """Build and gate a gradient source: (source, check dict). GateFailed when a source was built
+    but failed the gate, GDWSError when none could be built (the white-box attack is not replaced by
+    a weaker one under its name)."""
     order = [opts.gradient] if opts.gradient != "auto" else [DEFAULT_SOURCE] + [s for s in SOURCES
                                                                                   if s != DEFAULT_SOURCE]
     errors, failed_check = [], None
@@ -154,7 +176,8 @@ def _pick_source(model: onnx.ModelProto, ort_model: OrtClassifier, x: np.ndarray
     if failed_check is not None:
         raise GateFailed(f"{label}: no gradient source passed the ORT parity / finite-difference gate: "
                          + "; ".join(errors))
-    return None, {"passed": False, "message": "; ".join(errors)}
+    raise GDWSError(f"{label}: no gradient source can differentiate this model ({'; '.join(errors)}); "
+                    "white-box attacks need one, the square attack needs forward passes only")
 
 
 BPDA_WARNING = ("gradients through QuantizeLinear/DequantizeLinear are straight-through (BPDA); "
@@ -194,21 +217,14 @@ def evaluate_model(model: onnx.ModelProto, path: str, x: np.ndarray, y: np.ndarr
         k = min(opts.gradient_check_samples, len(x))
         src, chk = _pick_source(model, clf, x[:k], y[:k], opts, warnings, label)
         timings["gradient_check"] = time.perf_counter() - t0
-        if src is None:
-            warnings.append(f"{label}: no gradient source ({chk['message']}); white-box attacks "
-                            "replaced by the Square attack (forward passes only)")
-            attacks = [a for a in attacks if a not in WHITE_BOX]
+        src_name = src.name
+        if getattr(src, "bpda", False):
+            warnings.append(f"{label}: {BPDA_WARNING}")
             if "square" not in attacks:
                 attacks.append("square")
-        else:
-            src_name = src.name
-            if getattr(src, "bpda", False):
-                warnings.append(f"{label}: {BPDA_WARNING}")
-                if "square" not in attacks:
-                    attacks.append("square")
-            elif quantized_pair and "square" not in opts.attacks:
-                warnings.append(f"{label}: Square over ONNX Runtime also run, as on the quantized model, so that "
-                                "both models face the same attacks")
+        elif quantized_pair and "square" not in opts.attacks:
+            warnings.append(f"{label}: Square over ONNX Runtime also run, as on the quantized model, so that "
+                            "both models face the same attacks")
     if attacks:
         robust = correct.copy()
     for name in attacks:
@@ -256,8 +272,9 @@ def validate(original: onnx.ModelProto | str, optimized: onnx.ModelProto | str,
 
     Data come from `options.data` (gdws_onnx.data.load_dataset spec; first `n` samples), or
     from arrays `x` (N x C x H x W in [0, 1]) and `y`. Keyword arguments set ValidateOptions
-    fields. Raises GDWSError on bad input, GateFailed when no gradient source passes the
-    pre-attack gate; drop gates are reported in `report.gates` (the CLI turns them into exit 1)."""
+    fields. Raises GDWSError on bad input or, before any work, when a white-box attack has no
+    installed gradient source; GateFailed when no gradient source passes the pre-attack gate;
+    drop gates are reported in `report.gates` (the CLI turns them into exit 1)."""
     start = time.perf_counter()
     opts = options or ValidateOptions()
     for k, v in kwargs.items():
@@ -267,6 +284,7 @@ def validate(original: onnx.ModelProto | str, optimized: onnx.ModelProto | str,
     if isinstance(opts.attacks, str):
         opts.attacks = tuple(a.strip() for a in opts.attacks.split(",") if a.strip())
     opts.check()
+    check_attack_requirements(opts.attacks, opts.gradient)
     t0 = time.perf_counter()
     if x is None:
         try:

@@ -184,3 +184,93 @@ def tiny_model(seed: int = 0, constant_wb: bool = False) -> onnx.ModelProto:
 
 def tiny_inputs(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 3, 6, 6)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- models that defeat a check
+
+
+def input_blind_cnn(seed: int = 0, two_outputs: bool = False) -> onnx.ModelProto:
+    """small_cnn whose first conv's bias of -1e4 makes its Relu output zero for inputs in [0, 1), and
+    whose other conv biases are zero: the logits are the Gemm's bias for every such input, with the
+    original and any rewrite of the later convs alike (like the light-zoo models: "max abs 0, top-1
+    agreement 100 %" that proves nothing). With `two_outputs`, a second output `x_mean` (the
+    input's mean) does depend on the input."""
+    model = small_cnn(seed)
+    for t in model.graph.initializer:
+        if t.name in ("b0", "b1", "b2", "fc_b"):
+            value = {"b0": -1e4, "fc_b": np.linspace(-1, 1, t.dims[0])}.get(t.name, 0.0)
+            t.CopyFrom(numpy_helper.from_array(np.broadcast_to(value, tuple(t.dims)).astype(np.float32), t.name))
+    if two_outputs:
+        model.graph.node.append(helper.make_node("ReduceMean", ["x"], ["x_mean"], name="x_mean", keepdims=0))
+        model.graph.output.append(helper.make_tensor_value_info("x_mean", TensorProto.FLOAT, []))
+    return model
+
+
+def padded_cnn(pads_from: str = "constants", size: int = 28, dynamic_hw: bool = False,
+               opaque: bool = False) -> onnx.ModelProto:
+    """x (N, 1, size, size) -> Pad -> Conv 3x3 -> Relu -> Conv 3x3 -> Relu -> Conv 3x3: the pads of the
+    Pad are computed by a subgraph that ONNX shape inference does not evaluate, so it leaves every
+    conv's output size unknown.
+
+    pads_from: "constants": torch's F.pad export (Constant -> ConstantOfShape / Concat -> Reshape ->
+    Slice -> Transpose -> Reshape -> Cast), pads 2 on every side; "input_shape": pads after the
+    end of H and W of (size mod 4) (Shape -> Slice -> Mod -> Concat after ConstantOfShape zeros),
+    which only a run can resolve. dynamic_hw: the input's H and W are named, not fixed. opaque: a custom-domain
+    op (which neither shape inference nor ONNX Runtime knows) sits before the Pad."""
+    rng = np.random.default_rng(3)
+    i64 = TensorProto.INT64
+
+    def const(name, values):
+        return helper.make_node("Constant", [], [name], name=name,
+                                value=numpy_helper.from_array(np.asarray(values, np.int64), name + "_value"))
+
+    nodes, src = [], "x"
+    if opaque:
+        nodes.append(helper.make_node("Mystery", ["x"], ["x_op"], name="mystery", domain="com.example"))
+        src = "x_op"
+    if pads_from == "constants":
+        nodes += [const("pad_rank", [4]), const("pad_hw", [2, 2, 2, 2]),
+                  helper.make_node("ConstantOfShape", ["pad_rank"], ["pad_zeros"], name="pad_zeros",
+                                   value=helper.make_tensor("zero", i64, [1], [0])),
+                  helper.make_node("Concat", ["pad_hw", "pad_zeros"], ["pad_cat"], name="pad_cat", axis=0),
+                  const("pad_pairs", [-1, 2]),
+                  helper.make_node("Reshape", ["pad_cat", "pad_pairs"], ["pad_2d"], name="pad_2d"),
+                  const("sl_start", [-1]), const("sl_end", [-(2**63) + 1]), const("sl_axes", [0]),
+                  const("sl_step", [-1]),
+                  helper.make_node("Slice", ["pad_2d", "sl_start", "sl_end", "sl_axes", "sl_step"], ["pad_rev"],
+                                   name="pad_rev"),
+                  helper.make_node("Transpose", ["pad_rev"], ["pad_t"], name="pad_t", perm=[1, 0]),
+                  const("flat", [-1]),
+                  helper.make_node("Reshape", ["pad_t", "flat"], ["pad_flat"], name="pad_flat"),
+                  helper.make_node("Cast", ["pad_flat"], ["pads"], name="pads_cast", to=i64)]
+    elif pads_from == "input_shape":
+        nodes += [helper.make_node("Shape", [src], ["x_shape"], name="x_shape"),
+                  const("hw_start", [2]), const("hw_end", [4]),
+                  helper.make_node("Slice", ["x_shape", "hw_start", "hw_end"], ["x_hw"], name="x_hw"),
+                  const("four", [4]),
+                  helper.make_node("Mod", ["x_hw", "four"], ["hw_rem"], name="hw_rem"),
+                  const("six", [6]),
+                  helper.make_node("ConstantOfShape", ["six"], ["zeros6"], name="zeros6",
+                                   value=helper.make_tensor("zero", i64, [1], [0])),
+                  helper.make_node("Concat", ["zeros6", "hw_rem"], ["pads"], name="pads_cat", axis=0)]
+    else:
+        raise ValueError(pads_from)
+    nodes.append(helper.make_node("Pad", [src, "pads"], ["xp"], name="pad", mode="constant"))
+    inits, prev, c_in = [], "xp", 1
+    for i, c in enumerate((4, 8, 8)):
+        inits += [numpy_helper.from_array((rng.standard_normal((c, c_in, 3, 3)) / 3).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array((rng.standard_normal(c) / 10).astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}",
+                                      kernel_shape=[3, 3], pads=[0, 0, 0, 0] if i == 0 else [1, 1, 1, 1]))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+            prev = f"r{i}"
+        c_in = c
+    hw = ["H", "W"] if dynamic_hw else [size, size]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, *hw])
+    y = helper.make_tensor_value_info("c2", TensorProto.FLOAT, ["N", 8, "h", "w"])
+    graph = helper.make_graph(nodes, "padded_cnn", [x], [y], inits)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.example", 1)] if opaque else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="tests")
+    model.ir_version = 8
+    return model

@@ -45,12 +45,12 @@ def quantize_int8(model: onnx.ModelProto, calib: np.ndarray, activations: str = 
 
 
 @pytest.fixture(scope="module")
-def data():
+def data(fashion_mnist):
     return fashion(N)
 
 
 @pytest.fixture(scope="module")
-def float_model():
+def float_model(fashion_mnist):
     return fm_cnn(0)
 
 

@@ -104,13 +104,26 @@ def test_bad_model_files(runner, tmp_path, make, needle):
     assert _files(tmp_path) == before
 
 
-def test_model_without_conv(runner, tmp_path):
+def test_model_without_conv_is_written_unchanged(runner, tmp_path):
+    """Nothing to rewrite is not bad input: exit 0, an unchanged copy, and a note that says so."""
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
                           [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])])
-    onnx.save(helper.make_model(g), tmp_path / "m.onnx")
-    r = _invoke(runner, "optimize", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx")
-    assert r.exit_code == 2 and "no Conv" in r.output and not (tmp_path / "o.onnx").exists()
+    model = helper.make_model(g)
+    model.producer_name = "me"
+    onnx.save(model, tmp_path / "m.onnx")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = _invoke(runner, "optimize", tmp_path / "m.onnx", "-o", out, "--mac-reduction", "2", "--report", rep)
+    assert r.exit_code == 0, r.output
+    assert "no Conv node" in r.output and "nothing to rewrite" in r.output and "wrote" in r.output
+    assert onnx.load(out).SerializeToString() == onnx.load(tmp_path / "m.onnx").SerializeToString()
+    report = json.loads(rep.read_text())
+    assert report["summary"]["convs"] == 0 and report["budget"]["mode"] == "macs"
+    assert "nothing to rewrite" in report["budget"]["message"] and not report["verification"]["ran"]
+    r = _invoke(runner, "inspect", tmp_path / "m.onnx")
+    assert r.exit_code == 0 and "no Conv node" in r.output
+    r = _invoke(runner, "inspect", tmp_path / "m.onnx", "--json")
+    assert r.exit_code == 0 and json.loads(r.output) == []
 
 
 @pytest.mark.parametrize("args,needle", [

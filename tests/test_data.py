@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import gzip
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gdws_onnx import data
 from gdws_onnx.data import DataError, Dataset, load_dataset, load_fashion_mnist, load_idx, load_npz
-
-FMNIST = Path(data.FASHION_MNIST_ROOT)
-HAVE_FMNIST = (FMNIST / "t10k-images-idx3-ubyte.gz").is_file() or (FMNIST / "t10k-images-idx3-ubyte").is_file()
 
 
 def idx_bytes(arr: np.ndarray, code: int) -> bytes:
@@ -83,11 +79,11 @@ def test_fashion_mnist_missing_names_debian_package(tmp_path):
         load_fashion_mnist("valid", root=str(tmp_path))
 
 
-@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist not installed")
-def test_fashion_mnist_debian_files():
+def test_fashion_mnist_debian_files(fashion_mnist):
     for split, n in (("test", 10_000), ("train", 60_000)):
         prefix = "t10k" if split == "test" else "train"
-        raw_path = next(p for p in (FMNIST / f"{prefix}-images-idx3-ubyte.gz", FMNIST / f"{prefix}-images-idx3-ubyte")
+        raw_path = next(p for p in (fashion_mnist / f"{prefix}-images-idx3-ubyte.gz",
+                                    fashion_mnist / f"{prefix}-images-idx3-ubyte")
                         if p.is_file())
         with (gzip.open(raw_path, "rb") if raw_path.suffix == ".gz" else open(raw_path, "rb")) as f:
             magic, count, rows, cols = struct.unpack(">4I", f.read(16))
@@ -100,8 +96,7 @@ def test_fashion_mnist_debian_files():
         assert np.bincount(y).tolist() == [n // 10] * 10
 
 
-@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist not installed")
-def test_load_dataset_fashion_mnist_first_n():
+def test_load_dataset_fashion_mnist_first_n(fashion_mnist):
     ds = load_dataset("fashion-mnist:test", n=100)
     assert isinstance(ds, Dataset) and len(ds) == 100
     np.testing.assert_array_equal(ds.indices, np.arange(100))
@@ -175,3 +170,17 @@ def test_image_folder_without_pillow(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(DataError, match="pip install pillow"):
         data.load_image_folder(tmp_path)
+
+
+def test_readme_test_command_is_what_ci_runs_and_installs_the_data():
+    """A fresh machine gets the data set from the README's test command, the same one CI runs."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ci = re.search(r"^TEST_COMMAND='(.+)'$", (root / ".ci" / "run").read_text(), re.M)
+    assert ci, ".ci/run must define TEST_COMMAND='...'"
+    command = ci.group(1)
+    assert f"\n    {command}\n" in (root / "README.md").read_text()
+    assert "apt-get update && apt-get install -y dataset-fashion-mnist" in command
+    assert command.endswith("python -m pytest")

@@ -119,14 +119,14 @@ class FoldProbe:
                 + self.price * sum(n.op_type == "Gather" for n in nodes)
                 + 0.01 * sum(sizes.get(n.input[1], 0) for n in nodes if n.op_type == "Conv"))
 
-    def compare(self, baseline, candidate):
+    def compare(self, baseline, candidate, threshold=None):
         b, c = self.cost(baseline), self.cost(candidate)
         return Ratio("baseline", "candidate", c / b, c / b, c / b, b / 1000, c / 1000)
 
 
 def _latency_optimize(gather_price: float):
     class LayerProbe(FoldProbe):  # every GDWS layer measures 2x faster than its conv
-        def compare(self, baseline, candidate):
+        def compare(self, baseline, candidate, threshold=None):
             return Ratio("baseline", "candidate", 0.5, 0.5, 0.5, 1.0, 0.5)
 
     return optimize(small_cnn(channels=(16, 32, 32)), target="latency", error_budget=0.3, cache="",

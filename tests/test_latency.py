@@ -1,8 +1,10 @@
 """Latency-aware allocation with injected timing (never timed tests): the layer cache, the
 multiple-choice allocation, the never-slower fallback, EP errors, interleaving order."""
 
+import io
 import itertools
 import json
+import re
 
 import numpy as np
 import onnx
@@ -16,28 +18,54 @@ from gdws_onnx.errors import GDWSError
 from gdws_onnx.providers import configure, parse_eps
 
 
-def _cost(model: onnx.ModelProto) -> float:
+def _cost(model: onnx.ModelProto, gather_price: float = 300.0) -> float:
     """A fake latency: weight elements of every Conv plus a fixed price per Gather."""
     sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
-    return sum(sizes.get(n.input[1], 0) if n.op_type == "Conv" else 300.0 * (n.op_type == "Gather")
+    return sum(sizes.get(n.input[1], 0) if n.op_type == "Conv" else gather_price * (n.op_type == "Gather")
                for n in model.graph.node) + 100.0
 
 
+def _gdws_layers(model: onnx.ModelProto) -> set[str]:
+    return {n.name.split("/gdws/")[0] for n in model.graph.node if "/gdws/" in n.name}
+
+
+def fake_compare(base: float, cand: float, spread: float, threshold, seed: int, max_rounds: int = 320,
+                 runs: int = 20) -> Ratio:
+    """The real adaptive loop (bench.compare_until) with an injected timer: round times are the
+    fake costs times lognormal noise of sigma `spread`, so per-round ratios have median cand/base."""
+    rng = np.random.default_rng(seed)
+    cost = [base, cand]
+    runners = [lambda: 0, lambda: 1]
+    return bench.compare_until(runners, threshold, bench.BenchConfig(runs=runs, warmup=0),
+                               bench.Rounds(max_rounds=max_rounds, max_seconds=1e9),
+                               timer=lambda fn: cost[fn()] * float(np.exp(rng.normal(0, spread))))
+
+
 class FakeProbe:
-    """Deterministic 'measurements'; `slow_layers` make any whole model containing them slower."""
+    """Seeded 'measurements' through the real adaptive loop. `slow_layers` make any whole model
+    containing them 1.5x slower; `layer_ratio` {layer: median or (median, spread)} sets a
+    layer's GDWS / original ratio; `gather_price` what a Gather costs a whole model."""
 
-    def __init__(self, kind, slow_layers=(), layer_ratio=None):
-        self.kind, self.slow, self.layer_ratio, self.calls = kind, set(slow_layers), layer_ratio, 0
+    def __init__(self, kind, slow_layers=(), layer_ratio=None, spread=0.02, gather_price=300.0):
+        self.kind, self.slow, self.layer_ratio = kind, set(slow_layers), layer_ratio or {}
+        self.spread, self.gather_price = spread, gather_price
+        self.calls, self.thresholds, self.results = 0, [], []
 
-    def compare(self, baseline, candidate):
+    def compare(self, baseline, candidate, threshold=None):
         self.calls += 1
-        b, c = _cost(baseline), _cost(candidate)
-        layers = {n.name.split("/gdws/")[0] for n in candidate.graph.node if "/gdws/" in n.name}
+        self.thresholds.append(threshold)
+        b, c = _cost(baseline, self.gather_price), _cost(candidate, self.gather_price)
+        layers, spread = _gdws_layers(candidate), self.spread
         if self.kind == "model" and layers & self.slow:
             c = 1.5 * b
-        if self.kind == "layer" and self.layer_ratio and layers & set(self.layer_ratio):
-            c = b * self.layer_ratio[next(iter(layers & set(self.layer_ratio)))]
-        return Ratio("baseline", "candidate", c / b, c / b, c / b, b / 1000, c / 1000)
+        hit = sorted(layers & set(self.layer_ratio)) if self.kind == "layer" else []
+        if hit:
+            spec = self.layer_ratio[hit[0]]
+            median, spread = spec if isinstance(spec, tuple) else (spec, spread)
+            c = b * median
+        r = fake_compare(b, c, spread, threshold, seed=self.calls)
+        self.results.append((sorted(layers), r))
+        return r
 
 
 def _model():
@@ -52,30 +80,81 @@ def _factory(probes):
     return make
 
 
-def test_latency_target_with_error_budget_keeps_only_faster_layers(tmp_path):
-    probes = {}
+def test_median_ci_is_an_order_statistic_interval_with_its_coverage():
+    x = np.arange(20.0)
+    assert bench.median_ci(x, 0.95) == (5.0, 14.0)  # x_(6), x_(15): P(Bin(20, 1/2) <= 5) = 0.0207
+    assert bench.median_ci(np.arange(5.0), 0.95) == (0.0, float("inf"))  # n < 6: no 95 % interval
+    rng = np.random.default_rng(0)
+    covered = [lo <= 1.0 <= hi for lo, hi in (bench.median_ci(rng.lognormal(0, 1, 25), 0.95) for _ in range(2000))]
+    assert 0.94 <= np.mean(covered) <= 0.99  # exact coverage for n = 25 is 0.957
+
+
+def test_adaptive_comparison_decides_or_says_undecided():
+    clearly_faster = fake_compare(1000.0, 800.0, 0.05, 0.95, seed=1)
+    assert bench.verdict(clearly_faster, 0.95) == "below" and clearly_faster.rounds == 20  # decided at once
+    clearly_slower = fake_compare(1000.0, 1200.0, 0.05, 0.95, seed=2)
+    assert bench.verdict(clearly_slower, 0.95) == "above" and clearly_slower.rounds == 20
+    close = fake_compare(1000.0, 900.0, 0.1, 0.95, seed=3)  # needs more rounds, then decides
+    assert close.rounds > 20 and bench.verdict(close, 0.95) == "below"
+    straddling = fake_compare(1000.0, 950.0, 0.3, 0.95, seed=4)  # median on the threshold, wide spread
+    assert straddling.rounds == 320 and bench.verdict(straddling, 0.95) == "undecided"
+    assert bench.format_ratio(straddling).startswith(f"{straddling.median:.2f} [")
+
+
+def test_adaptive_looks_keep_the_false_faster_rate_within_the_confidence():
+    """True median exactly at the threshold: over all its looks, a comparison calls it faster
+    at most (1 - 0.95) / 2 of the time (Bonferroni over looks)."""
+    calls = [bench.verdict(fake_compare(1000.0, 950.0, 0.3, 0.95, seed=s, max_rounds=160), 0.95) == "below"
+             for s in range(400)]
+    assert np.mean(calls) <= 0.04
+
+
+def test_latency_target_keeps_layers_measurably_faster_within_the_error_budget(tmp_path):
+    """conv1 is clearly faster, conv2 clearly slower, conv3 straddles the threshold: only conv1 may
+    be rewritten, within the error budget, and budget.achieved is that error, not a MAC ratio."""
+    probes = {"layer_args": {"layer_ratio": {"conv1": (0.6, 0.05), "conv2": (1.3, 0.05), "conv3": (0.95, 0.3)}}}
     out, report = optimize(_model(), target="latency", error_budget=0.3, cache=str(tmp_path / "c.json"),
                            probe_factory=_factory(probes), verify=False)
-    rewritten = [layer for layer in report.layers if layer.status == "rewritten"]
-    assert rewritten and all(max(layer.measured_ratio.values()) < 0.95 for layer in rewritten)
-    assert report.latency["faster"] and report.latency["final_ratios"]
-    assert all(r["median"] < 1 for r in report.latency["final_ratios"].values())
+    status = {layer.name: layer for layer in report.layers}
+    assert status["conv1"].status == "rewritten" and max(status["conv1"].measured_ratio.values()) < 0.95
+    assert status["conv2"].status == "skipped" and "not measurably faster" in status["conv2"].reason
+    assert status["conv3"].status == "skipped" and "not measurably faster" in status["conv3"].reason
+    assert all(layer.relative_error <= 0.3 for layer in report.rewritten)
+    assert report.budget.mode == "error" and report.budget.achieved == max(x.relative_error for x in report.rewritten)
+    assert report.budget.achieved != report.mac_reduction
+    conv3 = [r for layers, r in probes["layer"][0].results if layers == ["conv3"]]
+    assert conv3 and all(bench.verdict(r, 0.95) != "below" for r in conv3)  # inconclusive, never called faster
+    assert any(r.rounds > 20 for r in conv3)  # rounds were added before giving up
+    assert report.latency["faster"] and all(bench.verdict(bench.ratio_of(r), 1.0) == "below"
+                                            for r in report.latency["final_ratios"].values())
+    assert set(probes["layer"][0].thresholds) == {0.95} and set(probes["model"][0].thresholds) <= {1.0, (1.0,)}
+    assert _gdws_layers(out) == {"conv1"}
 
 
-def test_cache_is_reused_and_keyed_by_batch(tmp_path):
+def test_cache_keeps_the_interval_and_remeasures_what_did_not_decide(tmp_path):
     cache = str(tmp_path / "c.json")
-    probes = {}
+    probes = {"layer_args": {"layer_ratio": {"conv3": (0.95, 0.3)}}}
     optimize(_model(), target="latency", error_budget=0.3, cache=cache, probe_factory=_factory(probes), verify=False)
     first_calls = probes["layer"][-1].calls
-    assert first_calls > 0 and json.load(open(cache))
-    probes2 = {}
+    entries = json.load(open(cache))
+    assert first_calls == len(entries) > 0
+    assert all({"median", "p10", "p90", "ci_low", "ci_high", "rounds"} <= set(e) for e in entries.values())
+    undecided = [e for e in entries.values() if bench.verdict(bench.ratio_of(e), 0.95) == "undecided"]
+    assert undecided  # conv3's
+    probes2 = {"layer_args": probes["layer_args"]}
     _, report = optimize(_model(), target="latency", error_budget=0.3, cache=cache,
                          probe_factory=_factory(probes2), verify=False)
-    assert probes2["layer"][-1].calls == 0 and report.latency["cache"]["misses"] == 0
+    assert probes2["layer"][-1].calls == len(undecided) == report.latency["cache"]["misses"]
+    assert all(layers == ["conv3"] for layers, _ in probes2["layer"][-1].results)
+    legacy = {k: {"ratio": e["median"], "baseline_ms": 1.0, "candidate_ms": 0.5} for k, e in entries.items()}
+    json.dump(legacy, open(cache, "w"))  # entries without their spread are measured again
     probes3 = {}
+    optimize(_model(), target="latency", error_budget=0.3, cache=cache, probe_factory=_factory(probes3), verify=False)
+    assert probes3["layer"][-1].calls == len(entries)
+    probes4 = {}
     _, report = optimize(_model(), target="latency", error_budget=0.3, cache=cache, batches=[4],
-                         probe_factory=_factory(probes3), verify=False)
-    assert probes3["layer"][-1].calls > 0  # another batch is another measurement
+                         probe_factory=_factory(probes4), verify=False)
+    assert probes4["layer"][-1].calls > 0  # another batch is another measurement
 
 
 def test_never_slower_reverts_the_layer_that_hurts(tmp_path):
@@ -100,12 +179,72 @@ def test_never_slower_returns_the_original_when_nothing_helps(tmp_path):
     assert [n.op_type for n in out.graph.node] == [n.op_type for n in original.graph.node]
 
 
+def test_a_whole_model_that_does_not_measure_faster_is_not_kept(tmp_path):
+    """Whole-model ratios that straddle 1 (median below it) are 'not measurably faster'."""
+    class Straddling(FakeProbe):
+        def compare(self, baseline, candidate, threshold=None):
+            self.calls += 1
+            b = _cost(baseline)
+            return fake_compare(b, 0.98 * b, 0.4, threshold, seed=self.calls, max_rounds=40)
+
+    original = _model()
+    out, report = optimize(original, target="latency", error_budget=0.5, cache="", verify=False,
+                           probe_factory=lambda b, kind: FakeProbe(kind) if kind == "layer" else Straddling(kind))
+    assert report.latency["checks"] and not report.latency["faster"] and not report.rewritten
+    assert all(step["reverted"] for step in report.latency["checks"])
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in original.graph.node]
+
+
 def test_latency_budget_search_meets_the_target(tmp_path):
     probes = {}
     _, report = optimize(_model(), target="latency", latency_reduction=1.5, cache="",
                          probe_factory=_factory(probes), verify=False)
+    # whole-model checks settle both "faster" (1) and the budget (1 / 1.5)
+    assert (1.0, 1 / 1.5) in probes["model"][0].thresholds
     assert report.budget.mode == "latency" and report.budget.met, report.budget
-    assert report.latency["final_ratios"] and max(r["median"] for r in report.latency["final_ratios"].values()) <= 1 / 1.5
+    final = report.latency["final_ratios"]
+    assert final and all(bench.verdict(bench.ratio_of(r), 1 / 1.5) == "below" for r in final.values())
+    # achieved is the measured speed-up (what the latency budget measures), not the MAC ratio
+    assert report.budget.achieved == pytest.approx(1 / max(r["median"] for r in final.values()))
+    assert report.budget.achieved == report.latency["speedup"] != report.mac_reduction
+    assert report.to_dict()["summary"]["mac_reduction"] == report.mac_reduction
+
+
+def test_budget_achieved_is_in_the_budget_s_unit():
+    _, rep = optimize(_model(), mac_reduction=1.3, verify=False)
+    assert rep.budget.achieved == rep.mac_reduction >= 1.3 * (1 - 1e-3)
+    _, rep = optimize(_model(), error_budget=0.2, verify=False)
+    assert rep.budget.achieved == max(x.relative_error for x in rep.rewritten) <= 0.2
+
+
+def test_table_and_latency_lines_use_one_ratio_convention(tmp_path):
+    """Ratios are GDWS / original everywhere (the caption says so); a producer widened by a fold
+    says so on its row; '1 layer', not '1 layers'."""
+    from rich.console import Console
+
+    from gdws_onnx.report import latency_lines, optimize_table
+
+    probes = {"args": {"gather_price": 2000.0},  # Gathers are dear: folding them wins
+              "layer_args": {"layer_ratio": {"conv1": 0.5, "conv2": 1.2, "conv3": 1.2}}}
+    _, report = optimize(_model(), target="latency", error_budget=0.5, cache="", verify=False,
+                         probe_factory=_factory(probes))
+    assert report.latency["folded"] == ["conv1"]
+    console = Console(file=io.StringIO(), width=400)
+    console.print(optimize_table(report))
+    text = console.file.getvalue()
+    rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("│")}
+    assert "GDWS / original latency" in text and "measured x" not in text
+    assert re.search(r"rewritten \(.*Gather folded into conv0\), layer ratio 0\.\d\d \[0\.\d\d-0\.\d\d\]",
+                     rows["conv1"])
+    assert re.search(r"skipped: not measurably faster on cpu \(best layer ratio 1\.\d\d \[1\.\d\d-1\.\d\d\]\)",
+                     rows["conv2"])
+    assert "skipped: first conv" in rows["conv0"] and "output channels changed: conv1's Gather folded" in rows["conv0"]
+    assert not any("output channels changed" in rows[n] for n in ("conv1", "conv2", "conv3"))
+    lines = latency_lines(report.latency)
+    assert any(line.startswith("  1 layer rewritten:") for line in lines)
+    assert not any("1 layers" in line for line in lines)
+    assert any("-> folded" in line for line in lines)
+    assert any(line.startswith("  with 1 Gather folded: optimized/original batch 1: 0.") for line in lines)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -136,6 +275,10 @@ def test_interleave_alternates_who_goes_first():
 def test_ratio_is_the_median_of_paired_rounds():
     r = bench.ratio("a", "b", [1.0, 2.0, 4.0], [2.0, 2.0, 2.0])
     assert r.median == 1.0 and r.p10 < r.median < r.p90
+    assert r.rounds == 3 and (r.ci_low, r.ci_high) == (None, None)  # too few rounds to bound the median
+    assert r.bounds() == (0.0, float("inf")) and bench.verdict(r, 1.5) == "undecided"
+    hand_built = Ratio("a", "b", 0.5, 0.4, 0.6)  # no rounds: judged by its spread
+    assert hand_built.bounds() == (0.4, 0.6) and bench.verdict(hand_built, 0.95) == "below"
 
 
 def test_missing_or_unknown_ep_is_a_clear_error(runner, cnn_path):
@@ -201,3 +344,10 @@ def test_openvino_errors_name_the_package_or_the_vendor_filter(monkeypatch):
     monkeypatch.setattr(providers, "_cpu_vendor", lambda: "AuthenticAMD")
     with pytest.raises(GDWSError, match="Intel hardware only and this CPU is AuthenticAMD"):
         configure(ort.SessionOptions(), "openvino")
+
+
+def test_max_rounds_and_measure_seconds_are_checked(runner, cnn_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    for flag, value in (("--max-rounds", "0"), ("--measure-seconds", "0")):
+        r = runner.invoke(main, ["optimize", cnn_path, "-o", str(out), "--target", "latency", flag, value])
+        assert r.exit_code == 2 and flag in r.output and not out.exists()

@@ -23,7 +23,6 @@ MODELS = ROOT / "models"
 MANIFEST = MODELS / "manifest.json"
 ENTRIES = json.loads(MANIFEST.read_text())["models"] if MANIFEST.is_file() else []
 IDS = [e["name"] for e in ENTRIES]
-FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
 def _dims(shape):
@@ -74,12 +73,17 @@ def test_onnx_runs_in_onnxruntime(e):
     (y,) = sess.run(None, {inp["name"]: x})
     assert list(y.shape) == _dims(e["outputs"][0]["shape"])
     assert np.isfinite(y).all()
-    if e["dataset"] == "fashion-mnist" and FMNIST.is_file() and e["accuracy"]["n"] == 10_000:
-        from gdws_onnx.data import load_fashion_mnist
 
-        xt, yt = load_fashion_mnist("test")
-        acc = float((sess.run(None, {inp["name"]: xt[:1000]})[0].argmax(1) == yt[:1000]).mean())
-        assert abs(acc - e["accuracy"]["clean"]) < 0.05  # first 1000 vs the full 10k
+
+@pytest.mark.parametrize("e", [e for e in ENTRIES if e["dataset"] == "fashion-mnist" and e["accuracy"]["n"] == 10_000],
+                         ids=lambda e: e["name"])
+def test_clean_accuracy_matches_manifest(e, fashion_mnist):
+    from gdws_onnx.data import load_fashion_mnist
+
+    sess = ort.InferenceSession(str(MODELS / e["file"]), providers=["CPUExecutionProvider"])
+    xt, yt = load_fashion_mnist("test")
+    acc = float((sess.run(None, {e["inputs"][0]["name"]: xt[:1000]})[0].argmax(1) == yt[:1000]).mean())
+    assert abs(acc - e["accuracy"]["clean"]) < 0.05  # first 1000 vs the full 10k
 
 
 def test_energy_fallback_matches_definition():
@@ -119,10 +123,8 @@ def test_resnet50_shape():
     assert [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 224, 224]
 
 
-def test_training_smoke(tmp_path):
+def test_training_smoke(tmp_path, fashion_mnist):
     torch = pytest.importorskip("torch")
-    if not FMNIST.is_file():
-        pytest.skip("dataset-fashion-mnist not installed")
     from models import train
 
     out = tmp_path / "smoke.onnx"

@@ -24,7 +24,7 @@ N = 24
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, fashion_mnist):
     d = tmp_path_factory.mktemp("sweep_in")
     x, y = fashion(N)
     data = str(d / "data.npz")
@@ -95,6 +95,41 @@ def test_every_point_measured(done):
     assert os.path.isfile(os.path.join(out, "sweep.json"))
 
 
+def test_wall_time_of_every_point_and_phase(done):
+    """Each point records its wall time and that of each phase: rewrite, evaluation, each attack run
+    (Square included where it was added), timing; the phases fit in the point's total."""
+    _, result = done
+    for p in result.points:
+        assert p.seconds > 0 and {"clean", "attack pgd", "timing"} <= set(p.phases), (p.label, p.phases)
+        assert all(v >= 0 for v in p.phases.values())
+        assert sum(p.phases.values()) <= p.seconds + 1e-6
+        assert ("build" in p.phases) == (p.method != "original")
+        assert ("attack square" in p.phases) == (p.method in ("int8", "gdws+int8") or p.key == "original+square")
+    assert result.seconds >= sum(p.seconds for p in result.points) - 1e-6
+    assert len(result.extra_attacks) == 1 and "Square" in result.extra_attacks[0]
+    assert "int8" in result.extra_attacks[0] and "original+square" in result.extra_attacks[0]
+
+
+def test_extra_attacks_are_said_before_any_work(files, tmp_path, monkeypatch):
+    model, data = files
+    lines = []
+
+    def first_point(self, spec, done):
+        lines.append(f"measuring {spec.label}")
+        return PointResult(key=spec.key, label=spec.label, method=spec.method, params=spec.params, status="failed",
+                           error="not measured in this test")
+
+    monkeypatch.setattr(Sweep, "run_point", first_point)
+    sweep(model, str(tmp_path), small_options(data, peers=("int8",)), log=lines.append)
+    first = next(i for i, line in enumerate(lines) if line.startswith("measuring"))
+    said = [line for line in lines[:first] if "Square" in line]
+    assert len(said) == 1 and "BPDA" in said[0] and "original+square" in said[0]
+    assert "original+square" in lines[0]  # the plan lists the points
+    lines.clear()
+    sweep(model, str(tmp_path / "b"), small_options(data, peers=("ssvd",)), log=lines.append)
+    assert not any("Square" in line for line in lines)  # nothing extra without quantized points
+
+
 def test_rerun_skips_finished_points(done, files, monkeypatch):
     out, first = done
     model, data = files
@@ -128,9 +163,10 @@ def test_changed_settings_redo_points(files, tmp_path):
     assert "gdws_error_0.05" in built and before["fingerprint"] != after["fingerprint"]
 
 
-def _md_rows(text: str) -> dict[str, list[str]]:
+def _md_rows(text: str, section: str = "## Points") -> dict[str, list[str]]:
     rows = {}
-    for line in text.splitlines():
+    body = text.split(section + "\n", 1)[1].split("\n## ", 1)[0]
+    for line in body.splitlines():
         if line.startswith("| ") and not line.startswith("| point"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0]] = cells
@@ -151,6 +187,17 @@ def test_report_table_matches_json(done):
         assert float(cells[6]) == pytest.approx(100 * p["robust"], abs=0.051)
         med, lo, hi = map(float, re.match(r"([\d.]+) \[([\d.]+)-([\d.]+)\]", cells[8]).groups())
         assert [med, lo, hi] == pytest.approx(p["latency"]["b1"], abs=0.006)
+    times = _md_rows(open(files.markdown).read(), "## Wall time")
+    head = next(line for line in open(files.markdown).read().split("## Wall time")[1].splitlines()
+                if line.startswith("| point"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert len(times) == len(data["points"])
+    for p in data["points"]:
+        cells = dict(zip(cols, times[p["label"]]))
+        assert float(cells["total s"]) == pytest.approx(p["seconds"], abs=0.051)
+        for phase, seconds in p["phases"].items():
+            assert float(cells[phase.replace("_", " ") + " s"]) == pytest.approx(seconds, abs=0.051)
+    assert data["extra_attacks"] and data["extra_attacks"][0] in open(files.markdown).read()
     page = open(files.html).read()
     assert page.count("data:image/png;base64,") == len(files.images) == 2
     assert not re.search(r"(src|href)=\"?https?:", page)  # opens offline

@@ -26,12 +26,12 @@ N = 96
 
 
 @pytest.fixture(scope="module")
-def data():
+def data(fashion_mnist):
     return fashion(N)
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(fashion_mnist):
     return fm_cnn(0)
 
 
@@ -438,3 +438,75 @@ def test_chain_with_a_shared_intermediate_is_not_fused():
     assert n_chains == 0
     x = np.random.default_rng(0).random((2, 4, 6, 6)).astype(np.float32)
     assert np.abs(fused(torch.from_numpy(x)).numpy() - OrtClassifier(m)(x)).max() < 1e-5
+
+
+# ------------------------------------------------------------------ without a gradient source (issue 16)
+
+def _tiny_classifier(tmp_path):
+    """A random 1-conv classifier (16 outputs) saved to a.onnx, and 12 samples labelled by it."""
+    rng = np.random.default_rng(0)
+    m = op_model([helper.make_node("Conv", ["x", "w"], ["z"], strides=[2, 2])],
+                 {"w": rng.standard_normal((4, 1, 3, 3)).astype(np.float32)}, in_shape=("N", 1, 5, 5))
+    onnx.save(m, tmp_path / "a.onnx")
+    x = rng.random((12, 1, 5, 5)).astype(np.float32)
+    y = OrtClassifier(m)(x).argmax(1)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    return str(tmp_path / "a.onnx"), str(tmp_path / "d.npz")
+
+
+def test_white_box_without_a_gradient_source_exits_2_before_any_work(tmp_path, monkeypatch):
+    import gdws_onnx.validation as validation
+
+    model, data = _tiny_classifier(tmp_path)
+    monkeypatch.setattr(validation, "installed_sources", lambda: ())
+
+    def no_work(*a, **k):
+        raise AssertionError("data loaded before the gradient source was found")
+
+    monkeypatch.setattr(validation, "load_dataset", no_work)
+    monkeypatch.setattr(validation, "evaluate_model", no_work)
+    res = CliRunner().invoke(main, ["validate", model, model, "--data", "fashion-mnist:test"])
+    assert res.exit_code == 2, res.output
+    assert "pip install torch" in res.output and "onnx-ad" in res.output and ".[validate]" in res.output
+    assert "square" in res.output
+    # an explicit source that is not installed is named, even when another one is
+    monkeypatch.setattr(validation, "installed_sources", lambda: ("torch",))
+    res = CliRunner().invoke(main, ["validate", model, model, "--data", data, "--gradient", "onnx-ad"])
+    assert res.exit_code == 2 and "pip install onnx-ad" in res.output, res.output
+    with pytest.raises(GDWSError, match="no gradient source"):
+        monkeypatch.setattr(validation, "installed_sources", lambda: ())
+        validate(model, model, data=data, attacks=("pgd-l2",))
+
+
+def test_square_runs_without_torch_and_is_labelled_square(tmp_path, monkeypatch):
+    import sys
+
+    model, data = _tiny_classifier(tmp_path)
+    for package in ("torch", "onnx_ad", "torchattacks"):  # `import torch` now raises ImportError
+        monkeypatch.setitem(sys.modules, package, None)
+    rep = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["validate", model, model, "--data", data, "--attack", "square",
+                                    "--queries", "30", "--eps", "0.3", "--report", str(rep)])
+    assert res.exit_code == 0, res.output
+    assert "(square)" in res.output and "pgd" not in res.output
+    d = json.loads(rep.read_text())
+    assert [a["name"] for a in d["attacks"]] == ["square"]
+    for r in (d["original"], d["optimized"]):
+        assert set(r["robust_accuracy_by_attack"]) == {"square"} and r["gradient_source"] is None
+        assert r["robust_accuracy"] == r["robust_accuracy_by_attack"]["square"]
+    # and pgd, asked for without torch, is refused rather than replaced by Square
+    res = CliRunner().invoke(main, ["validate", model, model, "--data", data, "--gradient", "torch"])
+    assert res.exit_code == 2 and "pip install torch" in res.output, res.output
+
+
+def test_a_model_no_source_can_differentiate_is_an_error_not_a_weaker_attack(tmp_path, monkeypatch):
+    import gdws_onnx.validation as validation
+
+    model, data = _tiny_classifier(tmp_path)
+
+    def unsupported(*a, **k):
+        raise GDWSError("unsupported operator Foo")
+
+    monkeypatch.setattr(validation, "make_source", unsupported)
+    with pytest.raises(GDWSError, match="no gradient source can differentiate.*Foo"):
+        validate(model, model, data=data, attacks=("pgd",), steps=2)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not VGG.is_file(), reason="models/vgg_small_fgsm
 
 
 @pytest.fixture(scope="module")
-def data():
+def data(fashion_mnist):
     from validate_helpers import fashion
 
     return fashion(100)
@@ -49,15 +49,12 @@ def test_small_error_budget_keeps_robustness(data):
     assert r.clean_drop_pp <= 3.0 and r.robust_drop_pp <= 5.0
 
 
-def test_optimize_verifies_on_a_data_set_spec(tmp_path):
+def test_optimize_verifies_on_a_data_set_spec(tmp_path, fashion_mnist):
     """--data accepts the data set specs validate uses; a bad spec is exit 2 with no output."""
     from click.testing import CliRunner
 
     from gdws_onnx.cli import main
-    from validate_helpers import have_fashion_mnist
 
-    if not have_fashion_mnist():
-        pytest.skip("dataset-fashion-mnist not installed")
     out = tmp_path / "o.onnx"
     r = CliRunner().invoke(main, ["optimize", str(VGG), "-o", str(out), "--error-budget", "0.05",
                                   "--data", "fashion-mnist:test", "--report", str(tmp_path / "r.json")])

@@ -1,29 +1,72 @@
-"""The `onnx-gdws` command: one module per subcommand over the library."""
+"""The `onnx-gdws` command: one module per subcommand over the library, each imported only when
+that subcommand runs (or its own --help is asked for), so `onnx-gdws --help` starts fast."""
 
 from __future__ import annotations
 
+import importlib
+
 import click
+from click.utils import make_default_short_help
 
 from .. import __version__
-from .bench import bench_cmd
-from .inspect import inspect_cmd
-from .optimize import optimize_cmd
-from .sensitivity import sensitivity_cmd
-from .sweep import sweep_cmd
+
+# name -> (module, command attribute, the command's short help as `onnx-gdws --help` lists it;
+# tests/test_startup.py checks these against the commands' own docstrings)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "optimize": ("gdws_onnx.cli.optimize", "optimize_cmd",
+                 "Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."),
+    "inspect": ("gdws_onnx.cli.inspect", "inspect_cmd",
+                "Per-conv shapes, MACs, eligibility and per-channel spectrum summary."),
+    "validate": ("gdws_onnx.cli.validate", "validate_cmd",
+                 "Clean and adversarially robust accuracy of ORIGINAL vs OPTIMIZED on the same samples."),
+    "bench": ("gdws_onnx.cli.bench", "bench_cmd",
+              "Time MODELS interleaved (A B, B A, ...; spinning off) and report each vs the first."),
+    "sensitivity": ("gdws_onnx.cli.sensitivity", "sensitivity_cmd",
+                    "Noise-gain weights alpha_{l,c} of every conv (GDWS paper eq."),
+    "sweep": ("gdws_onnx.cli.sweep", "sweep_cmd",
+              "Optimize MODEL at a ladder of budgets, build the peers, measure every point the same way "
+              "(clean and robust accuracy, MACs, size, interleaved latency ratio) and write a report."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use. Its own --help lists them from
+    the short helps in `lazy` without importing them."""
+
+    def __init__(self, *args, lazy: dict[str, tuple[str, str, str]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, attr, _ = self.lazy[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            if name in self.commands:
+                cmd = self.commands[name]
+                if not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(limit)))
+            else:
+                rows.append((name, make_default_short_help(self.lazy[name][2], limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, lazy=SUBCOMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnx-gdws")
 def main() -> None:
     """Rewrite ONNX Conv layers into Generalized Depthwise-Separable form, verified and measured.
 
     Exit codes: 0 success, 1 a verification or accuracy gate failed, 2 bad usage or input.
     """
-
-
-main.add_command(optimize_cmd)
-main.add_command(inspect_cmd)
-main.add_command(__import__('gdws_onnx.cli.validate', fromlist=['validate_cmd']).validate_cmd)
-main.add_command(bench_cmd)
-main.add_command(sensitivity_cmd)
-main.add_command(sweep_cmd)

@@ -37,6 +37,7 @@ def bench_cmd(models, ep, batches, threads, warmup, runs, input_shapes, profile,
     console = stdout_console()
     result = {"models": list(models), "runs": []}
     for e in eps:
+        console.print(environment_line(bench.environment(bench.BenchConfig(ep=e, threads=threads))))
         for b in sizes:
             cfg = bench.BenchConfig(ep=e, batch=b, threads=threads, warmup=warmup, runs=runs, input_shapes=shapes)
             stats, ratios = bench.compare_models(list(models), list(models), cfg)
@@ -55,6 +56,12 @@ def bench_cmd(models, ep, batches, threads, warmup, runs, input_shapes, profile,
             ep=eps[0], batch=sizes[0], threads=threads, warmup=warmup, runs=runs, input_shapes=shapes), console)
     if report_path:
         write_text_atomic(report_path, json.dumps(result, indent=2))
+
+
+def environment_line(env: dict) -> str:
+    """What the numbers below were measured on: EP, CPU, threads, spinning, ONNX Runtime version."""
+    return (f"{env['ep']} EP on {env['cpu']} ({env['cpus']} logical CPUs), intra-op threads {env['threads']}, "
+            f"spinning {env['spinning']}, onnxruntime {env['onnxruntime']}")
 
 
 def _profile(loaded, names, cfg: bench.BenchConfig, console) -> dict:

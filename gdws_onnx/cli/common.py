@@ -74,6 +74,22 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 @contextmanager
+def progress_reporter(quiet: bool):
+    """A ProgressFactory for long commands: rich bars when stderr is a terminal, one line per task
+    on stderr when it is piped (so a log shows what is running), None when quiet."""
+    if quiet:
+        yield None
+    elif sys.stderr.isatty():
+        with progress_bars(True) as factory:
+            yield factory
+    else:
+        def factory(desc: str, total: int):
+            click.echo(f"{desc}: {total} samples ...", err=True)
+            return lambda k: None
+        yield factory
+
+
+@contextmanager
 def progress_bars(enabled: bool):
     """A ProgressFactory ((description, total) -> advance(k)) drawing rich bars on stderr, or None."""
     if not enabled:

@@ -27,6 +27,9 @@ def inspect_cmd(model: str, input_shapes, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(to_dicts(infos), indent=2))
         return
+    if not infos:
+        click.echo("the model has no Conv node (in its top-level graph): nothing to rewrite")
+        return
     t = Table(title=f"Convs of {model}")
     for col in ("conv", "kernel", "C->M (g)", "stride", "dil.", "MACs", "params", "max rank",
                 *(f"top-{r} energy" for r in TOP_RANKS), "eligible"):

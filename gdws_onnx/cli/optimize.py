@@ -38,7 +38,13 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("--batch", "batches", default="1", show_default=True,
               help="Batch size(s) to measure at, comma-separated; a layer must win at all of them.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads for measurements (default: ORT's).")
-@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per latency measurement.")
+@click.option("--runs", type=int, default=20, show_default=True,
+              help="Interleaved rounds a latency comparison starts with (--target latency).")
+@click.option("--max-rounds", type=int, default=320, show_default=True,
+              help="Rounds are doubled until the 95% interval of the median ratio decides 'faster' or not; "
+                   "at most this many (then: not measurably faster).")
+@click.option("--measure-seconds", type=float, default=10.0, show_default=True,
+              help="Time limit of one latency comparison while adding rounds.")
 @click.option("--cache", "cache", default=None,
               help="Latency-table cache file (default ~/.cache/onnx-gdws/latency.json; '' disables).")
 @click.option("--skip-first/--no-skip-first", default=True, show_default=True,
@@ -70,7 +76,7 @@ from .common import (handle_errors, parse_ints, input_shape_option, shapes_from,
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @handle_errors
 def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, uniform_rank, alphas, target, latency_reduction, ep,
-                 batches, threads, runs, cache, skip_first, include, exclude, force, verify, data, bias_correction, data_aware, width_multiple,
+                 batches, threads, runs, max_rounds, measure_seconds, cache, skip_first, include, exclude, force, verify, data, bias_correction, data_aware, width_multiple,
                  input_shapes, max_error, seed, report_path, overwrite_input, quiet) -> None:
     """Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."""
     start = time.perf_counter()
@@ -82,7 +88,7 @@ def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, un
                            input_shapes=shapes_from(input_shapes),
                            max_error=max_error, seed=seed, target=target, latency_reduction=latency_reduction,
                            ep=parse_eps(ep)[0], batches=parse_ints(batches, "--batch"), threads=threads,
-                           runs=runs, cache=cache)
+                           runs=runs, max_rounds=max_rounds, measure_seconds=measure_seconds, cache=cache)
     opts.validate()
     check_output_path(output, model, overwrite_input)
     with stderr_console().status("optimizing..."):

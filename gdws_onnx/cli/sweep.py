@@ -10,8 +10,8 @@ import click
 from ..attacks import ATTACKS
 from ..providers import parse_eps
 from ..sweep import DEFAULT_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
-from ..sweep_report import require_matplotlib, summary, write_report
-from .common import handle_errors, parse_ints, progress_bars, stderr_console, stdout_console
+from ..sweep_report import require_matplotlib, summary, time_lines, write_report
+from .common import handle_errors, parse_ints, progress_reporter, stdout_console
 
 
 @click.command("sweep")
@@ -55,16 +55,15 @@ def sweep_cmd(model, data, n, attacks, eps, steps, budgets, peers, calibration, 
                         peers=tuple(p for p in (peers or DEFAULT_PEERS) if p != "none"),
                         calibration=calibration, ep=parse_eps(ep)[0], batches=tuple(parse_ints(batches, "--batch")),
                         runs=runs, threads=threads, seed=seed, skip_first=skip_first, retime=retime)
-    err = stderr_console()
-    log = None if quiet else (lambda s: err.print(f"[sweep] {s}"))
+    log = None if quiet else (lambda s: click.echo(f"[sweep] {s}", err=True))  # plain text: no markup, no wrapping
     command = "onnx-gdws sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
-    with progress_bars(sys.stderr.isatty() and not quiet) as factory:
+    with progress_reporter(quiet) as factory:
         result = sweep(model, out_dir, opts, command=command, progress=factory, log=log)
     files = write_report(result, out_dir)
     if quiet:
         return
     out = stdout_console()
-    for line in summary(result):
+    for line in summary(result) + time_lines(result):
         out.print(line)
     failed = [p.label for p in result.points if p.status != "ok"]
     if failed:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 from rich.table import Table
 
 from ..attacks import ATTACKS
 from ..errors import GateFailed
 from ..validation import GRADIENT_CHOICES, ValidateOptions, validate
-from .common import handle_errors, progress_bars, stdout_console, write_text_atomic
+from .common import handle_errors, progress_reporter, stdout_console, write_text_atomic
 
 
 def _pct(v, interval=None) -> str:
@@ -59,14 +57,16 @@ def validate_cmd(original, optimized, data, n, batch_size, attacks, eps, steps, 
                            queries=queries, seed=seed, gradient=gradient, max_drop_clean=max_drop_clean,
                            max_drop_robust=max_drop_robust)
     opts.check()
-    with progress_bars(sys.stderr.isatty() and not quiet) as factory:
+    with progress_reporter(quiet) as factory:
         report = validate(original, optimized, opts, progress=factory)
     if report_path:
         write_text_atomic(report_path, report.to_json())
     if not quiet:
         out = stdout_console()
-        # attacks validate() added (Square beside BPDA gradients of a QDQ model) get a column too
-        shown = list(attacks) + [a["name"] for a in report.attacks if a.get("added") and a["name"] not in attacks]
+        # the attacks that ran, by name: those asked for, then any validate() added (Square beside
+        # the BPDA gradients of a QDQ model)
+        shown = list(dict.fromkeys(a for r in (report.original, report.optimized)
+                                   for a in r.robust_accuracy_by_attack))
         t = Table(title=f"{report.data['spec']}, n={report.data['n']}, eps={eps:g} "
                         f"({', '.join(shown) or 'no attack'})")
         for col in ("model", "clean acc. [95% CI]", "robust acc. [95% CI]",

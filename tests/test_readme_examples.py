@@ -1,0 +1,78 @@
+"""The README's example outputs are what the commands print (tools/readme_examples.py).
+
+The fast deterministic blocks are run and compared exactly here; the timed and the slow ones
+are checked with `python tools/readme_examples.py --check` on a quiet machine.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import readme_examples  # noqa: E402
+
+SAMPLE = """text
+<!-- example: timing -->
+```
+$ onnx-gdws optimize m.onnx -o o.onnx --target latency \\
+    --batch 1
+│ conv1 │ 3x3 │ skipped: not measurably faster on cpu (best layer ratio 1.38 [1.31-1.45]) │
+│ conv2 │ 3x3 │ rewritten (gather+dw+pw), layer ratio 0.62 [0.58-0.66]                     │
+latency on cpu (layer cache hits 0, misses 12):
+```
+
+<!-- example: exact, slow -->
+```
+$ onnx-gdws optimize m.onnx -o e.onnx -q
+$ onnx-gdws validate m.onnx e.onnx
+acc 88.20%
+```
+
+```
+plain code, not an example
+```
+
+```
+$ onnx-gdws bench m.onnx o.onnx
+ratio 1.2
+```
+"""
+
+
+def test_blocks_are_parsed_with_their_kind_and_commands():
+    timing, slow, bench = readme_examples.parse(SAMPLE)
+    assert (timing.kind, timing.slow, slow.kind, slow.slow) == ("timing", False, "exact", True)
+    assert timing.commands[0].line == "onnx-gdws optimize m.onnx -o o.onnx --target latency --batch 1"
+    assert len(timing.commands[0].output) == 3
+    assert [c.line.split()[1] for c in slow.commands] == ["optimize", "validate"]
+    assert slow.commands[0].output == [] and slow.commands[1].output == ["acc 88.20%"]
+    assert readme_examples.select([timing, slow, bench], "exact", fast=True) == [bench]
+    # a block runs after the earlier blocks that write what it reads, and only those
+    assert readme_examples.needed([timing, slow, bench], [bench]) == [timing, bench]
+    assert readme_examples.needed([timing, slow, bench], [slow]) == [slow]
+
+
+def test_timed_output_is_compared_by_its_skeleton():
+    timing, slow, _ = readme_examples.parse(SAMPLE)
+    shown = timing.commands[0].output
+    renumbered = [line.replace("1.38", "2.07").replace("0.62", "0.71").replace("12", "9") for line in shown]
+    assert readme_examples.differences(timing, [renumbered[::-1]]) == []  # numbers and row order may change
+    restatused = [line.replace("rewritten (gather+dw+pw)", "skipped: reverted") for line in shown]
+    assert readme_examples.differences(timing, [restatused])  # statuses may not
+    assert readme_examples.differences(slow, [[], ["acc 88.10%"]])  # exact blocks: every character
+
+
+def test_write_replaces_only_the_outputs_of_the_blocks_given():
+    fresh = {("onnx-gdws optimize m.onnx -o e.onnx -q", "onnx-gdws validate m.onnx e.onnx"): [[], ["acc 90.00%"]]}
+    new, n = readme_examples.write(SAMPLE, fresh)
+    assert n == 1 and "acc 90.00%" in new and "acc 88.20%" not in new
+    assert new.replace("acc 90.00%", "acc 88.20%") == SAMPLE
+
+
+def test_the_fast_exact_readme_examples_are_current():
+    every = readme_examples.parse(readme_examples.README.read_text())
+    chosen = readme_examples.select(every, "exact", fast=True)
+    assert chosen, "the README has no fast exact example left to check"
+    problems = readme_examples.check(every, chosen)
+    assert not problems, ("README example output is out of date; regenerate it with "
+                          "`python tools/readme_examples.py --write`:\n" + "\n\n".join(problems))
