@@ -1,50 +1,35 @@
 """onnx-gdws: post-training Generalized Depthwise-Separable rewriting of ONNX Conv layers.
 
-The public names below are imported on first use (PEP 562), so that `import gdws_onnx.decompose`
+The public names below are imported on first use (PEP 562), so that `import gdws_onnx.core.decompose`
 or the CLI's start-up does not load ONNX Runtime, SciPy's statistics or the attack code."""
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
-_LAZY = {  # public name -> the submodule that defines it
-    "GDWSError": "errors", "GateFailed": "errors",
-    "inspect_model": "inspect",
-    "optimize": "optimize", "OptimizeOptions": "optimize",
-    "validate": "validation", "ValidateOptions": "validation", "ValidationReport": "validation",
+_LAZY = {  # public name -> the module that defines it
+    "GDWSError": "gdws_onnx.errors", "GateFailed": "gdws_onnx.errors",
+    "inspect_model": "gdws_onnx.pipeline.inspection",
+    "optimize": "gdws_onnx.pipeline.optimize", "OptimizeOptions": "gdws_onnx.pipeline.optimize",
+    "validate": "gdws_onnx.eval.validation", "ValidateOptions": "gdws_onnx.eval.validation",
+    "ValidationReport": "gdws_onnx.eval.validation",
+    "compare_models": "gdws_onnx.runtime.bench",
 }
 
-__all__ = ["optimize", "OptimizeOptions", "inspect_model", "validate", "ValidateOptions", "ValidationReport",
-           "GDWSError", "GateFailed", "__version__"]
+__all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str):
-    """Import the submodule that defines a public name on first access and cache the name here."""
+    """Import the module that defines a public name on first access and cache the name here."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """This package's module type. Importing a submodule binds it on its parent, and the submodule
-    `optimize` shares its name with the function `optimize`: keep the function bound, as the eager
-    `from .optimize import optimize` did (whichever is imported first)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

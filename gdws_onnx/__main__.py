@@ -1,3 +1,3 @@
-from .cli import main
+from gdws_onnx.cli import main
 
 main()

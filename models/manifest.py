@@ -22,15 +22,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gdws_onnx.model_io import file_sha256
+from gdws_onnx.graph.model_io import file_sha256
 
 MODELS_DIR = Path(__file__).resolve().parent
 RANKS = (1, 2, 4)
 
 try:  # the core package's per-channel SVD, when present
-    from gdws_onnx.decompose import energy_kept as _energy_kept
-    from gdws_onnx.decompose import spectrum as _spectrum
-except ImportError:  # pragma: no cover - fallback used before gdws_onnx.decompose existed
+    from gdws_onnx.core.decompose import energy_kept as _energy_kept
+    from gdws_onnx.core.decompose import spectrum as _spectrum
+except ImportError:  # pragma: no cover - fallback used before gdws_onnx.core.decompose existed
     _spectrum = _energy_kept = None
 
 

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from gdws_onnx.data import load_fashion_mnist
-from gdws_onnx.model_io import file_sha256
+from gdws_onnx.graph.model_io import file_sha256
 from models.arch import build
 from models.evaluate import evaluate, ort_logits, ort_session, pgd
 

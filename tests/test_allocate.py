@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gdws_onnx import allocate, decompose
+from gdws_onnx.core import allocate, decompose
 
 
 def _scores(rng, c, m, k, ties=False):

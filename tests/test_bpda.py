@@ -12,9 +12,17 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gdws_onnx import GDWSError, validate
-from gdws_onnx.attacks import AttackSettings, pgd
-from gdws_onnx.gradients import (BPDA_LOGITS_TOL, QDQ_OPS, OrtClassifier, TorchReplica, activation_quantizers,
-                                 check_gradient_source, dequantized_surrogate, make_source)
+from gdws_onnx.eval.attacks import AttackSettings, pgd
+from gdws_onnx.eval.gradients import (
+    BPDA_LOGITS_TOL,
+    QDQ_OPS,
+    OrtClassifier,
+    TorchReplica,
+    activation_quantizers,
+    check_gradient_source,
+    dequantized_surrogate,
+    make_source,
+)
 from validate_helpers import fashion, fm_cnn, op_model
 
 torch = pytest.importorskip("torch")

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from gdws_onnx import optimize
 from gdws_onnx.cli import main
-from gdws_onnx.runtime import make_session
+from gdws_onnx.runtime.session import make_session
 
 
 def _files(folder):
@@ -218,8 +218,8 @@ def test_alphas_steer_the_allocation(tmp_path):
 
 
 def test_zero_alpha_channels_are_dropped_first():
-    from gdws_onnx import decompose
-    from gdws_onnx.convs import find_convs
+    from gdws_onnx.core import decompose
+    from gdws_onnx.graph.convs import find_convs
 
     model = small_cnn()
     alpha = np.array([0.0] * 4 + [1.0] * 4)

@@ -10,12 +10,13 @@ import pytest
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from gdws_onnx import decompose, optimize
+from gdws_onnx.core import decompose
+from gdws_onnx import optimize
 from gdws_onnx.cli import main
-from gdws_onnx.convs import find_convs
-from gdws_onnx.data_aware import blended_metric, channel_objective, channel_second_moments
+from gdws_onnx.graph.convs import find_convs
+from gdws_onnx.calibrate.data_aware import blended_metric, channel_objective, channel_second_moments
 from gdws_onnx.errors import GDWSError
-from gdws_onnx.runtime import make_session
+from gdws_onnx.runtime.session import make_session
 
 from builders import tiny_inputs, tiny_model
 

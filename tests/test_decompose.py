@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gdws_onnx import decompose
+from gdws_onnx.core import decompose
 
 
 def _weight(rng, m, cg, kernel, groups=1):

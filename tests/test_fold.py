@@ -8,12 +8,13 @@ import pytest
 from builders import small_cnn
 from onnx import TensorProto, helper, numpy_helper
 
-from gdws_onnx import decompose, optimize
-from gdws_onnx.bench import Ratio
-from gdws_onnx.convs import find_convs
-from gdws_onnx.fold import FoldGatherPass
-from gdws_onnx.report import latency_lines
-from gdws_onnx.rewrite import GDWSRewritePass, LayerRewrite
+from gdws_onnx.core import decompose
+from gdws_onnx import optimize
+from gdws_onnx.runtime.bench import Ratio
+from gdws_onnx.graph.convs import find_convs
+from gdws_onnx.graph.fold import FoldGatherPass
+from gdws_onnx.cli.render import latency_lines
+from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
 
 
 def _chain_model(chain: list[str], producer_group: int = 1, branch: bool = False,

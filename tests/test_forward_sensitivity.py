@@ -11,10 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from gdws_onnx.cli import main
-from gdws_onnx.convs import find_convs
-from gdws_onnx.forward_sensitivity import forward_alphas, patch_means, resolved_pads
-from gdws_onnx.gradients import OrtClassifier
-from gdws_onnx.optimize import load_alphas
+from gdws_onnx.graph.convs import find_convs
+from gdws_onnx.alphas.forward import forward_alphas
+from gdws_onnx.core.geometry import patch_means, resolved_pads
+from gdws_onnx.eval.gradients import OrtClassifier
+from gdws_onnx.pipeline.optimize import load_alphas
 
 from builders import tiny_inputs, tiny_model
 
@@ -133,7 +134,7 @@ def test_layer_totals_estimate_the_gradient_alphas():
     order): over three seeds, with the heaviest quarter of the samples given many draws, they
     agree within the estimated noise. (One near-tie sample carries ~90 % of every T_l here.)"""
     pytest.importorskip("torch")
-    from gdws_onnx.sensitivity import noise_gain_alphas
+    from gdws_onnx.alphas.noise_gain import noise_gain_alphas
 
     model, x = tiny_model(0), tiny_inputs(16)
     grad = noise_gain_alphas(model, x, dtype="float64", threads=1)

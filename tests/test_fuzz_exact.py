@@ -7,7 +7,7 @@ import pytest
 from builders import conv_model, random_case
 
 from gdws_onnx import optimize
-from gdws_onnx.runtime import make_session
+from gdws_onnx.runtime.session import make_session
 
 N_CASES = 320
 FP32_TOL, FP16_TOL = 1e-4, 1e-2

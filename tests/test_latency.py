@@ -11,11 +11,13 @@ import onnx
 import pytest
 from builders import small_cnn
 
-from gdws_onnx import allocate, bench, optimize
-from gdws_onnx.bench import Ratio
+from gdws_onnx.core import allocate
+from gdws_onnx.runtime import bench
+from gdws_onnx import optimize
+from gdws_onnx.runtime.bench import Ratio
 from gdws_onnx.cli import main
 from gdws_onnx.errors import GDWSError
-from gdws_onnx.providers import configure, parse_eps
+from gdws_onnx.runtime.providers import configure, parse_eps
 
 
 def _cost(model: onnx.ModelProto, gather_price: float = 300.0) -> float:
@@ -222,7 +224,7 @@ def test_table_and_latency_lines_use_one_ratio_convention(tmp_path):
     says so on its row; '1 layer', not '1 layers'."""
     from rich.console import Console
 
-    from gdws_onnx.report import latency_lines, optimize_table
+    from gdws_onnx.cli.render import latency_lines, optimize_table
 
     probes = {"args": {"gather_price": 2000.0},  # Gathers are dear: folding them wins
               "layer_args": {"layer_ratio": {"conv1": 0.5, "conv2": 1.2, "conv3": 1.2}}}
@@ -309,7 +311,8 @@ def test_bench_cli_reports_interleaved_ratios_and_profile(runner, cnn_path, tmp_
 def test_realizations_measure_rounded_widths_and_the_multiplier_form():
     """Each rank choice is measured at its own width G, at G rounded up to multiples of 8 and 16
     (more terms, so no more error), and without a Gather; none costs more MACs than the conv."""
-    from gdws_onnx import decompose, latency
+    from gdws_onnx.core import decompose
+    from gdws_onnx.pipeline import latency
 
     rng = np.random.default_rng(3)
     spec = decompose.spectrum(rng.standard_normal((64, 32, 3, 3)).astype(np.float32))
@@ -332,7 +335,7 @@ def test_openvino_errors_name_the_package_or_the_vendor_filter(monkeypatch):
 
     import onnxruntime as ort
 
-    from gdws_onnx import providers
+    from gdws_onnx.runtime import providers
 
     monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)  # not installed
     with pytest.raises(GDWSError, match="pip install onnxruntime-ep-openvino"):

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:  # `models` is a repo-level package, not installed
     sys.path.insert(0, str(ROOT))
 
 from models import manifest as mf  # noqa: E402
-from gdws_onnx.model_io import file_sha256  # noqa: E402
+from gdws_onnx.graph.model_io import file_sha256  # noqa: E402
 from models.reference import ALIASES, BUILDERS, PARAM_COUNTS, build_reference, param_count  # noqa: E402
 
 MODELS = ROOT / "models"

@@ -6,11 +6,20 @@ import pytest
 from builders import ConvCase, conv_model, small_cnn
 
 from gdws_onnx import optimize
-from gdws_onnx.bench import conv_macs
+from gdws_onnx.runtime.bench import conv_macs
 from gdws_onnx.errors import GDWSError
-from gdws_onnx.peers import (explicit_pads, kept_filters, prune_channels, quantize_int8, relative_error, spatial_factors,
-                             spatial_reconstruct, spatial_spectrum, spatial_svd)
-from gdws_onnx.runtime import make_session
+from gdws_onnx.peers import (
+    explicit_pads,
+    kept_filters,
+    prune_channels,
+    quantize_int8,
+    relative_error,
+    spatial_factors,
+    spatial_reconstruct,
+    spatial_spectrum,
+    spatial_svd,
+)
+from gdws_onnx.runtime.session import make_session
 
 N_FUZZ = 32
 

@@ -10,12 +10,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from gdws_onnx import allocate, decompose, optimize
-from gdws_onnx.attacks import AttackSettings
+from gdws_onnx.core import allocate, decompose
+from gdws_onnx import optimize
+from gdws_onnx.eval.attacks import AttackSettings
 from gdws_onnx.cli import main
-from gdws_onnx.gradients import OrtClassifier, TorchReplica, TorchSource, cross_entropy
-from gdws_onnx.optimize import load_alphas
-from gdws_onnx.sensitivity import noise_gain_alphas, pgd_inputs, save_alphas
+from gdws_onnx.eval.gradients import OrtClassifier, TorchReplica, TorchSource, cross_entropy
+from gdws_onnx.pipeline.optimize import load_alphas
+from gdws_onnx.alphas.noise_gain import noise_gain_alphas, pgd_inputs, save_alphas
 
 from builders import TINY_CLASSES, tiny_inputs as _x, tiny_model
 
@@ -235,7 +236,7 @@ def test_mismatch_allocation_is_near_optimal_on_small_cases():
 def _scaled_alphas(model, x):
     """Sensitivity alphas rescaled so that dropping every weight would predict 1 (the raw bound of
     these tiny nets is far above 1, which would leave nothing to allocate below P < 1)."""
-    from gdws_onnx.convs import find_convs
+    from gdws_onnx.graph.convs import find_convs
 
     res = noise_gain_alphas(model, x, threads=1)
     sites = {s.name: s for s in find_convs(model)}
@@ -258,7 +259,7 @@ def test_optimize_mismatch_budget_monotone_and_report_bound():
         rewritten = max(rewritten, len(rep.rewritten))
         # the bound is what the rewritten layers' weighted errors add up to
         by_name = {layer.name: layer for layer in rep.rewritten}
-        from gdws_onnx.convs import find_convs
+        from gdws_onnx.graph.convs import find_convs
         recomputed = 0.0
         for s in find_convs(model):
             if s.name in by_name:

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from gdws_onnx import GDWSError, optimize
 from gdws_onnx.cli import main
-from gdws_onnx.convs import find_convs, fold_small_constants, infer_shapes
-from gdws_onnx.runtime import probe_shapes
+from gdws_onnx.graph.convs import find_convs, fold_small_constants, infer_shapes
+from gdws_onnx.runtime.session import probe_shapes
 
 SHAPE = {"x": [1, 1, 28, 28]}
 

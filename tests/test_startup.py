@@ -24,8 +24,8 @@ def test_package_and_cli_import_no_heavy_dependency():
 
 
 def test_decompose_alone_loads_no_runtime_stats_torch_or_attacks():
-    names = ("onnxruntime", "scipy.stats", "torch", "gdws_onnx.attacks", "gdws_onnx.gradients")
-    assert _loaded_after("import gdws_onnx.decompose", names) == []
+    names = ("onnxruntime", "scipy.stats", "torch", "gdws_onnx.eval.attacks", "gdws_onnx.eval.gradients")
+    assert _loaded_after("import gdws_onnx.core.decompose", names) == []
 
 
 def test_help_imports_no_subcommand():
@@ -36,16 +36,16 @@ def test_help_imports_no_subcommand():
 
 
 def test_optimize_command_loads_no_attack_code():
-    names = ("gdws_onnx.attacks", "gdws_onnx.gradients", *HEAVY)
+    names = ("gdws_onnx.eval.attacks", "gdws_onnx.eval.gradients", *HEAVY)
     assert _loaded_after("import gdws_onnx.cli.optimize", names) == []
 
 
 def test_public_names_resolve_lazily():
     import gdws_onnx
-    from gdws_onnx.optimize import load_alphas  # noqa: F401 - the submodule first, then the function
+    from gdws_onnx.pipeline.optimize import load_alphas  # noqa: F401 - the submodule first, then the function
 
     from gdws_onnx import optimize
-    assert callable(optimize) and optimize.__module__ == "gdws_onnx.optimize"
+    assert callable(optimize) and optimize.__module__ == "gdws_onnx.pipeline.optimize"
     for name in gdws_onnx.__all__:
         assert getattr(gdws_onnx, name) is not None
     with pytest.raises(AttributeError):

@@ -13,8 +13,17 @@ from click.testing import CliRunner
 
 from gdws_onnx import GDWSError
 from gdws_onnx.cli import main
-from gdws_onnx.sweep import PointResult, Sweep, SweepOptions, SweepResult, load_sweep, parse_budget, parse_peer, sweep
-from gdws_onnx.sweep_report import best_within, pareto, write_report
+from gdws_onnx.sweep.run import (
+    PointResult,
+    Sweep,
+    SweepOptions,
+    SweepResult,
+    load_sweep,
+    parse_budget,
+    parse_peer,
+    sweep,
+)
+from gdws_onnx.sweep.report import best_within, pareto, write_report
 from validate_helpers import fashion, fm_cnn
 
 pytest.importorskip("torch")
@@ -252,7 +261,7 @@ def test_new_timing_settings_retime_without_rebuilding(files, tmp_path, monkeypa
     model, data = files
     out = str(tmp_path)
     first = sweep(model, out, small_options(data, budgets=("error:0.05",), peers=()))
-    import gdws_onnx.sweep as sw
+    import gdws_onnx.sweep.run as sw
 
     def no_eval(*a, **k):
         raise AssertionError("accuracy was re-measured")

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from gdws_onnx import optimize
 from gdws_onnx.cli import main
-from gdws_onnx.report import verification_lines
-from gdws_onnx.runtime import input_insensitive_outputs, make_session, random_feeds
+from gdws_onnx.cli.render import verification_lines
+from gdws_onnx.runtime.session import input_insensitive_outputs, make_session, random_feeds
 
 
 def test_input_blind_model_is_flagged_vacuous():

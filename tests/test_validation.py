@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from gdws_onnx import GDWSError, validate
-from gdws_onnx.attacks import AttackSettings, pgd, square_linf
+from gdws_onnx.eval.attacks import AttackSettings, pgd, square_linf
 from gdws_onnx.cli import main
-from gdws_onnx.gradients import OrtClassifier, check_gradient_source, make_source
-from gdws_onnx.stats import error_stats, mcnemar_exact, wilson_interval
+from gdws_onnx.eval.gradients import OrtClassifier, check_gradient_source, make_source
+from gdws_onnx.core.stats import error_stats, mcnemar_exact, wilson_interval
 from validate_helpers import fashion, fm_cnn, gdws_of, op_model
 
 import onnx
@@ -223,7 +223,7 @@ def test_autoattack_over_the_ort_bridge(model, data):
     """torchattacks drives ORT forward + source backward (the backward runs inside torch's
     backward, where grad mode is off); results are re-scored in ORT and stay in the ball."""
     pytest.importorskip("torchattacks")
-    from gdws_onnx.attacks import autoattack
+    from gdws_onnx.eval.attacks import autoattack
 
     x, y = data[0][:6], data[1][:6]
     ort = OrtClassifier(model)
@@ -365,7 +365,7 @@ _OP_CASES = {
 
 
 def test_op_cases_cover_every_supported_operator():
-    from gdws_onnx.gradients import TORCH_OPS
+    from gdws_onnx.eval.gradients import TORCH_OPS
 
     used = {n.op_type for nodes, _, _ in _OP_CASES.values() for n in nodes}
     assert set(TORCH_OPS) <= used, sorted(set(TORCH_OPS) - used)
@@ -394,7 +394,7 @@ def test_torch_replica_matches_ort_per_operator(case):
 # ------------------------------------------------------------------ fused GDWS chains in the torch replica
 
 def _replica_pair(m):
-    from gdws_onnx.gradients import GDWSChain, TorchReplica
+    from gdws_onnx.eval.gradients import GDWSChain, TorchReplica
 
     fused, plain = TorchReplica(m, fuse_gdws=True), TorchReplica(m)
     return fused, plain, sum(isinstance(n, GDWSChain) for n in fused.nodes)
@@ -455,7 +455,7 @@ def _tiny_classifier(tmp_path):
 
 
 def test_white_box_without_a_gradient_source_exits_2_before_any_work(tmp_path, monkeypatch):
-    import gdws_onnx.validation as validation
+    import gdws_onnx.eval.validation as validation
 
     model, data = _tiny_classifier(tmp_path)
     monkeypatch.setattr(validation, "installed_sources", lambda: ())
@@ -500,7 +500,7 @@ def test_square_runs_without_torch_and_is_labelled_square(tmp_path, monkeypatch)
 
 
 def test_a_model_no_source_can_differentiate_is_an_error_not_a_weaker_attack(tmp_path, monkeypatch):
-    import gdws_onnx.validation as validation
+    import gdws_onnx.eval.validation as validation
 
     model, data = _tiny_classifier(tmp_path)
 

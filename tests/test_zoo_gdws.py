@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from gdws_onnx import optimize, validate
-from gdws_onnx.runtime import make_session
+from gdws_onnx.runtime.session import make_session
 
 VGG = Path(__file__).resolve().parents[1] / "models" / "vgg_small_fgsm.onnx"
 RESNET = VGG.with_name("resnet18_small_fgsm.onnx")

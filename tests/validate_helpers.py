@@ -53,7 +53,7 @@ def _model(nodes, inits, out, classes=10, batch="N") -> onnx.ModelProto:
 def fm_cnn_bytes(seed: int = 0, softmax: bool = False) -> bytes:
     """A small Conv/Relu/MaxPool/Gemm Fashion-MNIST classifier: random conv features and a
     ridge-regression Gemm fitted on 4000 training images (about 75-80% clean accuracy)."""
-    from gdws_onnx.runtime import make_session
+    from gdws_onnx.runtime.session import make_session
 
     nodes, inits, _ = _feature_model(seed)
     feat_model = _model(nodes, inits, "feat", classes=144)

@@ -6,7 +6,7 @@ and PGD-20 accuracy of:
   alpha=1            plain weight-space SVD, every weight counts the same
   grad (clean)       noise-gain alphas (`sensitivity.noise_gain_alphas`) on --cal-n clean training images
   grad (PGD)         the same at PGD-20 inputs (eps --eps) of those images
-  forward (noise-gain)  forward-only alphas (`forward_sensitivity.forward_alphas`, ONNX Runtime, no
+  forward (noise-gain)  forward-only alphas (`alphas.forward.forward_alphas`, ONNX Runtime, no
                      torch) with eq. 8's 1/(2 d^2) weighting
   forward (margin)   the same without it (forward_alphas' default)
   bias corr.         alpha=1 + `bias_correction` (mean output error on the same training images)
@@ -42,14 +42,14 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 from gdws_onnx import optimize  # noqa: E402
-from gdws_onnx.attacks import AttackSettings  # noqa: E402
+from gdws_onnx.eval.attacks import AttackSettings  # noqa: E402
 from gdws_onnx.data import load_dataset  # noqa: E402
-from gdws_onnx.forward_sensitivity import forward_alphas  # noqa: E402
-from gdws_onnx.report import json_default, versions  # noqa: E402
-from gdws_onnx.sensitivity import noise_gain_alphas  # noqa: E402
-from gdws_onnx.stats import mcnemar_exact, proportion  # noqa: E402
-from gdws_onnx import validation  # noqa: E402
-from gdws_onnx.validation import ValidateOptions  # noqa: E402
+from gdws_onnx.alphas.forward import forward_alphas  # noqa: E402
+from gdws_onnx.provenance import json_default, versions  # noqa: E402
+from gdws_onnx.alphas.noise_gain import noise_gain_alphas  # noqa: E402
+from gdws_onnx.core.stats import mcnemar_exact, proportion  # noqa: E402
+from gdws_onnx.eval import validation  # noqa: E402
+from gdws_onnx.eval.validation import ValidateOptions  # noqa: E402
 
 _evaluate_model = validation.evaluate_model  # one model's clean + PGD numbers, as validate() computes them
 

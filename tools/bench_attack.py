@@ -1,6 +1,6 @@
 """How long PGD-20 takes on a zoo model, and how much of it is attack bookkeeping.
 
-Runs `gdws_onnx.attacks.pgd` (white-box, gradients from the chosen source, decisions in ONNX
+Runs `gdws_onnx.eval.attacks.pgd` (white-box, gradients from the chosen source, decisions in ONNX
 Runtime) on the first --n Fashion-MNIST test images and splits the wall time into time inside
 the model (ORT forwards + gradient-source calls) and everything else (projection, sign steps,
 candidate tracking, batching). The target is overhead <= 20 % of the total.
@@ -20,10 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import onnx  # noqa: E402
 
 from gdws_onnx import optimize  # noqa: E402
-from gdws_onnx.attacks import AttackSettings, pgd  # noqa: E402
-from gdws_onnx.bench import BenchConfig, environment  # noqa: E402
+from gdws_onnx.eval.attacks import AttackSettings, pgd  # noqa: E402
+from gdws_onnx.runtime.bench import BenchConfig, environment  # noqa: E402
 from gdws_onnx.data import load_dataset  # noqa: E402
-from gdws_onnx.gradients import OrtClassifier, make_source  # noqa: E402
+from gdws_onnx.eval.gradients import OrtClassifier, make_source  # noqa: E402
 
 
 def run(model: onnx.ModelProto, label: str, x, y, source: str, batch: int, steps: int) -> dict:

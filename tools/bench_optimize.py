@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import onnx  # noqa: E402
 
-from gdws_onnx.model_io import load_model, save_model  # noqa: E402
-from gdws_onnx.optimize import OptimizeOptions, optimize_loaded  # noqa: E402
+from gdws_onnx.graph.model_io import load_model, save_model  # noqa: E402
+from gdws_onnx.pipeline.optimize import OptimizeOptions, optimize_loaded  # noqa: E402
 from models.reference import build_reference  # noqa: E402
 
 

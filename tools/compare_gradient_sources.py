@@ -23,9 +23,9 @@ import onnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gdws_onnx import optimize  # noqa: E402
-from gdws_onnx.bench import BenchConfig, environment  # noqa: E402
+from gdws_onnx.runtime.bench import BenchConfig, environment  # noqa: E402
 from gdws_onnx.errors import GDWSError  # noqa: E402
-from gdws_onnx.gradients import SOURCES, OrtClassifier, check_gradient_source, input_shape, make_source  # noqa: E402
+from gdws_onnx.eval.gradients import SOURCES, OrtClassifier, check_gradient_source, input_shape, make_source  # noqa: E402
 from models.reference import build_reference  # noqa: E402
 
 

@@ -3,7 +3,7 @@ inputs, at equal conv MACs against plain weight-space SVD (alpha = 1), measured 
 (first --n test images, clean and PGD-20 on each model).
 
 Per conv and input channel c the rewrite minimizes sum_c ||(W_c - Q_c) L_c||_F^2 with
-L_c L_c^T = (1 - lam) I + lam S_c / s (gdws_onnx.data_aware): lam = 0 is weight-space SVD, lam = 1
+L_c L_c^T = (1 - lam) I + lam S_c / s (gdws_onnx.calibrate.data_aware): lam = 0 is weight-space SVD, lam = 1
 per-channel whitening (the issue's first try). INPUTS is where S_c comes from: `clean` (the first
 --cal-n training images) or `pgd` (PGD-20 at --eps on those images, against the original model;
 written to a temporary .npz that is passed as --data).
@@ -27,12 +27,12 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 from gdws_onnx import optimize  # noqa: E402
-from gdws_onnx.attacks import AttackSettings  # noqa: E402
+from gdws_onnx.eval.attacks import AttackSettings  # noqa: E402
 from gdws_onnx.data import load_dataset  # noqa: E402
-from gdws_onnx.report import json_default, versions  # noqa: E402
-from gdws_onnx.sensitivity import pgd_inputs  # noqa: E402
-from gdws_onnx.stats import mcnemar_exact  # noqa: E402
-from gdws_onnx.validation import ValidateOptions, evaluate_model  # noqa: E402
+from gdws_onnx.provenance import json_default, versions  # noqa: E402
+from gdws_onnx.alphas.noise_gain import pgd_inputs  # noqa: E402
+from gdws_onnx.core.stats import mcnemar_exact  # noqa: E402
+from gdws_onnx.eval.validation import ValidateOptions, evaluate_model  # noqa: E402
 
 
 def calibration_file(model: onnx.ModelProto, inputs: str, n: int, eps: float, folder: str) -> str:

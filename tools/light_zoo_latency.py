@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import onnx  # noqa: E402
 
 from gdws_onnx import optimize  # noqa: E402
-from gdws_onnx.bench import BenchConfig, compare_models, environment  # noqa: E402
+from gdws_onnx.runtime.bench import BenchConfig, compare_models, environment  # noqa: E402
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 

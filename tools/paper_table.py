@@ -16,8 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gdws_onnx.sweep import SweepResult, load_sweep  # noqa: E402
-from gdws_onnx.sweep_report import METHOD_NAMES, baseline, batches, best_within, ok_points  # noqa: E402
+from gdws_onnx.sweep.run import SweepResult, load_sweep  # noqa: E402
+from gdws_onnx.sweep.report import METHOD_NAMES, baseline, batches, best_within, ok_points  # noqa: E402
 
 
 def _pct(v: float | None) -> str:

@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import onnx  # noqa: E402
 
 from gdws_onnx import optimize  # noqa: E402
-from gdws_onnx.bench import BenchConfig, compare_models, conv_macs  # noqa: E402
-from gdws_onnx.fold import FoldGatherPass  # noqa: E402
-from gdws_onnx.report import versions  # noqa: E402
+from gdws_onnx.runtime.bench import BenchConfig, compare_models, conv_macs  # noqa: E402
+from gdws_onnx.graph.fold import FoldGatherPass  # noqa: E402
+from gdws_onnx.provenance import versions  # noqa: E402
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import onnx  # noqa: E402
 
 from gdws_onnx import optimize, validate  # noqa: E402
-from gdws_onnx.bench import BenchConfig, compare_models, environment  # noqa: E402
-from gdws_onnx.report import versions  # noqa: E402
+from gdws_onnx.runtime.bench import BenchConfig, compare_models, environment  # noqa: E402
+from gdws_onnx.provenance import versions  # noqa: E402
 
 KINDS = {"error": "error_budget", "mac": "mac_reduction", "latency": "latency_reduction"}
 

@@ -8,7 +8,7 @@ import importlib
 import click
 from click.utils import make_default_short_help
 
-from .. import __version__
+from gdws_onnx import __version__
 
 # name -> (module, command attribute, the command's short help as `onnx-gdws --help` lists it;
 # tests/test_startup.py checks these against the commands' own docstrings)

@@ -8,10 +8,17 @@ from dataclasses import asdict
 import click
 from rich.table import Table
 
-from .. import bench
-from ..model_io import load_model
-from ..providers import parse_eps
-from .common import handle_errors, input_shape_option, parse_ints, shapes_from, stdout_console, write_text_atomic
+from gdws_onnx.runtime import bench
+from gdws_onnx.graph.model_io import load_model
+from gdws_onnx.runtime.providers import parse_eps
+from gdws_onnx.cli.common import (
+    handle_errors,
+    input_shape_option,
+    parse_ints,
+    shapes_from,
+    stdout_console,
+    write_text_atomic,
+)
 
 
 @click.command("bench")

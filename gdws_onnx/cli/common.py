@@ -12,8 +12,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..errors import GateFailed, GDWSError
-from ..runtime import parse_input_shapes
+from gdws_onnx.errors import GateFailed, GDWSError
+from gdws_onnx.runtime.session import parse_input_shapes
 
 
 def stdout_console() -> Console:

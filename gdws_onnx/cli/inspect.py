@@ -7,9 +7,9 @@ import json
 import click
 from rich.table import Table
 
-from ..inspect import TOP_RANKS, inspect_model, to_dicts
-from ..report import human
-from .common import handle_errors, input_shape_option, shapes_from, stdout_console
+from gdws_onnx.pipeline.inspection import TOP_RANKS, inspect_model, to_dicts
+from gdws_onnx.cli.render import human
+from gdws_onnx.cli.common import handle_errors, input_shape_option, shapes_from, stdout_console
 
 
 @click.command("inspect")

@@ -6,13 +6,20 @@ import time
 
 import click
 
-from ..errors import GateFailed
-from ..model_io import check_output_path, load_model, save_model
-from ..optimize import DEFAULT_ERROR_BUDGET, OptimizeOptions, optimize_loaded
-from ..report import bias_correction_lines, latency_lines, mismatch_lines, optimize_table, verification_lines
-from ..providers import parse_eps
-from .common import (handle_errors, parse_ints, input_shape_option, shapes_from, stderr_console, stdout_console,
-                     write_text_atomic)
+from gdws_onnx.errors import GateFailed
+from gdws_onnx.graph.model_io import check_output_path, load_model, save_model
+from gdws_onnx.pipeline.optimize import DEFAULT_ERROR_BUDGET, OptimizeOptions, optimize_loaded
+from gdws_onnx.cli.render import bias_correction_lines, latency_lines, mismatch_lines, optimize_table, verification_lines
+from gdws_onnx.runtime.providers import parse_eps
+from gdws_onnx.cli.common import (
+    handle_errors,
+    parse_ints,
+    input_shape_option,
+    shapes_from,
+    stderr_console,
+    stdout_console,
+    write_text_atomic,
+)
 
 
 @click.command("optimize")

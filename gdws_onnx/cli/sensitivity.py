@@ -8,12 +8,12 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..attacks import AttackSettings
-from ..errors import GDWSError
-from ..model_io import check_output_path, load_model
-from ..forward_sensitivity import DEFAULT_DRAWS, DEFAULT_NOISE, DEFAULT_WEIGHTING, WEIGHTINGS, forward_alphas
-from ..sensitivity import DEFAULT_MIN_MARGIN, load_samples, noise_gain_alphas, save_alphas
-from .common import handle_errors, stderr_console, stdout_console
+from gdws_onnx.eval.attacks import AttackSettings
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.graph.model_io import check_output_path, load_model
+from gdws_onnx.alphas.forward import DEFAULT_DRAWS, DEFAULT_NOISE, DEFAULT_WEIGHTING, WEIGHTINGS, forward_alphas
+from gdws_onnx.alphas.noise_gain import DEFAULT_MIN_MARGIN, load_samples, noise_gain_alphas, save_alphas
+from gdws_onnx.cli.common import handle_errors, stderr_console, stdout_console
 
 
 @click.command("sensitivity")
@@ -61,7 +61,7 @@ def sensitivity_cmd(model, data, n, method, batch_size, threads, attack, eps, st
 
     --method forward (no torch): alpha_{l,c} = per-channel input patch energy x a per-layer
     sensitivity measured by injecting Gaussian noise into one layer's weights at a time on ONNX
-    Runtime; its layer totals estimate the same sums (see gdws_onnx/forward_sensitivity.py).
+    Runtime; its layer totals estimate the same sums (see gdws_onnx/alphas/forward.py).
     """
     if not output.endswith(".npz"):
         raise GDWSError(f"-o must name an .npz file, got {output}")

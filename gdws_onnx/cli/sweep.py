@@ -7,11 +7,11 @@ import sys
 
 import click
 
-from ..attacks import ATTACKS
-from ..providers import parse_eps
-from ..sweep import DEFAULT_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
-from ..sweep_report import require_matplotlib, summary, time_lines, write_report
-from .common import handle_errors, parse_ints, progress_reporter, stdout_console
+from gdws_onnx.eval.attacks import ATTACKS
+from gdws_onnx.runtime.providers import parse_eps
+from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
+from gdws_onnx.sweep.report import require_matplotlib, summary, time_lines, write_report
+from gdws_onnx.cli.common import handle_errors, parse_ints, progress_reporter, stdout_console
 
 
 @click.command("sweep")

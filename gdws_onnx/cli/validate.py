@@ -5,10 +5,10 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..attacks import ATTACKS
-from ..errors import GateFailed
-from ..validation import GRADIENT_CHOICES, ValidateOptions, validate
-from .common import handle_errors, progress_reporter, stdout_console, write_text_atomic
+from gdws_onnx.eval.attacks import ATTACKS
+from gdws_onnx.errors import GateFailed
+from gdws_onnx.eval.validation import GRADIENT_CHOICES, ValidateOptions, validate
+from gdws_onnx.cli.common import handle_errors, progress_reporter, stdout_console, write_text_atomic
 
 
 def _pct(v, interval=None) -> str:

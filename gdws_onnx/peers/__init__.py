@@ -16,12 +16,23 @@ INT8 is ORT's static QDQ quantization (MinMax calibration) of a float model, GDW
 or not; its conv structure, and so its conv MACs, are the float model's.
 """
 
-from .common import PeerLayer, PeerReport
-from .prune import channel_chain, filter_norms, kept_filters, prune_channels
-from .quantize import calibration_batches, quantize_int8, restore_ir_version
-from .spatial_svd import (conv_out_size, dense_conv_macs, explicit_pads, geometry, relative_energy, relative_error,
-                          spatial_factors, spatial_matrix, spatial_reconstruct, spatial_spectrum, spatial_svd,
-                          ssvd_macs_per_rank)
+from gdws_onnx.peers.common import PeerLayer, PeerReport
+from gdws_onnx.peers.prune import channel_chain, filter_norms, kept_filters, prune_channels
+from gdws_onnx.peers.quantize import calibration_batches, quantize_int8, restore_ir_version
+from gdws_onnx.peers.spatial_svd import (
+    conv_out_size,
+    dense_conv_macs,
+    explicit_pads,
+    geometry,
+    relative_energy,
+    relative_error,
+    spatial_factors,
+    spatial_matrix,
+    spatial_reconstruct,
+    spatial_spectrum,
+    spatial_svd,
+    ssvd_macs_per_rank,
+)
 
 __all__ = ["PeerLayer", "PeerReport", "spatial_svd", "prune_channels", "quantize_int8", "calibration_batches",
            "channel_chain", "conv_out_size", "dense_conv_macs", "explicit_pads", "filter_norms", "geometry",

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from ..convs import ConvSite
-from ..errors import GDWSError
-from ..model_io import load_model
+from gdws_onnx.graph.convs import ConvSite
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.graph.model_io import load_model
 
 
 @dataclass

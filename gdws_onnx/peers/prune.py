@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..convs import ConstantResolver, ConvSite, find_convs
-from ..errors import GDWSError
-from ..rewrite import Names, replace_convs
-from .common import PeerLayer, PeerReport, copy_model, require_output_sizes, site_macs
+from gdws_onnx.graph.convs import ConstantResolver, ConvSite, find_convs
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.graph.rewrite import Names, replace_convs
+from gdws_onnx.peers.common import PeerLayer, PeerReport, copy_model, require_output_sizes, site_macs
 
 # Ops that act on each channel on its own, so a pruned channel can be dropped through them.
 CHANNELWISE_OPS = {"Relu", "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import GDWSError
-from .common import copy_model
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.peers.common import copy_model
 
 CALIBRATION_SAMPLES = 256
 CALIBRATION_BATCH = 32

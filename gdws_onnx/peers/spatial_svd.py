@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .. import allocate
-from ..convs import ConvSite, find_convs
-from ..errors import GDWSError
-from ..rewrite import Names, replace_convs
-from .common import PeerLayer, PeerReport, copy_model, require_output_sizes, site_macs
+from gdws_onnx.core import allocate
+from gdws_onnx.graph.convs import ConvSite, find_convs
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.graph.rewrite import Names, replace_convs
+from gdws_onnx.peers.common import PeerLayer, PeerReport, copy_model, require_output_sizes, site_macs
 
 # ---------------------------------------------------------------------------------------------
 # numpy math

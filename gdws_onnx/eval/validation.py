@@ -16,14 +16,23 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .attacks import ATTACKS, AttackSettings, autoattack, pgd, square_linf
-from .data import DataError, load_dataset
-from .errors import GateFailed, GDWSError
-from .gradients import (DEFAULT_SOURCE, SOURCE_PACKAGES, SOURCES, OrtClassifier, activation_quantizers,
-                        check_gradient_source, installed_sources, make_source, package_installed)
-from .model_io import load_model
-from .report import json_default, versions
-from .stats import error_stats, mcnemar_exact, proportion
+from gdws_onnx.eval.attacks import ATTACKS, AttackSettings, autoattack, pgd, square_linf
+from gdws_onnx.data import DataError, load_dataset
+from gdws_onnx.errors import GateFailed, GDWSError
+from gdws_onnx.eval.gradients import (
+    DEFAULT_SOURCE,
+    SOURCE_PACKAGES,
+    SOURCES,
+    OrtClassifier,
+    activation_quantizers,
+    check_gradient_source,
+    installed_sources,
+    make_source,
+    package_installed,
+)
+from gdws_onnx.graph.model_io import load_model
+from gdws_onnx.provenance import json_default, versions
+from gdws_onnx.core.stats import error_stats, mcnemar_exact, proportion
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (description, total) -> advance
 GRADIENT_CHOICES = ("auto", *SOURCES)

@@ -12,19 +12,27 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import allocate, decompose, latency
-from .convs import ConvSite, find_convs, node_label
-from .data import DataError, load_dataset
-from .errors import GDWSError
-from .fold import FoldGatherPass
-from .latency import Probe
-from .model_io import LoadedModel, load_model
-from .report import BudgetReport, LayerReport, OptimizeReport, VerificationReport, versions
-from .rewrite import GDWSRewritePass, LayerRewrite, layer_of
-from .runtime import (data_feeds, input_insensitive_outputs, make_session, probe_shapes, random_feeds,
-                      run_and_compare)
+from gdws_onnx.core import allocate, decompose
+from gdws_onnx.pipeline import latency
+from gdws_onnx.graph.convs import ConvSite, find_convs, node_label
+from gdws_onnx.data import DataError, load_dataset
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.graph.fold import FoldGatherPass
+from gdws_onnx.pipeline.candidates import DEFAULT_ERROR_BUDGET, Candidate
+from gdws_onnx.pipeline.latency import Probe
+from gdws_onnx.graph.model_io import LoadedModel, load_model
+from gdws_onnx.pipeline.report import BudgetReport, LayerReport, OptimizeReport, VerificationReport
+from gdws_onnx.provenance import versions
+from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite, layer_of
+from gdws_onnx.runtime.session import (
+    data_feeds,
+    input_insensitive_outputs,
+    make_session,
+    probe_shapes,
+    random_feeds,
+    run_and_compare,
+)
 
-DEFAULT_ERROR_BUDGET = 0.1
 VERIFY_SAMPLES = 256  # samples of a --data set spec used for verification
 CALIBRATION_SAMPLES = 1000  # samples of a --data set spec used by --bias-correction and --data-aware
 
@@ -158,19 +166,7 @@ def skip_reason(site: ConvSite, first: bool, opts: OptimizeOptions) -> str:
     return ""
 
 
-@dataclass
-class _Candidate:
-    site: ConvSite
-    spec: decompose.Spectrum
-    alpha: np.ndarray
-    ranks: np.ndarray | None = None
-    multiplier: bool = False
-    measured_ratio: dict[int, float] | None = None  # batch -> layer latency ratio (latency target)
-    fold: bool = False  # fold the Gather into the producer (measured faster, latency target)
-    reason: str = ""
-
-
-def _allocate(cands: list[_Candidate], sites: list[ConvSite], opts: OptimizeOptions) -> BudgetReport:
+def _allocate(cands: list[Candidate], sites: list[ConvSite], opts: OptimizeOptions) -> BudgetReport:
     """Choose ranks for every candidate by error, MAC or mismatch budget; set `reason` on those left alone."""
     if opts.mismatch_budget is not None:
         return _allocate_mismatch(cands, sites, opts.mismatch_budget)
@@ -212,7 +208,7 @@ def _require_sizes(sites: list[ConvSite], flag: str, which: str) -> None:
                         f"{'...' if len(names) > 3 else ''}: {why}")
 
 
-def _round_widths(cands: list[_Candidate], multiple: int, down: bool) -> None:
+def _round_widths(cands: list[Candidate], multiple: int, down: bool) -> None:
     """Round every chosen layer's GDWS width to a multiple: up (extra terms, less error) except
     under a MAC budget, where the lowest-value terms go instead so the budget stays met."""
     for c in cands:
@@ -221,7 +217,7 @@ def _round_widths(cands: list[_Candidate], multiple: int, down: bool) -> None:
                                            multiple, down=down)
 
 
-def _allocate_mismatch(cands: list[_Candidate], sites: list[ConvSite], budget: float) -> BudgetReport:
+def _allocate_mismatch(cands: list[Candidate], sites: list[ConvSite], budget: float) -> BudgetReport:
     """One global greedy over all candidates' alpha s^2 / cost terms (allocate.allocate_mismatch)."""
     _require_sizes([c.site for c in cands], "--mismatch-budget", "every candidate conv's")
     layers = [allocate.LayerCost(
@@ -245,7 +241,7 @@ def predicted_mismatch(cands: list, alphas: dict[str, np.ndarray]) -> float | No
     return float(sum(decompose.weighted_error(c.spec, c.ranks, c.alpha) for c in done))
 
 
-def _layer_report(site: ConvSite, reason: str, cand: _Candidate | None,
+def _layer_report(site: ConvSite, reason: str, cand: Candidate | None,
                   factors: decompose.GDWSFactors | None) -> LayerReport:
     w = site.weight
     rep = LayerReport(name=site.name, kernel=list(site.kernel_shape) if w is not None else [],
@@ -341,7 +337,7 @@ def _spectra(model: onnx.ModelProto, sites: list[ConvSite], opts: OptimizeOption
     metric blended from the channel's input second moments on the calibration data."""
     if opts.data_aware is None or not sites:
         return [decompose.spectrum(s.weight, s.group) for s in sites]
-    from .data_aware import blended_metric, channel_second_moments  # loads the attack code: only when asked
+    from gdws_onnx.calibrate.data_aware import blended_metric, channel_second_moments  # loads the attack code: only when asked
 
     arrays, _ = data_arrays(opts.data, CALIBRATION_SAMPLES)
     second = channel_second_moments(model, _named_inputs(model, arrays), sites, threads=opts.threads)
@@ -371,7 +367,7 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     t0 = time.perf_counter()
     reasons = {s.name: skip_reason(s, i == 0, opts) for i, s in enumerate(sites)}
     eligible = [s for s in sites if not reasons[s.name]]
-    cands = [_Candidate(s, spec, _alpha_for(s, alphas)) for s, spec in zip(eligible, _spectra(model, eligible, opts))]
+    cands = [Candidate(s, spec, _alpha_for(s, alphas)) for s, spec in zip(eligible, _spectra(model, eligible, opts))]
     missing = [c.site.name for c in cands if c.site.name not in alphas]
     if opts.mismatch_budget is not None and missing:
         raise GDWSError("--mismatch-budget needs alphas for every rewritable conv; --alphas has none "
@@ -403,7 +399,7 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     correction = None
     if opts.bias_correction and rewrites:
         t0 = time.perf_counter()
-        from .bias_correction import correct_biases  # loads the attack code: only when asked
+        from gdws_onnx.calibrate.bias_correction import correct_biases  # loads the attack code: only when asked
 
         arrays, desc = data_arrays(opts.data, CALIBRATION_SAMPLES)
         correction = correct_biases(model, rewrites, _named_inputs(model, arrays), threads=opts.threads)

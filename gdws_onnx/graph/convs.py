@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from .errors import GDWSError
+from gdws_onnx.core import geometry
+from gdws_onnx.errors import GDWSError
 
 NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike",
                         "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -246,16 +247,8 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | No
 
 
 def _conv_out_spatial(in_spatial, kernel, strides, pads, dilations, auto_pad):
-    out = []
-    n = len(kernel)
-    for i in range(n):
-        size, k, s, d = in_spatial[i], kernel[i], strides[i], dilations[i]
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            out.append(-(-size // s))
-        else:
-            pad = 0 if auto_pad == "VALID" else pads[i] + pads[i + n]
-            out.append((size + pad - ((k - 1) * d + 1)) // s + 1)
-    return tuple(out)
+    return geometry.out_spatial(in_spatial, kernel, strides,
+                                geometry.resolved_pads(in_spatial, kernel, strides, pads, dilations, auto_pad), dilations)
 
 
 ShapeProbe = Callable[[list[str]], dict[str, list[int]]]  # tensor names -> their dims from one run
@@ -337,3 +330,11 @@ def _resolve_unknown_shapes(model: onnx.ModelProto, base_dir: str, input_shapes:
                 _set_spatial(site, probed)
     for site in unknown():
         site.shape_note = note
+
+
+def site_geometry(site: ConvSite, in_spatial) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(kernel, strides, resolved pads, dilations) of a conv at this input size."""
+    k = list(site.kernel_shape)
+    pads = geometry.resolved_pads(list(in_spatial), k, list(site.strides), list(site.pads), list(site.dilations),
+                         site.auto_pad)
+    return k, list(site.strides), pads, list(site.dilations)

@@ -12,7 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from .errors import GDWSError
+from gdws_onnx.errors import GDWSError
 
 PROTOBUF_LIMIT = 2**31 - 1
 

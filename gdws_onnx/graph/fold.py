@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .convs import node_attrs, node_label
-from .rewrite import Names, _consumed, layer_of
+from gdws_onnx.graph.convs import node_attrs, node_label
+from gdws_onnx.graph.rewrite import Names, _consumed, layer_of
 
 # Ops that act on each channel alone (and keep channels on axis 1): a channel gather commutes.
 CHANNELWISE = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",

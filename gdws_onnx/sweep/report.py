@@ -9,8 +9,8 @@ import html
 import os
 from dataclasses import dataclass
 
-from .errors import GDWSError
-from .sweep import PointResult, SweepResult
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.sweep.run import PointResult, SweepResult
 
 METHOD_NAMES = {
     "original": "original", "gdws": "GDWS", "dws": "DWS (g=1)", "uniform": "uniform-rank GDWS",

@@ -25,15 +25,21 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import peers
-from .bench import BenchConfig, compare_models, conv_macs, environment
-from .data import DataError, load_dataset
-from .errors import GateFailed, GDWSError
-from .model_io import file_sha256, load_model, save_model
-from .optimize import optimize
-from .report import json_default, versions
-from .stats import mcnemar_exact, proportion
-from .validation import WHITE_BOX, ProgressFactory, ValidateOptions, check_attack_requirements, evaluate_model
+from gdws_onnx import peers
+from gdws_onnx.runtime.bench import BenchConfig, compare_models, conv_macs, environment
+from gdws_onnx.data import DataError, load_dataset
+from gdws_onnx.errors import GateFailed, GDWSError
+from gdws_onnx.graph.model_io import file_sha256, load_model, save_model
+from gdws_onnx.pipeline.optimize import optimize
+from gdws_onnx.provenance import json_default, versions
+from gdws_onnx.core.stats import mcnemar_exact, proportion
+from gdws_onnx.eval.validation import (
+    WHITE_BOX,
+    ProgressFactory,
+    ValidateOptions,
+    check_attack_requirements,
+    evaluate_model,
+)
 
 BUDGET_KINDS = {"error": "error_budget", "mac": "mac_reduction", "latency": "latency_reduction"}
 PEERS = ("dws", "uniform", "ssvd", "prune", "int8", "gdws+int8")

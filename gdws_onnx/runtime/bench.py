@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import providers
-from .errors import GDWSError
-from .rewrite import layer_of
-from .runtime import random_feeds, session_options
+from gdws_onnx.runtime import providers
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.graph.rewrite import layer_of
+from gdws_onnx.runtime.session import random_feeds, session_options
 
 Timer = Callable[[Callable[[], object]], float]
 Thresholds = float | tuple[float, ...] | None  # what a comparison must settle (`compare_until`)
@@ -334,7 +334,7 @@ def per_conv_times(model: onnx.ModelProto, node_times: dict[str, float]) -> dict
 
 def conv_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, int]:
     """MACs per sample of every conv, summed per original conv name (GDWS parts included)."""
-    from .convs import find_convs
+    from gdws_onnx.graph.convs import find_convs
 
     out: dict[str, int] = {}
     for s in find_convs(model, input_shapes=input_shapes):

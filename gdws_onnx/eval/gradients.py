@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .convs import node_attrs
-from .errors import GDWSError
-from .runtime import make_session
+from gdws_onnx.graph.convs import node_attrs
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.runtime.session import make_session
 
 SOURCES = ("torch", "onnx-ad")
 # Chosen by measurement (tools/compare_gradient_sources.py, tests/test_validation.py): onnx-ad

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .convs import ConvSite
-from .decompose import GDWSFactors
+from gdws_onnx.graph.convs import ConvSite
+from gdws_onnx.core.decompose import GDWSFactors
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ import copy
 import numpy as np
 import onnx
 
-from .convs import ConvSite
-from .decompose import channel_blocks
-from .forward_sensitivity import patches, site_geometry
-from .runtime import make_session, run_batches
+from gdws_onnx.graph.convs import ConvSite
+from gdws_onnx.core.decompose import channel_blocks
+from gdws_onnx.core.geometry import patches
+from gdws_onnx.graph.convs import site_geometry
+from gdws_onnx.runtime.session import make_session, run_batches
 
 PATCH_ELEMENTS = 1 << 24  # float64 patch values held at once while accumulating (128 MB)
 

@@ -21,11 +21,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import allocate, decompose
-from .bench import Ratio, format_ratio, ratio_of, verdict
-from .convs import ConvSite
-from .fold import FoldGatherPass
-from .rewrite import layer_model
+from gdws_onnx.core import allocate, decompose
+from gdws_onnx.runtime.bench import Ratio, format_ratio, ratio_of, verdict
+from gdws_onnx.graph.convs import ConvSite
+from gdws_onnx.graph.fold import FoldGatherPass
+from gdws_onnx.graph.rewrite import layer_model
+from gdws_onnx.pipeline.candidates import DEFAULT_ERROR_BUDGET, Candidate
 
 LADDER = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # G / C points measured per layer
 FASTER = 0.95  # a layer is kept only if the upper bound of its measured ratio is below this
@@ -285,14 +286,14 @@ def choose_folds(build: Callable[[list[str]], onnx.ModelProto], probes: dict[int
 
 def environment_key(ep: str, threads: int | None) -> dict:
     """What a cached layer latency depends on besides the layer itself."""
-    from .bench import BenchConfig, environment
+    from gdws_onnx.runtime.bench import BenchConfig, environment
 
     env = environment(BenchConfig(ep=ep, threads=threads))
     return {"ep": ep, "cpu": env["cpu"], "cpus": env["cpus"], "threads": threads or 0, "ort": ort.__version__}
 
 
 def _probes(opts, kind: str) -> dict[int, Probe]:
-    from .bench import BenchConfig, OrtProbe, Rounds
+    from gdws_onnx.runtime.bench import BenchConfig, OrtProbe, Rounds
 
     out = {}
     for b in opts.batches:
@@ -307,14 +308,14 @@ def _probes(opts, kind: str) -> dict[int, Probe]:
     return out
 
 
-def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
+def plan(cands: list[Candidate], model: onnx.ModelProto, opts) -> tuple:
     """Choose each candidate's ranks and realization by measured latency (sets `ranks`,
     `multiplier`, `measured_ratio` or `reason` on each) and run the never-slower check.
 
     Returns (BudgetReport, latency report dict). `model` is the unmodified original."""
-    from .errors import GDWSError
-    from .report import BudgetReport
-    from .rewrite import GDWSRewritePass, LayerRewrite
+    from gdws_onnx.errors import GDWSError
+    from gdws_onnx.pipeline.report import BudgetReport
+    from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
 
     unknown = [c.site.name for c in cands if c.site.in_spatial is None]
     if unknown:
@@ -328,7 +329,6 @@ def plan(cands: list, model: onnx.ModelProto, opts) -> tuple:
     for c in cands:
         sc = decompose.scores(c.spec, c.alpha)
         if opts.latency_reduction is None:
-            from .optimize import DEFAULT_ERROR_BUDGET
 
             eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
             ranks, beta = allocate.relative_lego(sc, eps, c.site.weight.dtype)

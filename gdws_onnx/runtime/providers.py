@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
-from .errors import GDWSError
+from gdws_onnx.errors import GDWSError
 
 ORT_NAMES = {
     "cpu": "CPUExecutionProvider",

@@ -37,12 +37,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .attacks import AttackSettings, _project, _random_start, check_budget
-from .convs import ConvSite, find_convs
-from .data import DataError, Dataset, load_dataset
-from .errors import GDWSError
-from .gradients import OrtClassifier, TorchReplica, input_shape, make_source
-from .report import json_default
+from gdws_onnx.eval.attacks import AttackSettings, _project, _random_start, check_budget
+from gdws_onnx.graph.convs import ConvSite, find_convs
+from gdws_onnx.data import DataError, Dataset, load_dataset
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.eval.gradients import OrtClassifier, TorchReplica, input_shape, make_source
+from gdws_onnx.provenance import json_default
 
 DEFAULT_MIN_MARGIN = 1e-3
 Progress = Callable[[int], None]

@@ -1,6 +1,6 @@
 """Adversarial attacks on an ONNX classifier whose decisions are taken on ONNX Runtime outputs.
 
-* `pgd`: PGD L-inf / L2 (numpy) driven by a `GradientSource` (gdws_onnx.gradients).
+* `pgd`: PGD L-inf / L2 (numpy) driven by a `GradientSource` (gdws_onnx.eval.gradients).
 * `square_linf`: the Square attack (Andriushchenko et al. 2020, L-inf, margin loss) using only
   ONNX Runtime forward passes: the gradient-free check and the fallback for unsupported ops.
 * `autoattack`: torchattacks' AutoAttack 'standard' over the ORT bridge (optional extra).
@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import GDWSError
-from .gradients import GradientSource
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.eval.gradients import GradientSource
 
 Forward = Callable[[np.ndarray], np.ndarray]  # x (N, ...) float32 -> logits (N, classes)
 Progress = Callable[[int], None]  # advance by k units
@@ -296,7 +296,7 @@ def autoattack(forward: Forward, source: GradientSource, x: np.ndarray, y: np.nd
     import torch
     import torchattacks
 
-    from .gradients import ort_module
+    from gdws_onnx.eval.gradients import ort_module
 
     t_start = time.perf_counter()
     model_t = [0.0]

@@ -6,7 +6,7 @@ per output channel m,
 
     mu_m = sum_{c, k} (W - Q)[m, c, k] * xbar[c, k],    xbar[c, k] = E x_c[p * s + k * d - pad]
 
-(xbar: the mean input patch, zero padding included, `forward_sensitivity.patch_means`). Setting
+(xbar: the mean input patch, zero padding included, `core.geometry.patch_means`). Setting
 the GDWS layer's bias to b + mu makes the layer's mean output error per channel zero on the
 calibration inputs, and it is the least-squares constant shift: it minimizes E ||y_W - y_Q - b'||^2
 over shifts b', so the layer's squared output error drops by exactly P ||mu||^2 per sample (P
@@ -32,12 +32,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .convs import ConstantResolver, ConvSite
-from .decompose import GDWSFactors, reconstruct
-from .errors import GDWSError
-from .forward_sensitivity import patch_means, patches, site_geometry
-from .rewrite import Names, _consumed
-from .runtime import ORT_TYPES, make_session, run_batches
+from gdws_onnx.graph.convs import ConstantResolver, ConvSite
+from gdws_onnx.core.decompose import GDWSFactors, reconstruct
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.core.geometry import patch_means, patches
+from gdws_onnx.graph.convs import site_geometry
+from gdws_onnx.graph.rewrite import Names, _consumed
+from gdws_onnx.runtime.session import ORT_TYPES, make_session, run_batches
 
 
 # ----------------------------------------------------------------------------- numpy
@@ -191,7 +192,7 @@ def correct_biases(model: onnx.ModelProto, rewrites: list, feeds: dict[str, np.n
 
 
 def _out_shape(site: ConvSite, in_spatial) -> tuple[int, ...]:
-    from .forward_sensitivity import out_spatial
+    from gdws_onnx.core.geometry import out_spatial
 
     k, s, p, d = site_geometry(site, in_spatial)
     return out_spatial(in_spatial, k, s, p, d)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from . import decompose
-from .convs import find_convs
-from .model_io import load_model
-from .optimize import OptimizeOptions, skip_reason
-from .runtime import probe_shapes
+from gdws_onnx.core import decompose
+from gdws_onnx.graph.convs import find_convs
+from gdws_onnx.graph.model_io import load_model
+from gdws_onnx.pipeline.optimize import OptimizeOptions, skip_reason
+from gdws_onnx.runtime.session import probe_shapes
 
 TOP_RANKS = (1, 2, 4)
 

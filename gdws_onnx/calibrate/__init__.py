@@ -1,0 +1,1 @@
+"""Calibration on data: the data-aware truncation metric and bias correction."""

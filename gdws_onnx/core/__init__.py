@@ -1,0 +1,1 @@
+"""Numerical core, numpy only: per-channel SVD (decompose), rank allocation (allocate), statistics (stats)."""

@@ -1,0 +1,1 @@
+"""Evaluation: gradient sources, white-box attacks, and clean/robust validation judged by ONNX Runtime."""

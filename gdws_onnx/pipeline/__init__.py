@@ -1,0 +1,1 @@
+"""The user-facing pipelines: optimize (with latency planning), inspection, and their reports."""

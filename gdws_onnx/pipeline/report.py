@@ -1,0 +1,134 @@
+"""Report dataclasses for `optimize` and their renderings (a rich table, JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from gdws_onnx.runtime.session import OutputComparison
+
+
+@dataclass
+class LayerReport:
+    """One Conv: what it was, what happened to it, and why."""
+
+    name: str
+    kernel: list[int]
+    in_channels: int
+    out_channels: int
+    groups: int
+    status: str  # "rewritten" or "skipped"
+    reason: str = ""
+    weight_source: str = ""
+    max_rank: int = 0  # min(M / groups, K)
+    total_rank: int = 0  # G = sum_c g_c
+    realization: str = ""  # "gather+dw+pw" or "dw+pw" (no Gather needed)
+    macs_per_pixel_before: int = 0
+    macs_per_pixel_after: int = 0
+    pixels: int | None = None  # output pixels per sample, when the shape is known
+    params_before: int = 0
+    params_after: int = 0
+    relative_error: float = 0.0  # sum alpha ||W - Q||^2 / sum alpha ||W||^2
+    measured_ratio: dict[int, float] | None = None  # batch -> GDWS / original layer latency
+
+    @property
+    def macs_before(self) -> int | None:
+        return None if self.pixels is None else self.pixels * self.macs_per_pixel_before
+
+    @property
+    def macs_after(self) -> int | None:
+        return None if self.pixels is None else self.pixels * self.macs_per_pixel_after
+
+
+@dataclass
+class BudgetReport:
+    """The budget asked for and what was achieved."""
+
+    mode: str  # "error", "macs", "latency", "mismatch" or "uniform"
+    target: float
+    # what the budget measured, in the target's unit: largest rewritten layer's relative error
+    # (error), conv MAC ratio before / after (macs), measured whole-model speed-up original /
+    # optimized (latency), predicted mismatch (mismatch); None when not known or for "uniform".
+    # The conv MAC ratio is always in OptimizeReport.mac_reduction.
+    achieved: float | None
+    met: bool = True
+    message: str = ""
+
+
+@dataclass
+class VerificationReport:
+    """Original vs optimized outputs in ONNX Runtime."""
+
+    ran: bool
+    inputs: str = ""  # "random (seed 0, shapes ...)" or "data file ..."
+    outputs: list[OutputComparison] = field(default_factory=list)
+    max_error: float | None = None  # the gate on relative error, if any
+    passed: bool = True
+    message: str = ""
+    # outputs whose values stayed the same when the original ran on a second, different input:
+    # they do not depend on the input, so agreeing on them does not show the rewrite right on real inputs
+    constant_outputs: list[str] = field(default_factory=list)
+    vacuous: bool = False  # every compared output is such (e.g. onnx's light-zoo models)
+
+
+@dataclass
+class OptimizeReport:
+    """Everything `optimize` did, for the summary table and `--report FILE.json`."""
+
+    layers: list[LayerReport]
+    budget: BudgetReport
+    verification: VerificationReport
+    options: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=dict)
+    latency: dict | None = None  # --target latency: environment, cache, whole-model checks
+    # sum over rewritten convs of sum_c alpha_c e_c: with noise-gain alphas (`onnx-gdws sensitivity`)
+    # the first-order bound on P(top-1 differs); None unless every rewritten conv has alphas
+    predicted_mismatch: float | None = None
+    # --bias-correction: bias_correction.BiasCorrectionReport.to_dict() (per layer shifts)
+    bias_correction: dict | None = None
+
+    def _total(self, attr: str) -> int | None:
+        vals = [getattr(layer, attr) for layer in self.layers]
+        return None if any(v is None for v in vals) else int(sum(vals))
+
+    @property
+    def conv_macs_before(self) -> int | None:
+        return self._total("macs_before")
+
+    @property
+    def conv_macs_after(self) -> int | None:
+        return self._total("macs_after")
+
+    @property
+    def mac_reduction(self) -> float | None:
+        b, a = self.conv_macs_before, self.conv_macs_after
+        return b / a if b and a else None
+
+    @property
+    def rewritten(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status == "rewritten"]
+
+    def to_dict(self) -> dict:
+        layers = []
+        for layer in self.layers:
+            d = asdict(layer)
+            d["macs_before"], d["macs_after"] = layer.macs_before, layer.macs_after
+            layers.append(d)
+        return {
+            "summary": {
+                "convs": len(self.layers), "rewritten": len(self.rewritten),
+                "conv_macs_before": self.conv_macs_before, "conv_macs_after": self.conv_macs_after,
+                "mac_reduction": self.mac_reduction, "predicted_mismatch": self.predicted_mismatch,
+                "params_before": sum(layer.params_before for layer in self.layers),
+                "params_after": sum(layer.params_after for layer in self.layers),
+            },
+            "budget": asdict(self.budget),
+            "verification": {**asdict(self.verification),
+                             "outputs": [o.to_dict() for o in self.verification.outputs]},
+            "layers": layers, "latency": self.latency, "options": self.options, "timings": self.timings,
+            "versions": self.versions, "bias_correction": self.bias_correction,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
