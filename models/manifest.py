@@ -102,6 +102,8 @@ def entry(onnx_path: Path, log: dict) -> dict:
         },
         "export_parity_max_abs": log.get("export_parity_max_abs"),
         "conv_layers": conv_spectra(model),
+        # raw conv weights at initialization (BN is the identity there), from the training log
+        "conv_energy_at_init": next((e["convs"] for e in log.get("spectra_per_epoch", []) if e["epoch"] == 0), None),
         "log": f"logs/{log.get('name', onnx_path.stem)}.json",
     }
 

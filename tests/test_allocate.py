@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gdws_onnx.core import allocate, decompose
+from gdws_onnx.errors import GDWSError
 
 
 def _scores(rng, c, m, k, ties=False):
@@ -164,3 +165,68 @@ def test_optimize_width_multiple(budget):
         assert sum(lay.total_rank for lay in rounded.rewritten) >= sum(lay.total_rank for lay in plain.rewritten)
     else:  # rounded down: the MAC budget still holds
         assert rounded.mac_reduction >= 1.5 and rounded.budget.met
+
+
+def test_flat_options_land_in_their_groups_and_the_report_lists_them_flat():
+    from gdws_onnx.pipeline.options import FLAT, GROUP_OF, BudgetOptions, OptimizeOptions
+
+    assert set(GROUP_OF) == set(FLAT)  # every option is in exactly one group, and reported
+    opts = OptimizeOptions(error_budget=0.05, skip_first=False, data="d.npz", ep="cuda", batches=[1, 8],
+                           max_error=0.1, bias_correction=True, threads=2)
+    assert (opts.budget.error_budget, opts.selection.skip_first, opts.run.data, opts.timing.ep,
+            opts.verification.max_error, opts.calibration.bias_correction, opts.run.threads) == \
+        (0.05, False, "d.npz", "cuda", 0.1, True, 2)
+    d = opts.to_dict()
+    assert list(d) == [k for k in FLAT if k != "probe_factory"]
+    assert (d["error_budget"], d["batches"], d["skip_first"], d["mac_reduction"]) == (0.05, [1, 8], False, None)
+    assert OptimizeOptions(alphas={"conv1": [1.0]}).to_dict()["alphas"] == "<dict>"
+    whole = OptimizeOptions(budget=BudgetOptions(mac_reduction=2.0), skip_first=False)
+    assert whole.budget.mac_reduction == 2.0 and not whole.selection.skip_first
+    with pytest.raises(TypeError, match="error_budgte"):
+        OptimizeOptions(error_budgte=0.1)
+
+
+def test_the_budget_options_choose_the_planner():
+    from gdws_onnx.pipeline import budgets
+    from gdws_onnx.pipeline.latency import LatencyPlanner
+    from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET, OptimizeOptions
+
+    cases = [({}, budgets.ErrorPlanner), ({"error_budget": 0.05}, budgets.ErrorPlanner),
+             ({"mac_reduction": 2.0}, budgets.MacPlanner), ({"mismatch_budget": 0.1}, budgets.MismatchPlanner),
+             ({"uniform_rank": 2}, budgets.UniformPlanner), ({"target": "latency"}, LatencyPlanner),
+             ({"target": "latency", "latency_reduction": 1.5}, LatencyPlanner)]
+    for options, planner in cases:
+        assert type(budgets.planner_for(OptimizeOptions(**options))) is planner, options
+    assert budgets.planner_for(OptimizeOptions()).eps == DEFAULT_ERROR_BUDGET
+    assert budgets.planner_for(OptimizeOptions(error_budget=0.05)).eps == 0.05
+    assert budgets.planner_for(OptimizeOptions(mac_reduction=2.0, width_multiple=8)).width_multiple == 8
+    assert budgets.planner_for(OptimizeOptions(uniform_rank=3)).rank == 3
+
+
+def test_planners_set_ranks_on_the_candidates_and_report_the_budget():
+    """Each planner fills in the candidates it is given and returns its budget: the error planner
+    keeps every layer within eps, the uniform one gives every channel min(g, max rank) terms."""
+    from builders import small_cnn
+
+    from gdws_onnx.graph.convs import find_convs
+    from gdws_onnx.pipeline import budgets
+    from gdws_onnx.pipeline.candidates import Candidate
+
+    model = small_cnn()
+    sites = find_convs(model)[1:]
+
+    def cands():
+        return [Candidate(s, decompose.spectrum(s.weight, s.group), np.ones(s.in_channels)) for s in sites]
+
+    error = cands()
+    plan = budgets.ErrorPlanner(0.2).plan(error, sites, model)
+    assert (plan.budget.mode, plan.budget.target, plan.latency) == ("error", 0.2, None)
+    for c in error:
+        energy = decompose.weighted_energy(c.spec, c.alpha)
+        assert decompose.weighted_error(c.spec, c.ranks, c.alpha) <= 0.2 * energy * (1 + 1e-9)
+    uniform = cands()
+    plan = budgets.UniformPlanner(2).plan(uniform, sites, model)
+    assert plan.budget.mode == "uniform" and all((c.ranks == min(2, c.spec.max_rank)).all() for c in uniform)
+    unweighted = cands()
+    with pytest.raises(GDWSError, match="mismatch_budget needs alphas for every rewritable conv"):
+        budgets.MismatchPlanner(0.1).plan(unweighted, sites, model)

@@ -10,24 +10,19 @@ from onnx.reference import ReferenceEvaluator
 
 from gdws_onnx.core import decompose
 from gdws_onnx import optimize
-from gdws_onnx.calibrate.bias_correction import correct_biases, mean_output_error
+from gdws_onnx.calibrate.bias_correction import BiasCorrectionPass, BiasSite, mean_output_error
 from gdws_onnx.cli import main
-from gdws_onnx.graph.convs import find_convs
+from gdws_onnx.graph.convs import ConstantResolver, find_convs
+from gdws_onnx.graph.pattern import node_name
 from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
-from gdws_onnx.runtime.session import make_session
+from gdws_onnx.runtime.session import make_session, with_outputs
 
 from builders import tiny_inputs, tiny_model
 
 
 def _outputs(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
     """ORT values of intermediate tensors (the graph input passes through)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have and n != "x":
-            m.graph.output.append(onnx.ValueInfoProto(name=n))
-    sess = make_session(m)
+    sess = make_session(with_outputs(model, names))
     want = [n for n in names if n != "x"]
     vals = dict(zip(want, sess.run(want, {"x": x})))
     vals["x"] = x
@@ -99,8 +94,8 @@ def test_corrected_layers_have_zero_mean_error_and_no_larger_squared_error(tmp_p
                                                acts[a.node.output[0]].shape), atol=1e-5)
 
 
-def test_correct_biases_reports_its_own_objective():
-    """correct_biases' squared errors (from patch Gram matrices) match the direct computation, and
+def test_bias_correction_reports_its_own_objective():
+    """The pass's squared errors (from patch Gram matrices) match the direct computation, and
     after = before - P ||mu||^2 <= before."""
     model = tiny_model(1)
     x = tiny_inputs(12, seed=7)
@@ -116,7 +111,9 @@ def test_correct_biases_reports_its_own_objective():
                      for r in rewrites]).call(rewritten)
     before = onnx.ModelProto()
     before.CopyFrom(rewritten)
-    rep = correct_biases(rewritten, rewrites, {"x": x}, batch_size=5, squared_error=True)
+    result = BiasCorrectionPass(rewrites, {"x": x}, batch_size=5, squared_error=True).call(rewritten)
+    rep = result.report
+    assert result.modified and result.model is rewritten
     acts = _outputs(rewritten, [s.node.input[0] for s in sites], x)
     for r, rec in zip(rewrites, rep.layers):
         s = r.site
@@ -130,8 +127,28 @@ def test_correct_biases_reports_its_own_objective():
         assert rec.max_abs_shift == pytest.approx(np.abs(mu).max(), rel=1e-6)
     # conv_c had no bias: now it has one; conv_b's old bias, read by nothing else, is gone
     names = {t.name for t in rewritten.graph.initializer}
-    assert names == ({t.name for t in before.graph.initializer} - {"bb"}) | {"conv_b/gdws/pw_bias",
-                                                                            "conv_c/gdws/pw_bias"}
+    assert names == ({t.name for t in before.graph.initializer} - {"bb"}) | {node_name("conv_b", "pw_bias"),
+                                                                            node_name("conv_c", "pw_bias")}
+
+
+def test_a_conv_whose_bias_is_computed_at_run_time_is_skipped_with_the_reason():
+    model = tiny_model(2)
+    model.graph.node.insert(0, helper.make_node("RandomNormal", [], ["bb_random"], name="noise", shape=[6],
+                                                dtype=onnx.TensorProto.FLOAT, seed=1.0))
+    conv_b = next(n for n in model.graph.node if n.name == "conv_b")
+    conv_b.input[2] = "bb_random"
+    sites = [s for s in find_convs(model) if s.name in ("conv_b", "conv_c")]
+    rewrites = [LayerRewrite(s, decompose.factors(spec, np.ones(spec.in_channels, np.int64)))
+                for s, spec in ((s, decompose.spectrum(s.weight, s.group)) for s in sites)]
+    GDWSRewritePass(rewrites).call(model)
+    pw_b = next(n for n in model.graph.node if n.output[0] == "b")
+    correction = BiasCorrectionPass(rewrites, {"x": tiny_inputs(6)}, batch_size=4)
+    reason = correction.check(BiasSite(rewrites[0], pw_b, ConstantResolver(model)))
+    assert "bias is not constant" in reason and "RandomNormal" in reason
+    result = correction.call(model)
+    assert [(layer.name, layer.status, layer.reason) for layer in result.report.layers] == [
+        ("conv_b", "skipped", reason), ("conv_c", "corrected", "")]
+    assert pw_b.input[2] == "bb_random"  # left as it was
 
 
 def test_mean_output_error_grouped_matches_dense():

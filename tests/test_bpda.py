@@ -3,6 +3,7 @@ clipped straight-through estimator (BPDA), its gate, and validate() adding Squar
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
@@ -23,6 +24,8 @@ from gdws_onnx.eval.gradients import (
     dequantized_surrogate,
     make_source,
 )
+from gdws_onnx.eval.gradients.qdq import DequantizedSurrogate
+from gdws_onnx.eval.gradients.torch_ops import qparam
 from validate_helpers import fashion, fm_cnn, op_model
 
 torch = pytest.importorskip("torch")
@@ -195,6 +198,22 @@ def test_replica_matches_ort_int8_kernels_and_passes_the_bpda_gate(int8_both, da
     assert np.mean(OrtClassifier(sur)(x).argmax(1) == ref.argmax(1)) >= 0.9
 
 
+def test_dequantized_surrogate_is_a_pass(float_model, int8_model):
+    """The pass convention: `call` edits the model it is given and reports what it did; the
+    function leaves its input alone; a float model is not modified."""
+    m = copy.deepcopy(int8_model)
+    res = DequantizedSurrogate().call(m)
+    assert res.model is m and res.modified
+    assert res.report.activations_clamped == len(activation_quantizers(int8_model)) > 0
+    assert res.report.constants_evaluated > 0
+    assert not {n.op_type for n in m.graph.node} & set(QDQ_OPS)
+    assert {n.op_type for n in int8_model.graph.node} >= set(QDQ_OPS)  # the copy was edited, not the fixture
+    assert dequantized_surrogate(int8_model).graph == m.graph
+    f = copy.deepcopy(float_model)
+    res = DequantizedSurrogate().call(f)
+    assert not res.modified and res.model.graph == float_model.graph
+
+
 class _Unclipped:
     """The 'identity everywhere' straight-through estimator: it ignores the saturation that
     stands for the Relu the quantizer removed."""
@@ -208,7 +227,7 @@ class _Unclipped:
             out = orig(ins, a)
             if not ins[0].requires_grad:
                 return out
-            v = ins[0] / replica._qparam(ins[1].to(ins[0].dtype), ins[0], a)
+            v = ins[0] / qparam(ins[1].to(ins[0].dtype), ins[0], a)
             return out.detach() + (v - v.detach())
 
         replica._quantize = quantize
@@ -252,6 +271,7 @@ def test_onnx_ad_refuses_qdq_models(int8_model):
         make_source(int8_model, "onnx-ad")
 
 
+@pytest.mark.slow
 def test_validate_float_vs_int8_adds_square_and_labels_bpda(float_model, int8_model, data):
     x, y = data[0][:32], data[1][:32]
     r = validate(float_model, int8_model, x=x, y=y, eps=0.05, steps=5, queries=50)

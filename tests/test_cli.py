@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 
 from gdws_onnx import optimize
 from gdws_onnx.cli import main
+from gdws_onnx.graph.pattern import find_gdws_layers
 from gdws_onnx.runtime.session import make_session
 
 
@@ -24,21 +25,30 @@ def _invoke(runner, *args):
     return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_optimize_writes_a_valid_faster_model_and_report(runner, cnn_path, tmp_path):
+def _conv_macs(model: onnx.ModelProto, pixels: int) -> int:
+    """Conv MACs per sample counted from the weights alone: every Conv of these models keeps the
+    12x12 plane, so a Conv costs (its weight's elements) x (output pixels)."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    return sum(sizes[n.input[1]] for n in model.graph.node if n.op_type == "Conv") * pixels
+
+
+def test_optimize_writes_a_valid_model_with_fewer_macs_and_its_report(runner, cnn_path, tmp_path):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     r = _invoke(runner, "optimize", cnn_path, "-o", out, "--error-budget", "0.2", "--report", rep)
     assert r.exit_code == 0, r.output
     onnx.checker.check_model(onnx.load(out), full_check=True)
     report = json.loads(rep.read_text())
     assert report["summary"]["rewritten"] == 2  # conv0 is the first conv
-    assert report["summary"]["mac_reduction"] > 1
+    # the MACs the report claims are those of the written file, counted independently here
+    before, after = _conv_macs(onnx.load(cnn_path), 144), _conv_macs(onnx.load(out), 144)
+    assert (report["summary"]["conv_macs_before"], report["summary"]["conv_macs_after"]) == (before, after)
+    assert after < before and report["summary"]["mac_reduction"] == pytest.approx(before / after)
     assert report["verification"]["ran"] and report["verification"]["outputs"][0]["top1_agreement"] is not None
     for layer in report["layers"]:
         assert layer["relative_error"] <= 0.2 + 1e-12
     assert {"onnx", "onnxruntime", "numpy"} <= set(report["versions"])
     assert "rewritten" in r.output and "verified in ONNX Runtime" in r.output
-    names = [n.name for n in onnx.load(out).graph.node]
-    assert "conv1/gdws/dw" in names and "conv1/gdws/pw" in names
+    assert "conv1" in {g.layer for g in find_gdws_layers(onnx.load(out).graph)}  # its dw -> pw chain
 
 
 def test_output_is_byte_identical_across_runs(runner, cnn_path, tmp_path):
@@ -142,6 +152,39 @@ def test_bad_options(runner, cnn_path, tmp_path, args, needle):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.parametrize("options,python,args,cli", [
+    ({"error_budget": 1.5}, "error_budget must be in [0, 1)", ["--error-budget", "1.5"],
+     "--error-budget must be in [0, 1)"),
+    ({"target": "latency", "runs": 2}, "batches needs positive sizes and runs at least 3",
+     ["--target", "latency", "--runs", "2"], "--batch needs positive sizes and --runs at least 3"),
+    ({"bias_correction": True}, "bias_correction needs data", ["--bias-correction"], "--bias-correction needs --data"),
+    ({"alphas": "a{1}.json"}, "alphas file not found: a{1}.json", ["--alphas", "a{1}.json"],
+     "--alphas file not found: a{1}.json"),
+])
+def test_option_errors_name_the_parameter_in_python_and_the_flag_in_the_cli(runner, cnn_path, tmp_path, options,
+                                                                            python, args, cli):
+    from gdws_onnx.errors import OptionError
+
+    with pytest.raises(OptionError) as e:
+        optimize(cnn_path, **options)
+    assert str(e.value).startswith(python) and "--" not in str(e.value)
+    r = _invoke(runner, "optimize", cnn_path, "-o", tmp_path / "o.onnx", *args)
+    assert r.exit_code == 2 and r.output.startswith(f"error: {cli}"), r.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "{model}", "--batch", "0"], "--batch takes positive integers"),
+    (["bench", "{model}", "--ep", "tpu"], "unknown execution provider(s) ['tpu']"),
+    (["optimize", "{model}", "-o", "{out}", "--batch", "1,x"], "--batch takes comma-separated integers"),
+    (["inspect", "{model}", "--input-shape", "x=1"], "bad --input-shape 'x=1'"),
+])
+def test_shared_options_are_parsed_under_the_error_handler(runner, cnn_path, tmp_path, args, needle):
+    """The option groups of cli/args.py parse inside handle_errors: one 'error:' line, exit 2."""
+    r = _invoke(runner, *(a.format(model=cnn_path, out=tmp_path / "o.onnx") for a in args))
+    assert r.exit_code == 2 and r.output.startswith("error:") and needle in r.output, r.output
+    assert r.output.count("\n") == 1 and not (tmp_path / "o.onnx").exists()
+
+
 def test_unwritable_output_and_input_overwrite(runner, cnn_path, tmp_path):
     r = _invoke(runner, "optimize", cnn_path, "-o", tmp_path / "missing" / "o.onnx")
     assert r.exit_code == 2 and "output folder does not exist" in r.output
@@ -190,7 +233,7 @@ def test_mac_reduction_needs_known_shapes(tmp_path):
     model = small_cnn()
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "H", "W"
-    with pytest.raises(Exception, match="--input-shape"):
+    with pytest.raises(Exception, match="input_shapes"):  # the parameter, not the CLI flag
         optimize(model, mac_reduction=2, verify=False)
     _, report = optimize(model, mac_reduction=2, verify=False, input_shapes={"x": [1, 3, 12, 12]})
     assert report.mac_reduction is not None
@@ -204,10 +247,42 @@ def test_unknown_spatial_dims_skip_verification_with_a_message():
     assert not report.verification.ran and "unknown dimension 2" in report.verification.message
 
 
+def _terms_and_weight(model: onnx.ModelProto, layer: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """From a written model: the number of GDWS terms each input channel of `layer` got, and the
+    conv weight its Gather -> depthwise -> pointwise chain computes (groups = 1)."""
+    from gdws_onnx.graph.pattern import find_gdws_layers
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    chain = next(c for c in find_gdws_layers(model.graph) if c.layer == layer)
+    dw, pw = inits[chain.depthwise.input[1]], inits[chain.pointwise.input[1]][:, :, 0, 0]
+    source = (inits[chain.gather.input[1]] if chain.gather is not None
+              else np.arange(dw.shape[0]) // (dw.shape[0] // channels))  # term g reads this input channel
+    weight = np.zeros((pw.shape[0], channels, *dw.shape[2:]))
+    for g, c in enumerate(source):
+        weight[:, c] += pw[:, g, None, None] * dw[g, 0]
+    return np.bincount(source, minlength=channels), weight
+
+
 def test_alphas_steer_the_allocation(tmp_path):
-    alphas = {"conv1": [0.0] * 4 + [1.0] * 4}
-    _, report = optimize(small_cnn(), error_budget=0.05, alphas=alphas, verify=False)
-    assert report.layers[1].status == "rewritten"
+    """Per-channel weights move terms between channels: the weighted error meets the budget, and
+    channels weighted 100x less lose all their terms (without alphas every channel keeps some)."""
+    model, budget = small_cnn(), 0.2
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1")).astype(np.float64)
+    plain, _ = optimize(model, error_budget=budget, force=True, verify=False)
+    terms, _ = _terms_and_weight(plain, "conv1", 8)
+    assert (terms > 0).all()
+    for heavy in (slice(0, 4), slice(4, 8)):
+        alpha = np.ones(8)
+        alpha[heavy] = 100.0
+        out, report = optimize(model, error_budget=budget, alphas={"conv1": alpha}, force=True, verify=False)
+        terms, q = _terms_and_weight(out, "conv1", 8)
+        light = np.ones(8, bool)
+        light[heavy] = False
+        assert (terms[light] == 0).all() and (terms[heavy] > 0).all(), terms
+        per_channel = ((w - q) ** 2).sum(axis=(0, 2, 3)), (w ** 2).sum(axis=(0, 2, 3))
+        weighted = (alpha * per_channel[0]).sum() / (alpha * per_channel[1]).sum()
+        assert weighted <= budget + 1e-6 and report.layers[1].relative_error == pytest.approx(weighted, rel=1e-4)
+        assert per_channel[0].sum() / per_channel[1].sum() > budget  # unweighted, the budget is exceeded
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"convX": [1.0]}))
     with pytest.raises(Exception, match="not in the model"):

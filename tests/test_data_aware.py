@@ -154,7 +154,7 @@ def test_optimize_data_aware_full_rank_is_exact(tmp_path):
 
 
 def test_data_aware_bad_input(tmp_path):
-    with pytest.raises(GDWSError, match="needs --data"):
+    with pytest.raises(GDWSError, match="data_aware needs data"):
         optimize(tiny_model(), mac_reduction=1.5, data_aware=0.5)
     with pytest.raises(GDWSError, match=r"\(0, 1\]"):
         optimize(tiny_model(), mac_reduction=1.5, data_aware=0.0, data="x.npz")

@@ -12,7 +12,8 @@ from gdws_onnx.core import decompose
 from gdws_onnx import optimize
 from gdws_onnx.runtime.bench import Ratio
 from gdws_onnx.graph.convs import find_convs
-from gdws_onnx.graph.fold import FoldGatherPass
+from gdws_onnx.graph.fold import FoldGatherPass, FoldSite, GraphIndex
+from gdws_onnx.graph.pattern import DEPTHWISE, find_gdws_layers, is_gdws_node
 from gdws_onnx.cli.render import latency_lines
 from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
 
@@ -57,7 +58,7 @@ def _gdws_full_rank(model: onnx.ModelProto, layer: str = "conv1") -> onnx.ModelP
     site = next(s for s in find_convs(model) if s.name == layer)
     spec = decompose.spectrum(site.weight, site.group)
     f = decompose.factors(spec, np.full(site.in_channels, spec.max_rank))
-    return GDWSRewritePass([LayerRewrite(site, f)]).call(model)
+    return GDWSRewritePass([LayerRewrite(site, f)]).call(model).model
 
 
 def _run(model: onnx.ModelProto) -> np.ndarray:
@@ -83,10 +84,11 @@ def _check_fold_exact(chain, target_group, unnamed=False):
         model.graph.node[0].name = ""
     rewritten = _gdws_full_rank(model)
     assert any(n.op_type == "Gather" for n in rewritten.graph.node)
-    fold = FoldGatherPass()
-    folded = fold.call(onnx.ModelProto.FromString(rewritten.SerializeToString()))
+    result = FoldGatherPass().call(onnx.ModelProto.FromString(rewritten.SerializeToString()))
+    folded = result.model
     onnx.checker.check_model(folded)
-    assert fold.folded == {"conv1": "t0" if unnamed else "conv0"}
+    assert result.modified and result.report.folded == {"conv1": "t0" if unnamed else "conv0"}
+    assert result.report.skipped == {}
     assert not any(n.op_type == "Gather" for n in folded.graph.node)
     w0 = next(t for t in folded.graph.initializer if t.name.startswith("w0"))
     assert w0.dims[0] > 8  # the producer emits the G > C gathered channels
@@ -96,14 +98,19 @@ def _check_fold_exact(chain, target_group, unnamed=False):
     assert not {"w0", "b0"} & {t.name for t in folded.graph.initializer}  # the old weights are gone
 
 
-@pytest.mark.parametrize("case", ["branch", "grouped", "prelu"])
-def test_fold_is_refused_where_it_would_change_something_else(case):
+@pytest.mark.parametrize(("case", "reason"), [("branch", "'t0' has other readers or is a graph output"),
+                                              ("grouped", "producer conv 'conv0' is grouped (group=2)"),
+                                              ("prelu", "PRelu 'prelu0' lies between the Gather and a Conv")])
+def test_fold_is_refused_where_it_would_change_something_else(case, reason):
     model = _chain_model(["PRelu"] if case == "prelu" else ["Relu"] if case != "branch" else [],
                          producer_group=2 if case == "grouped" else 1, branch=case == "branch")
     rewritten = _gdws_full_rank(model)
-    fold = FoldGatherPass()
-    fold.call(rewritten)
-    assert fold.folded == {} and any(n.op_type == "Gather" for n in rewritten.graph.node)
+    (layer,) = find_gdws_layers(rewritten.graph)
+    assert reason in FoldGatherPass().check(FoldSite(layer, GraphIndex(rewritten.graph)))
+    before = rewritten.SerializeToString()
+    result = FoldGatherPass().call(rewritten)
+    assert not result.modified and result.report.folded == {} and reason in result.report.skipped["conv1"]
+    assert rewritten.SerializeToString() == before
 
 
 class FoldProbe:
@@ -116,7 +123,7 @@ class FoldProbe:
     def cost(self, model: onnx.ModelProto) -> float:
         sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
         nodes = model.graph.node
-        return (1000.0 - 100 * sum("/gdws/dw" in n.name for n in nodes)
+        return (1000.0 - 100 * sum(is_gdws_node(n, DEPTHWISE) for n in nodes)
                 + self.price * sum(n.op_type == "Gather" for n in nodes)
                 + 0.01 * sum(sizes.get(n.input[1], 0) for n in nodes if n.op_type == "Conv"))
 
@@ -138,7 +145,7 @@ def _latency_optimize(gather_price: float):
 def test_latency_target_folds_only_when_measured_faster():
     out, report = _latency_optimize(gather_price=100)  # Gathers cost more than wider producers: folding wins
     assert report.latency["folded"] and all(t["folded"] for t in report.latency["fold_trials"])
-    assert report.verification.ran and report.verification.passed  # exact, checked in ORT
+    assert report.verification.ran  # against the original (not exact: error budget 0.3)
     assert not any(n.op_type == "Gather" for n in out.graph.node)
     folded = [layer for layer in report.layers if "folded into" in layer.realization]
     lines = latency_lines(report.latency)
@@ -153,3 +160,10 @@ def test_latency_target_folds_only_when_measured_faster():
     producers = {"conv0" if layer.name == "conv1" else "conv1" for layer in folded}
     assert all(after[p] > before[p] for p in producers)
     assert report.conv_macs_after > report2.conv_macs_after
+    # same ranks, folded or not: the fold itself is exact in ORT
+    assert [layer.total_rank for layer in report.layers] == [layer.total_rank for layer in report2.layers]
+    x = np.random.default_rng(3).random((4, *[d.dim_value or 1 for d in out.graph.input[0].type.tensor_type.shape.dim][1:]),
+                                        dtype=np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+           .run(None, {m.graph.input[0].name: x})[0] for m in (out, out2)]
+    np.testing.assert_allclose(run[0], run[1], rtol=1e-4, atol=1e-5)

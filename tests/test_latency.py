@@ -17,6 +17,7 @@ from gdws_onnx import optimize
 from gdws_onnx.runtime.bench import Ratio
 from gdws_onnx.cli import main
 from gdws_onnx.errors import GDWSError
+from gdws_onnx.graph.pattern import is_gdws_node, layer_of
 from gdws_onnx.runtime.providers import configure, parse_eps
 
 
@@ -28,7 +29,7 @@ def _cost(model: onnx.ModelProto, gather_price: float = 300.0) -> float:
 
 
 def _gdws_layers(model: onnx.ModelProto) -> set[str]:
-    return {n.name.split("/gdws/")[0] for n in model.graph.node if "/gdws/" in n.name}
+    return {layer_of(n.name) for n in model.graph.node if is_gdws_node(n)}
 
 
 def fake_compare(base: float, cand: float, spread: float, threshold, seed: int, max_rounds: int = 320,
@@ -354,3 +355,31 @@ def test_max_rounds_and_measure_seconds_are_checked(runner, cnn_path, tmp_path):
     for flag, value in (("--max-rounds", "0"), ("--measure-seconds", "0")):
         r = runner.invoke(main, ["optimize", cnn_path, "-o", str(out), "--target", "latency", flag, value])
         assert r.exit_code == 2 and flag in r.output and not out.exists()
+
+
+def test_latency_plan_returns_the_budget_and_a_typed_latency_report():
+    """`latency.plan` (the planner of target latency) sets the choice on the candidates and returns
+    a BudgetPlan: the budget asked for and a LatencyReport of what was measured."""
+    from gdws_onnx.core import decompose
+    from gdws_onnx.graph.convs import find_convs
+    from gdws_onnx.pipeline import latency
+    from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate
+    from gdws_onnx.pipeline.options import BudgetOptions, RunOptions, TimingOptions
+    from gdws_onnx.pipeline.report import LatencyReport
+
+    model = _model()
+    sites = [s for s in find_convs(model) if s.name in ("conv1", "conv2")]
+    cands = [Candidate(s, decompose.spectrum(s.weight, s.group), np.ones(s.in_channels)) for s in sites]
+    probes = {"layer_args": {"layer_ratio": {"conv1": (0.6, 0.05), "conv2": (1.3, 0.05)}}}
+    plan = latency.plan(cands, model, BudgetOptions(target="latency", error_budget=0.3),
+                        TimingOptions(cache="", probe_factory=_factory(probes)), RunOptions())
+    assert isinstance(plan, BudgetPlan) and isinstance(plan.latency, LatencyReport)
+    assert (plan.budget.mode, plan.budget.target) == ("error", 0.3)
+    conv1, conv2 = cands
+    assert conv1.ranks is not None and not conv1.reason and max(conv1.measured_ratio.values()) < 0.95
+    assert "not measurably faster" in conv2.reason
+    report = plan.latency
+    assert report.layers["conv1"]["chosen"] is not None and report.layers["conv2"]["chosen"] is None
+    assert report.faster and report.speedup > 1 and report.message == ""
+    d = report.to_dict()
+    assert d["layers"] == report.layers and isinstance(d["checks"][0], dict) and d["checks"][0]["rewritten"] == ["conv1"]

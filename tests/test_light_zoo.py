@@ -10,13 +10,18 @@ from conftest import LIGHT_ZOO
 from gdws_onnx import optimize
 
 MODELS = sorted(f for f in os.listdir(LIGHT_ZOO) if f.endswith(".onnx")) if os.path.isdir(LIGHT_ZOO) else []
+SLOW = {"light_vgg19.onnx"}  # seconds where the others take a fraction: left out of `-m "not slow"`
+
+
+def _params(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
 
 
 def test_zoo_is_present():
     assert len(MODELS) >= 9
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", _params(MODELS))
 def test_light_model_optimizes(name):
     path = os.path.join(LIGHT_ZOO, name)
     original = onnx.load(path)
@@ -30,7 +35,7 @@ def test_light_model_optimizes(name):
         assert v.ran and all(np.isfinite(o.relative) for o in v.outputs)
 
 
-@pytest.mark.parametrize("name", ["light_vgg19.onnx", "light_resnet50.onnx", "light_inception_v1.onnx"])
+@pytest.mark.parametrize("name", _params(["light_vgg19.onnx", "light_resnet50.onnx", "light_inception_v1.onnx"]))
 def test_light_model_full_rank_is_exact(name):
     out, report = optimize(os.path.join(LIGHT_ZOO, name), error_budget=0.0, force=True, max_error=1e-5)
     assert report.rewritten and report.verification.passed, report.verification.outputs

@@ -123,6 +123,7 @@ def test_resnet50_shape():
     assert [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 224, 224]
 
 
+@pytest.mark.slow
 def test_training_smoke(tmp_path, fashion_mnist):
     torch = pytest.importorskip("torch")
     from models import train

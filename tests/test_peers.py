@@ -7,17 +7,19 @@ from builders import ConvCase, conv_model, small_cnn
 
 from gdws_onnx import optimize
 from gdws_onnx.runtime.bench import conv_macs
-from gdws_onnx.errors import GDWSError
+from gdws_onnx.core.geometry import resolved_pads
+from gdws_onnx.errors import GDWSError, OptionError
+from gdws_onnx.graph.convs import find_convs
 from gdws_onnx.peers import (
-    explicit_pads,
+    PeerSite,
+    PruneChannelsPass,
+    QuantizeInt8Pass,
+    SpatialSVDPass,
     kept_filters,
-    prune_channels,
-    quantize_int8,
     relative_error,
     spatial_factors,
     spatial_reconstruct,
     spatial_spectrum,
-    spatial_svd,
 )
 from gdws_onnx.runtime.session import make_session
 
@@ -27,6 +29,28 @@ N_FUZZ = 32
 def _run(model, x):
     sess = make_session(model)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float64)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def spatial_svd(model: onnx.ModelProto, **options):
+    """SpatialSVDPass on a copy of `model` (the pass edits in place): (new model, report)."""
+    result = SpatialSVDPass(**options).call(_copy(model))
+    return result.model, result.report
+
+
+def prune_channels(model: onnx.ModelProto, **options):
+    """PruneChannelsPass on a copy of `model`: (new model, report)."""
+    result = PruneChannelsPass(**options).call(_copy(model))
+    return result.model, result.report
+
+
+def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, **options) -> onnx.ModelProto:
+    return QuantizeInt8Pass(calibration, **options).call(model).model
 
 
 def _max_rel(new, ref):
@@ -70,8 +94,8 @@ def test_factors_reconstruct_the_weight_at_full_rank():
 @pytest.mark.parametrize(("auto_pad", "n", "k", "s", "expect"), [
     ("SAME_UPPER", 5, 4, 2, (1, 2)), ("SAME_LOWER", 5, 4, 2, (2, 1)), ("SAME_UPPER", 6, 3, 2, (0, 1)),
     ("SAME_LOWER", 6, 3, 2, (1, 0)), ("SAME_UPPER", 6, 1, 2, (0, 0)), ("VALID", 6, 4, 1, (0, 0))])
-def test_explicit_pads(auto_pad, n, k, s, expect):
-    assert explicit_pads((n,), (k,), (s,), (1,), auto_pad, ()) == expect
+def test_resolved_pads(auto_pad, n, k, s, expect):
+    assert tuple(resolved_pads((n,), (k,), (s,), (), (1,), auto_pad)) == expect
 
 
 @pytest.mark.parametrize("seed", range(N_FUZZ))
@@ -132,9 +156,26 @@ def test_not_cheaper_layers_are_left_alone_and_budget_arguments_checked():
     model = conv_model(ConvCase(kernel=(3, 3), in_channels=4, out_channels=4, spatial=(6, 6)))
     _, report = spatial_svd(model, rank_fraction=1.0, skip_first=False)
     assert report.layers[0].status == "skipped" and "would not reduce MACs" in report.layers[0].reason
-    for bad in (dict(), dict(mac_reduction=2, rank_fraction=0.5), dict(mac_reduction=0.5), dict(rank_fraction=0)):
-        with pytest.raises(GDWSError):
-            spatial_svd(model, **bad)
+    for bad, params in ((dict(), ("mac_reduction", "rank_fraction")),
+                        (dict(mac_reduction=2, rank_fraction=0.5), ("mac_reduction", "rank_fraction")),
+                        (dict(mac_reduction=0.5), ("mac_reduction",)), (dict(rank_fraction=0), ("rank_fraction",))):
+        with pytest.raises(OptionError) as e:
+            SpatialSVDPass(**bad)
+        assert e.value.params == params and "--" not in str(e.value)
+
+
+def test_the_passes_edit_in_place_and_check_says_why_a_conv_is_skipped(cnn):
+    model = _copy(cnn)
+    result = SpatialSVDPass(rank_fraction=0.5).call(model)
+    assert result.model is model and result.modified and result.report.rewritten
+    first, second = [PeerSite(s, i == 0) for i, s in enumerate(find_convs(cnn)[:2])]
+    assert SpatialSVDPass(rank_fraction=0.5).check(first) == "first conv (skip_first=False to include)"
+    assert SpatialSVDPass(rank_fraction=0.5, skip_first=False).check(first) is None
+    assert SpatialSVDPass(rank_fraction=0.5).check(second) is None
+    model = _copy(cnn)
+    result = PruneChannelsPass(fraction=0.0).call(model)  # nothing to drop: nothing changes
+    assert result.model is model and not result.modified and model.SerializeToString() == cnn.SerializeToString()
+    assert [layer.reason for layer in result.report.layers][:1] == ["first conv (skip_first=False to include)"]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +253,7 @@ def test_pruning_keeps_widths_multiple_of(cnn):
     assert all(layer.rank % 4 == 0 and layer.rank < layer.max_rank for layer in pruned)
     assert kept_filters(np.ones((6, 2, 3, 3)), 0.5, multiple=8).size == 6  # narrower than 8: kept whole
     assert kept_filters(np.ones((64, 2, 3, 3)), 1 / 64, multiple=8).size == 56
-    with pytest.raises(GDWSError):
+    with pytest.raises(OptionError, match="multiple must be >= 1"):
         prune_channels(cnn, fraction=0.1, multiple=0)
 
 

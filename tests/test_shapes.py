@@ -60,7 +60,7 @@ def test_run_time_pads_through_the_pipeline():
 
 def test_unknown_input_dims_ask_for_the_flag():
     model = padded_cnn("input_shape", dynamic_hw=True)
-    with pytest.raises(GDWSError, match=r"--input-shape x:\?,1,\?,\?"):
+    with pytest.raises(GDWSError, match=r"input_shapes x:\?,1,\?,\?"):  # the parameter, not the CLI flag
         optimize(model, mac_reduction=2, verify=False)
 
 

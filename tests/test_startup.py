@@ -23,6 +23,11 @@ def test_package_and_cli_import_no_heavy_dependency():
     assert _loaded_after("import gdws_onnx, gdws_onnx.cli", HEAVY) == []
 
 
+def test_library_import_loads_no_cli_library():
+    """A Python user of `import gdws_onnx` gets neither click nor rich (they live under cli/)."""
+    assert _loaded_after("import gdws_onnx", ("click", "rich", *HEAVY)) == []
+
+
 def test_decompose_alone_loads_no_runtime_stats_torch_or_attacks():
     names = ("onnxruntime", "scipy.stats", "torch", "gdws_onnx.eval.attacks", "gdws_onnx.eval.gradients")
     assert _loaded_after("import gdws_onnx.core.decompose", names) == []

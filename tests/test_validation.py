@@ -14,6 +14,7 @@ from gdws_onnx.eval.attacks import AttackSettings, pgd, square_linf
 from gdws_onnx.cli import main
 from gdws_onnx.eval.gradients import OrtClassifier, check_gradient_source, make_source
 from gdws_onnx.core.stats import error_stats, mcnemar_exact, wilson_interval
+from gdws_onnx.graph.pattern import DEPTHWISE, POINTWISE, node_name
 from validate_helpers import fashion, fm_cnn, gdws_of, op_model
 
 import onnx
@@ -219,6 +220,7 @@ def test_square_attack_needs_no_gradients_and_is_weaker_than_pgd(model, data):
     assert not np.any(sq.robust & ~clean)  # never robust where not clean
 
 
+@pytest.mark.slow
 def test_autoattack_over_the_ort_bridge(model, data):
     """torchattacks drives ORT forward + source backward (the backward runs inside torch's
     backward, where grad mode is off); results are re-scored in ORT and stay in the ball."""
@@ -267,6 +269,7 @@ def test_softmax_output_is_cut_to_logits(data):
     assert r.original.softmax_cut and r.original.gradient_check["passed"]
 
 
+@pytest.mark.slow
 def test_cli_validate_report_and_gate(tmp_path, model, model_gdws, data):
     x, y = data
     np.savez(tmp_path / "d.npz", x=x, y=y)
@@ -404,14 +407,21 @@ def _replica_pair(m):
                                    dict(auto_pad="SAME_UPPER", strides=[2, 2])])
 def test_fused_gdws_chain_equals_the_graph(attrs):
     """Gather -> depthwise -> 1x1 evaluated as one conv: same outputs and gradients as ORT / the
-    unfused replica, for Gather and channel-multiplier forms."""
+    unfused replica, for Gather and channel-multiplier forms (named as the rewrite names them:
+    the replica recognises layers by graph.pattern, so the same chain unnamed is left alone)."""
     rng = np.random.default_rng(0)
     base = op_model([helper.make_node("Conv", ["x", "w", "b"], ["z"], **attrs)],
                     {"w": rng.standard_normal((5, 4, 3, 3)).astype(np.float32), "b": _w(5)}, in_shape=("N", 4, 9, 9))
     gather_form = gdws_of(base, error_budget=0.2)
-    mult = op_model([helper.make_node("Conv", ["x", "dw", "db"], ["h"], group=4, **attrs),
-                     helper.make_node("Conv", ["h", "pw", "pb"], ["z"])],
-                    {"dw": _w(8, 1, 3, 3), "db": _w(8), "pw": _w(5, 8, 1, 1), "pb": _w(5)}, in_shape=("N", 4, 9, 9))
+
+    def multiplier_form(named: bool):
+        dw_name, pw_name = (node_name("c", DEPTHWISE), node_name("c", POINTWISE)) if named else ("", "")
+        return op_model([helper.make_node("Conv", ["x", "dw", "db"], ["h"], group=4, name=dw_name, **attrs),
+                         helper.make_node("Conv", ["h", "pw", "pb"], ["z"], name=pw_name)],
+                        {"dw": _w(8, 1, 3, 3), "db": _w(8), "pw": _w(5, 8, 1, 1), "pb": _w(5)}, in_shape=("N", 4, 9, 9))
+
+    mult = multiplier_form(named=True)
+    assert _replica_pair(multiplier_form(named=False))[2] == 0
     x = rng.random((3, 4, 9, 9)).astype(np.float32)
     for m in (gather_form, mult):
         fused, plain, n_chains = _replica_pair(m)
@@ -428,8 +438,8 @@ def test_fused_gdws_chain_equals_the_graph(attrs):
 
 
 def test_chain_with_a_shared_intermediate_is_not_fused():
-    nodes = [helper.make_node("Conv", ["x", "dw"], ["h"], group=4, pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["h", "pw"], ["p"]),
+    nodes = [helper.make_node("Conv", ["x", "dw"], ["h"], group=4, pads=[1, 1, 1, 1], name=node_name("c", DEPTHWISE)),
+             helper.make_node("Conv", ["h", "pw"], ["p"], name=node_name("c", POINTWISE)),
              helper.make_node("GlobalAveragePool", ["h"], ["g"]),
              helper.make_node("Conv", ["g", "pw"], ["q"]),
              helper.make_node("Add", ["p", "q"], ["z"])]

@@ -37,12 +37,18 @@ def test_full_rank_rewrite_of_zoo_model_is_exact(data, path, convs):
     assert np.abs(new - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_small_error_budget_keeps_robustness(data):
     pytest.importorskip("torch")
     model = onnx.load(str(VGG))
     out, rep = optimize(model, error_budget=0.05)
-    assert rep.rewritten and rep.verification.passed
+    assert len(rep.rewritten) == 6 and all(lay.relative_error <= 0.05 + 1e-9 for lay in rep.rewritten)
+    assert rep.mac_reduction > 1
+    v = rep.verification  # measured in ORT on random inputs (`passed` is only a gate with max_error)
+    assert v.ran and not v.vacuous and v.outputs[0].relative < 0.15
     x, y = data
+    ref, new = (make_session(m).run(None, {"input": x})[0] for m in (model, out))
+    assert np.linalg.norm(new - ref) / np.linalg.norm(ref) < 0.15  # on real images: about 0.10 (0.22 at 0.1)
     r = validate(model, out, x=x, y=y, eps=0.1, steps=5)
     assert r.original.clean_accuracy > 0.8 and r.original.robust_accuracy > 0.6  # it is a robust model
     assert r.agreement >= 0.97

@@ -48,8 +48,8 @@ def main() -> None:
         if a.fold:
             for m in multiples:
                 model, rep = variants[str(m)]
-                folds = FoldGatherPass()
-                variants[f"{m} + fold"] = (folds.call(onnx.ModelProto.FromString(model.SerializeToString())), rep)
+                folded = FoldGatherPass().call(onnx.ModelProto.FromString(model.SerializeToString())).model
+                variants[f"{m} + fold"] = (folded, rep)
         cells = {k: [] for k in variants}
         for b in [int(x) for x in a.batch.split(",")]:
             cfg = BenchConfig(batch=b, runs=a.runs, warmup=10, threads=a.threads)

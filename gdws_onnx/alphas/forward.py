@@ -62,8 +62,8 @@ from gdws_onnx.eval.attacks import AttackSettings
 from gdws_onnx.core.geometry import patch_means
 from gdws_onnx.graph.convs import ConvSite, site_geometry
 from gdws_onnx.errors import GDWSError
-from gdws_onnx.eval.gradients import logits_model
-from gdws_onnx.runtime.session import ORT_TYPES, make_session
+from gdws_onnx.eval.gradients.prepare import logits_model
+from gdws_onnx.runtime.session import ORT_TYPES, make_session, pad_batch, with_outputs
 from gdws_onnx.alphas.noise_gain import DEFAULT_MIN_MARGIN, LayerInfo, SensitivityResult, alpha_sites, pgd_inputs
 
 DEFAULT_NOISE = 1e-2  # relative weight noise sigma: ||Delta|| ~ sigma ||W_l||
@@ -137,14 +137,8 @@ class ActivationProbe:
             g.input.append(helper.make_tensor_value_info(name, elem, list(site.weight.shape)))
             self.weight_inputs[site.name] = name
             self.weights[site.name] = np.ascontiguousarray(site.weight)
-        graph_inputs = {v.name for v in g.input}
-        have = {o.name for o in g.output}
         self.tensors = list(dict.fromkeys(tensors))
-        for t in self.tensors:
-            if t not in have and t not in graph_inputs:
-                g.output.append(onnx.ValueInfoProto(name=t))
-                have.add(t)
-        self.session = make_session(m, threads=threads)
+        self.session = make_session(with_outputs(m, self.tensors), threads=threads)
         self.dtype = ORT_TYPES.get(self.session.get_inputs()[0].type, np.float32)
         self.seconds = 0.0
         self.passes = 0
@@ -165,8 +159,8 @@ class ActivationProbe:
         for s in range(0, len(x), self.batch_size):
             chunk = x[s:s + self.batch_size]
             k = len(chunk)
-            if self.fixed_batch and k != self.fixed_batch:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - k, 0)])
+            if self.fixed_batch:
+                chunk = pad_batch(chunk, self.fixed_batch)
             res = self.session.run(names, {self.input_name: chunk, **feeds_w})
             outs.append(np.asarray(res[0][:k], np.float64))
             if on_batch is not None:

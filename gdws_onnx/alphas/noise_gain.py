@@ -28,7 +28,6 @@ rank r (sample i's r-th non-top class), classes - 1 in all. No CLI here.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -37,11 +36,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from gdws_onnx.eval.attacks import AttackSettings, _project, _random_start, check_budget
+from gdws_onnx.eval.attacks import AttackSettings, check_budget, project, random_start
 from gdws_onnx.graph.convs import ConvSite, find_convs
 from gdws_onnx.data import DataError, Dataset, load_dataset
-from gdws_onnx.errors import GDWSError
-from gdws_onnx.eval.gradients import OrtClassifier, TorchReplica, input_shape, make_source
+from gdws_onnx.errors import GDWSError, OptionError, literal
+from gdws_onnx.files import atomic_write, write_json_atomic
+from gdws_onnx.eval.gradients.classifier import OrtClassifier
+from gdws_onnx.eval.gradients.prepare import input_shape
+from gdws_onnx.eval.gradients.sources import make_source
+from gdws_onnx.eval.gradients.torch_replica import TorchReplica
 from gdws_onnx.provenance import json_default
 
 DEFAULT_MIN_MARGIN = 1e-3
@@ -169,11 +172,11 @@ def _patches(x, pads: list[int], k: list[int], s: list[int], d: list[int]):
 def load_samples(spec: str, n: int | None) -> Dataset:
     """The first n samples of a data spec (gdws_onnx.data.load_dataset); GDWSError when unusable."""
     if n is not None and n < 1:
-        raise GDWSError(f"--n must be >= 1, got {n}")
+        raise OptionError(f"{{0}} must be >= 1, got {n}", "n")
     try:
         return load_dataset(spec, n=n)
     except (DataError, ValueError, OSError) as e:
-        raise GDWSError(f"--data {spec}: {e}") from None
+        raise OptionError(f"{{0}} {literal(spec)}: {literal(e)}", "data") from None
 
 
 def _check_samples(model: onnx.ModelProto, x: np.ndarray) -> None:
@@ -341,9 +344,9 @@ def pgd_inputs(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray | None, sett
     the gradient source ("torch", or "onnx-ad" without torch). Returns (inputs, info: settings,
     labels used, ONNX Runtime accuracy on them, max perturbation)."""
     if settings.name != "pgd":
-        raise GDWSError(f"sensitivity supports --attack pgd or none, got {settings.name!r}")
+        raise OptionError(f"sensitivity supports {{0}} pgd or none, got {literal(repr(settings.name))}", "attack")
     if settings.eps < 0 or settings.steps < 0:
-        raise GDWSError("--eps and --steps must be >= 0")
+        raise OptionError("{0} and {1} must be >= 0", "eps", "steps")
     t0 = time.perf_counter()
     clf = OrtClassifier(model, batch_size=max(batch_size, 64), threads=threads)
     source = make_source(model, gradient, batch_size=batch_size, threads=threads)
@@ -359,10 +362,10 @@ def pgd_inputs(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray | None, sett
     out = np.empty_like(x)
     for s in range(0, len(x), batch_size):
         xb, yb = x[s:s + batch_size], y[s:s + batch_size]
-        xa = _random_start(xb, eps, "linf", rng) if settings.random_start else xb.copy()
+        xa = random_start(xb, eps, "linf", rng) if settings.random_start else xb.copy()
         for _ in range(settings.steps):
             _, g = source.ce_grad(xa, yb)
-            xa = _project(xb, xa + step * np.sign(g).astype(np.float32), eps, "linf")
+            xa = project(xb, xa + step * np.sign(g).astype(np.float32), eps, "linf")
         out[s:s + batch_size] = xa
     info = {**settings.to_dict(), "labels": labels, "iterates": "last (every sample)", "gradient": gradient,
             "accuracy_on_inputs": float(np.mean(clf(out).argmax(1) == y)),
@@ -373,36 +376,21 @@ def pgd_inputs(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray | None, sett
 def save_alphas(result: SensitivityResult, path: str) -> str:
     """Write result.alphas as an .npz keyed by conv name (what `optimize --alphas` reads) and the
     metadata as JSON beside it (`PATH.meta.json`), both atomically. Returns the metadata path."""
-    import json
-
     if not path.endswith(".npz"):
         raise GDWSError(f"the alphas file must end in .npz, got {path}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise GDWSError(f"output folder does not exist: {folder}")
     meta_path = path + ".meta.json"
-    tmps = []
-    try:
-        fd, tmp_npz = tempfile.mkstemp(prefix=".gdws-tmp-", suffix=".npz", dir=folder)
-        tmps.append(tmp_npz)
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+    with atomic_write(path, "wb") as f:  # renamed last, after the metadata
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
             for name, a in result.alphas.items():  # what np.savez writes, for any key
                 with zf.open(name + ".npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(a, np.float64), allow_pickle=False)
-        with np.load(tmp_npz) as z:  # conv names must survive the zip member names
+        f.flush()
+        with np.load(f.name) as z:  # conv names must survive the zip member names
             if sorted(z.files) != sorted(result.alphas):
                 raise GDWSError("some conv names cannot be stored as .npz keys: "
                                 f"{sorted(set(result.alphas) - set(z.files))[:3]}")
-        fd, tmp_meta = tempfile.mkstemp(prefix=".gdws-tmp-", suffix=".json", dir=folder)
-        tmps.append(tmp_meta)
-        with os.fdopen(fd, "w") as f:
-            json.dump(result.metadata(), f, indent=2, default=json_default)
-        os.replace(tmp_meta, meta_path)
-        os.replace(tmp_npz, path)
-    except OSError as e:
-        raise GDWSError(f"cannot write {path}: {e}") from None
-    finally:
-        for t in tmps:
-            if os.path.exists(t):
-                os.remove(t)
+        write_json_atomic(meta_path, result.metadata(), indent=2, default=json_default)
     return meta_path

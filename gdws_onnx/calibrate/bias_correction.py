@@ -24,7 +24,6 @@ Sections: numpy (mean error of a layer); ORT (the sequential pass); the graph ed
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -32,13 +31,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gdws_onnx.graph.convs import ConstantResolver, ConvSite
 from gdws_onnx.core.decompose import GDWSFactors, reconstruct
+from gdws_onnx.core.geometry import out_spatial, patch_means, patches
 from gdws_onnx.errors import GDWSError
-from gdws_onnx.core.geometry import patch_means, patches
-from gdws_onnx.graph.convs import site_geometry
-from gdws_onnx.graph.rewrite import Names, _consumed
-from gdws_onnx.runtime.session import ORT_TYPES, make_session, run_batches
+from gdws_onnx.graph import pattern
+from gdws_onnx.graph.cleanup import remove_unused
+from gdws_onnx.graph.convs import ConstantResolver, ConvSite, site_geometry
+from gdws_onnx.graph.passes import PassResult
+from gdws_onnx.graph.rewrite import LayerRewrite, Names
+from gdws_onnx.runtime.session import ORT_TYPES, make_session, run_batches, with_outputs
 
 
 # ----------------------------------------------------------------------------- numpy
@@ -81,6 +82,16 @@ class BiasCorrectionReport:
 
 # ----------------------------------------------------------------------------- ORT pass + graph edit
 
+@dataclass(frozen=True)
+class BiasSite:
+    """One rewritten conv as bias correction judges it: its rewrite, the pointwise Conv that now
+    carries its bias in the model, and the model's constants."""
+
+    rewrite: LayerRewrite
+    node: onnx.NodeProto
+    constants: ConstantResolver
+
+
 @dataclass
 class _Layer:
     site: ConvSite
@@ -91,109 +102,115 @@ class _Layer:
     feed: str = ""  # graph input name of the probe model
 
 
-def _bias_value(resolver: ConstantResolver, node: onnx.NodeProto, m: int) -> tuple[np.ndarray | None, str]:
+def _bias_value(site: BiasSite) -> tuple[np.ndarray | None, str]:
+    """The pointwise conv's bias (zeros when it has none), float64, or None and why it is not constant."""
+    node, m = site.node, site.rewrite.site.out_channels
     if len(node.input) < 3 or not node.input[2]:
         return np.zeros(m), ""
-    value, _, source = resolver.value(node.input[2])
+    value, _, source = site.constants.value(node.input[2])
     if value is None:
         return None, f"bias is not constant ({source})"
     return np.asarray(value, np.float64).reshape(m), ""
 
 
-def correct_biases(model: onnx.ModelProto, rewrites: list, feeds: dict[str, np.ndarray], *,
-                   batch_size: int = 128, threads: int | None = None,
-                   squared_error: bool = False) -> BiasCorrectionReport:
-    """Shift the bias of every rewritten conv of `model` (already rewritten by GDWSRewritePass with
-    `rewrites`, a list of rewrite.LayerRewrite) by its mean output error on the calibration
-    `feeds` (input name -> array, samples along axis 0), sequentially in graph order (module
-    docstring). Edits `model` in place. squared_error: also report each layer's E ||y_W - y_Q||^2
+class BiasCorrectionPass:
+    """`call(model)` shifts the bias of every rewritten conv of `model` (already rewritten by
+    GDWSRewritePass with `rewrites`) by its mean output error on the calibration `feeds` (input
+    name -> array, samples along axis 0), sequentially in graph order (module docstring), in place;
+    the report is a BiasCorrectionReport. squared_error: also report each layer's E ||y_W - y_Q||^2
     per sample before / after (from its inputs' patch Gram matrices: (C K)^2 per group, slow on
     wide layers, for tests and diagnostics)."""
-    t0 = time.perf_counter()
-    g = model.graph
-    n = {len(v) for v in feeds.values()}
-    if len(n) != 1 or 0 in n:
-        raise GDWSError("bias correction needs the same, non-zero number of samples for every input")
-    n_samples = n.pop()
-    report = BiasCorrectionReport(samples=n_samples, inputs="sequential (rewritten model, corrected upstream)")
-    by_output = {nd.output[0]: nd for nd in g.node if nd.op_type == "Conv" and nd.output}
-    resolver = ConstantResolver(model)
-    layers: list[_Layer] = []
-    for r in sorted(rewrites, key=lambda r: r.site.index):
-        node = by_output.get(r.site.node.output[0])
-        if node is None:
-            raise GDWSError(f"cannot find the rewritten pointwise conv of '{r.site.name}'")
-        bias, reason = _bias_value(resolver, node, r.site.out_channels)
-        if bias is None:
-            report.layers.append(LayerCorrection(r.site.name, "skipped", reason))
-            continue
-        layers.append(_Layer(r.site, r.factors, node, bias, r.factors.pointwise.dtype))
-    if not layers:
+
+    def __init__(self, rewrites: list[LayerRewrite], feeds: dict[str, np.ndarray], *, batch_size: int = 128,
+                 threads: int | None = None, squared_error: bool = False):
+        self.rewrites = sorted(rewrites, key=lambda r: r.site.index)
+        self.feeds = feeds
+        self.batch_size = batch_size
+        self.threads = threads
+        self.squared_error = squared_error
+
+    def check(self, site: BiasSite) -> str | None:
+        """Why this conv's bias is not corrected (None: it is)."""
+        return _bias_value(site)[1] or None
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        t0 = time.perf_counter()
+        n = {len(v) for v in self.feeds.values()}
+        if len(n) != 1 or 0 in n:
+            raise GDWSError("bias correction needs the same, non-zero number of samples for every input")
+        n_samples = n.pop()
+        report = BiasCorrectionReport(samples=n_samples, inputs="sequential (rewritten model, corrected upstream)")
+        by_output = {nd.output[0]: nd for nd in model.graph.node if nd.op_type == "Conv" and nd.output}
+        constants = ConstantResolver(model)
+        layers: list[_Layer] = []
+        for r in self.rewrites:
+            node = by_output.get(r.site.node.output[0])
+            if node is None:
+                raise GDWSError(f"cannot find the rewritten pointwise conv of '{r.site.name}'")
+            site = BiasSite(r, node, constants)
+            reason = self.check(site)
+            if reason is not None:
+                report.layers.append(LayerCorrection(r.site.name, "skipped", reason))
+                continue
+            layers.append(_Layer(r.site, r.factors, node, _bias_value(site)[0], r.factors.pointwise.dtype))
+        if layers:
+            self._correct(model, layers, n_samples, report)
+            _write_biases(model, layers)
+        order = [r.site.name for r in self.rewrites]
+        report.layers.sort(key=lambda rec: order.index(rec.name))
         report.seconds = time.perf_counter() - t0
-        return report
+        return PassResult(model, bool(layers), report)
 
-    # the probe: every corrected layer's bias becomes a graph input; each layer's input an output
-    probe = copy.deepcopy(model)
-    names = Names(probe.graph)
-    pnodes = {nd.output[0]: nd for nd in probe.graph.node if nd.op_type == "Conv" and nd.output}
-    graph_inputs = {v.name for v in probe.graph.input}
-    for lay in layers:
-        lay.feed = names.fresh(f"{lay.site.name}/gdws/bias_probe")
-        pn = pnodes[lay.node.output[0]]
-        while len(pn.input) < 3:
-            pn.input.append("")
-        pn.input[2] = lay.feed
-        probe.graph.input.append(helper.make_tensor_value_info(
-            lay.feed, helper.np_dtype_to_tensor_dtype(np.dtype(lay.dtype)), [lay.site.out_channels]))
-    outputs = {o.name for o in probe.graph.output}
-    for lay in layers:
-        t = lay.site.node.input[0]
-        if t not in outputs and t not in graph_inputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=t))
-            outputs.add(t)
-    sess = make_session(probe, threads=threads)
-    input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in sess.get_inputs()}
+    def _correct(self, model: onnx.ModelProto, layers: list[_Layer], n_samples: int,
+                 report: BiasCorrectionReport) -> None:
+        """Find each layer's bias shift in turn, on one probe session (module docstring)."""
+        # the probe: every corrected layer's bias becomes a graph input; each layer's input an output
+        probe = with_outputs(model, [lay.site.node.input[0] for lay in layers])
+        names = Names(probe.graph)
+        pnodes = {nd.output[0]: nd for nd in probe.graph.node if nd.op_type == "Conv" and nd.output}
+        for lay in layers:
+            lay.feed = names.fresh(pattern.node_name(lay.site.name, "bias_probe"))
+            pn = pnodes[lay.node.output[0]]
+            while len(pn.input) < 3:
+                pn.input.append("")
+            pn.input[2] = lay.feed
+            probe.graph.input.append(helper.make_tensor_value_info(
+                lay.feed, helper.np_dtype_to_tensor_dtype(np.dtype(lay.dtype)), [lay.site.out_channels]))
+        sess = make_session(probe, threads=self.threads)
+        input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in sess.get_inputs()}
 
-    def moments(lay: _Layer, second: bool) -> tuple[np.ndarray, np.ndarray | None, tuple]:
-        """Sum over samples of the layer's input (and, with `second`, of its patch Gram matrices)."""
-        name = lay.site.node.input[0]
-        s1, s2, shape = None, None, None
-        bias_feeds = {other.feed: other.bias.astype(input_types[other.feed]) for other in layers}
-        for values in run_batches(sess, feeds, [name], batch_size, extra=bias_feeds):
-            v = np.asarray(values[name], np.float64)
-            shape = v.shape[2:]
-            s1 = v.sum(0) if s1 is None else s1 + v.sum(0)
-            if second:
-                sq = _patch_gram(v, lay.site)
-                s2 = sq if s2 is None else s2 + sq
-        return s1, s2, shape
+        def moments(lay: _Layer, second: bool) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+            """Sum over samples of the layer's input (and, with `second`, of its patch Gram matrices)."""
+            name = lay.site.node.input[0]
+            s1, s2, shape = None, None, None
+            bias_feeds = {other.feed: other.bias.astype(input_types[other.feed]) for other in layers}
+            for values in run_batches(sess, self.feeds, [name], self.batch_size, extra=bias_feeds):
+                v = np.asarray(values[name], np.float64)
+                shape = v.shape[2:]
+                s1 = v.sum(0) if s1 is None else s1 + v.sum(0)
+                if second:
+                    sq = _patch_gram(v, lay.site)
+                    s2 = sq if s2 is None else s2 + sq
+            return s1, s2, shape
 
-    for lay in layers:
-        site = lay.site
-        q = reconstruct(lay.factors, site.in_channels)
-        s1, gram, shape = moments(lay, squared_error)
-        xbar = patch_means(s1, n_samples, *site_geometry(site, shape))
-        mu = mean_output_error(site.weight, q, site.group, xbar)
-        rec = LayerCorrection(site.name, "corrected", max_abs_shift=float(np.abs(mu).max(initial=0.0)),
-                              rms_shift=float(np.sqrt(np.mean(mu ** 2))) if mu.size else 0.0)
-        if gram is not None:
-            pixels = int(np.prod(_out_shape(site, shape)))
-            before = _layer_squared_error(site.weight, q, site.group, gram / n_samples)
-            rec.squared_error_before = before
-            rec.squared_error_after = before - pixels * float(mu @ mu)
-        lay.bias = lay.bias + mu
-        report.layers.append(rec)
-
-    _write_biases(model, layers)
-    order = [r.site.name for r in sorted(rewrites, key=lambda r: r.site.index)]
-    report.layers.sort(key=lambda rec: order.index(rec.name))
-    report.seconds = time.perf_counter() - t0
-    return report
+        for lay in layers:
+            site = lay.site
+            q = reconstruct(lay.factors, site.in_channels)
+            s1, gram, shape = moments(lay, self.squared_error)
+            xbar = patch_means(s1, n_samples, *site_geometry(site, shape))
+            mu = mean_output_error(site.weight, q, site.group, xbar)
+            rec = LayerCorrection(site.name, "corrected", max_abs_shift=float(np.abs(mu).max(initial=0.0)),
+                                  rms_shift=float(np.sqrt(np.mean(mu ** 2))) if mu.size else 0.0)
+            if gram is not None:
+                pixels = int(np.prod(_out_shape(site, shape)))
+                before = _layer_squared_error(site.weight, q, site.group, gram / n_samples)
+                rec.squared_error_before = before
+                rec.squared_error_after = before - pixels * float(mu @ mu)
+            lay.bias = lay.bias + mu
+            report.layers.append(rec)
 
 
 def _out_shape(site: ConvSite, in_spatial) -> tuple[int, ...]:
-    from gdws_onnx.core.geometry import out_spatial
-
     k, s, p, d = site_geometry(site, in_spatial)
     return out_spatial(in_spatial, k, s, p, d)
 
@@ -217,13 +234,13 @@ def _layer_squared_error(weight: np.ndarray, approx: np.ndarray, groups: int, gr
 
 def _write_biases(model: onnx.ModelProto, layers: list[_Layer]) -> None:
     """Give each corrected pointwise conv a fresh bias tensor (an initializer, or a Constant node
-    for IR < 4) and drop the old bias initializers nothing reads anymore."""
+    for IR < 4) and drop the old biases (and what computed them) that nothing reads anymore."""
     g = model.graph
     names = Names(g)
     old = set()
     constants = []
     for lay in layers:
-        name = names.fresh(f"{lay.site.name}/gdws/pw_bias")
+        name = names.fresh(pattern.node_name(lay.site.name, "pw_bias"))
         t = numpy_helper.from_array(lay.bias.astype(lay.dtype), name)
         if model.ir_version < 4:
             constants.append((lay.node, helper.make_node("Constant", [], [name], name=name, value=t)))
@@ -237,9 +254,4 @@ def _write_biases(model: onnx.ModelProto, layers: list[_Layer]) -> None:
     for node, const in constants:
         idx = list(g.node).index(node)
         g.node.insert(idx, const)
-    consumed = _consumed(g)
-    inputs = {i.name for i in g.input}
-    for k in reversed(range(len(g.initializer))):
-        t = g.initializer[k]
-        if t.name in old and t.name not in consumed and t.name not in inputs:
-            del g.initializer[k]
+    remove_unused(g, old)

@@ -18,16 +18,13 @@ low-variance directions attacks use; lam = 0.5 beat it at MACs / 1.5, 2 and 3; a
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import onnx
 
-from gdws_onnx.graph.convs import ConvSite
 from gdws_onnx.core.decompose import channel_blocks
 from gdws_onnx.core.geometry import patches
-from gdws_onnx.graph.convs import site_geometry
-from gdws_onnx.runtime.session import make_session, run_batches
+from gdws_onnx.graph.convs import ConvSite, site_geometry
+from gdws_onnx.runtime.session import make_session, run_batches, with_outputs
 
 PATCH_ELEMENTS = 1 << 24  # float64 patch values held at once while accumulating (128 MB)
 
@@ -70,14 +67,8 @@ def channel_second_moments(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
                            batch_size: int = 64, threads: int | None = None) -> dict[str, np.ndarray]:
     """S_c = E[p p^T] (C, K, K) per conv site, over the samples of `feeds` (input name -> array,
     samples on axis 0) and all output positions, from one ONNX Runtime pass of `model`."""
-    probe = copy.deepcopy(model)
-    graph_inputs = {v.name for v in probe.graph.input}
-    have = {o.name for o in probe.graph.output}
     wanted = list(dict.fromkeys(s.node.input[0] for s in sites))
-    for t in wanted:
-        if t not in have and t not in graph_inputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=t))
-    sess = make_session(probe, threads=threads)
+    sess = make_session(with_outputs(model, wanted), threads=threads)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {s.name: 0 for s in sites}
     for values in run_batches(sess, feeds, wanted, batch_size):

@@ -8,61 +8,58 @@ from dataclasses import asdict
 import click
 from rich.table import Table
 
-from gdws_onnx.runtime import bench
+from gdws_onnx.cli import args
+from gdws_onnx.cli.common import handle_errors, stdout_console, write_text_atomic
 from gdws_onnx.graph.model_io import load_model
-from gdws_onnx.runtime.providers import parse_eps
-from gdws_onnx.cli.common import (
-    handle_errors,
-    input_shape_option,
-    parse_ints,
-    shapes_from,
-    stdout_console,
-    write_text_atomic,
-)
+from gdws_onnx.runtime import bench
 
 
 @click.command("bench")
+@handle_errors
 @click.argument("models", nargs=-1, required=True)
-@click.option("--ep", default="cpu", show_default=True, help="Execution providers, comma-separated: "
-              "cpu, cuda, tensorrt, openvino.")
-@click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: ORT's).")
+@args.TIMING(ep={"help": "Execution providers, comma-separated: cpu, cuda, tensorrt, openvino."},
+             batches={"help": "Batch sizes, comma-separated."}, threads={"help": "Intra-op threads (default: ORT's)."},
+             runs={"default": 50, "help": "Timed rounds (each runs every model once)."})
 @click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--runs", type=int, default=50, show_default=True, help="Timed rounds (each runs every model once).")
-@input_shape_option
+@args.INPUT_SHAPES()
 @click.option("--profile", is_flag=True, help="Per-conv times from ORT's profiler (first EP and batch).")
 @click.option("--report", "report_path", default=None, help="Write a JSON report here.")
-@handle_errors
-def bench_cmd(models, ep, batches, threads, warmup, runs, input_shapes, profile, report_path) -> None:
+def bench_cmd(models, timing: args.TimingArgs, warmup, input_shapes, profile, report_path) -> None:
     """Time MODELS interleaved (A B, B A, ...; spinning off) and report each vs the first.
 
     Ratios are medians of per-round ratios with their 10-90 % spread: the only honest
     comparison on a shared, noisy machine.
     """
-    eps, sizes, shapes = parse_eps(ep), parse_ints(batches, "--batch"), shapes_from(input_shapes)
     loaded = [load_model(m) for m in models]
     console = stdout_console()
     result = {"models": list(models), "runs": []}
-    for e in eps:
-        console.print(environment_line(bench.environment(bench.BenchConfig(ep=e, threads=threads))))
-        for b in sizes:
-            cfg = bench.BenchConfig(ep=e, batch=b, threads=threads, warmup=warmup, runs=runs, input_shapes=shapes)
+    for e in timing.providers:
+        console.print(environment_line(bench.environment(bench.BenchConfig(ep=e, threads=timing.threads))))
+        for b in timing.batches:
+            cfg = bench.BenchConfig(ep=e, batch=b, threads=timing.threads, warmup=warmup, runs=timing.runs,
+                                    input_shapes=input_shapes)
             stats, ratios = bench.compare_models(list(models), list(models), cfg)
-            t = Table(title=f"{e}, batch {stats[0].batch}, {runs} interleaved rounds")
-            for col in ("model", "median ms", "p90 ms", "p99 ms", "samples/s", "ratio vs first [p10-p90]"):
-                t.add_column(col)
-            for i, s in enumerate(stats):
-                rtxt = "-" if i == 0 else f"{ratios[i - 1].median:.3f} [{ratios[i - 1].p10:.3f}-{ratios[i - 1].p90:.3f}]"
-                t.add_row(s.name, f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.throughput:.1f}", rtxt)
-            console.print(t)
+            console.print(ratio_table(stats, ratios, f"{e}, batch {stats[0].batch}, {timing.runs} interleaved rounds"))
             result["runs"].append({"ep": e, "batch": b, "environment": bench.environment(cfg),
                                    "stats": [asdict(s) for s in stats],
                                    "ratios": [asdict(r) for r in ratios]})
     if profile:
         result["profile"] = _profile(loaded, models, bench.BenchConfig(
-            ep=eps[0], batch=sizes[0], threads=threads, warmup=warmup, runs=runs, input_shapes=shapes), console)
+            ep=timing.ep, batch=timing.batches[0], threads=timing.threads, warmup=warmup, runs=timing.runs,
+            input_shapes=input_shapes), console)
     if report_path:
         write_text_atomic(report_path, json.dumps(result, indent=2))
+
+
+def ratio_table(stats: list, ratios: list, title: str) -> Table:
+    """One batch's timings: each model's median, p90, p99 and throughput, and its ratio to the first."""
+    t = Table(title=title)
+    for col in ("model", "median ms", "p90 ms", "p99 ms", "samples/s", "ratio vs first [p10-p90]"):
+        t.add_column(col)
+    for i, s in enumerate(stats):
+        rtxt = "-" if i == 0 else f"{ratios[i - 1].median:.3f} [{ratios[i - 1].p10:.3f}-{ratios[i - 1].p90:.3f}]"
+        t.add_row(s.name, f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.throughput:.1f}", rtxt)
+    return t
 
 
 def environment_line(env: dict) -> str:

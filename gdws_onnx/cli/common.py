@@ -1,19 +1,18 @@
-"""What every subcommand shares: error handling, consoles, atomic text output, shape options."""
+"""What every subcommand shares: error handling (library parameters named as flags), consoles,
+atomic text output, progress. The options several commands share are in `args.py`."""
 
 from __future__ import annotations
 
 import functools
-import os
 import sys
-import tempfile
 from contextlib import contextmanager
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gdws_onnx.errors import GateFailed, GDWSError
-from gdws_onnx.runtime.session import parse_input_shapes
+from gdws_onnx.errors import GateFailed, GDWSError, OptionError
+from gdws_onnx.files import write_text_atomic  # noqa: F401 - the commands import it from here
 
 
 def stdout_console() -> Console:
@@ -24,13 +23,32 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, emoji=False)
 
 
+FLAGS: dict[str, str] = {  # library parameter -> CLI flag, where the flag is not the kebab-case name
+    "attacks": "--attack",
+    "batches": "--batch",
+    "budgets": "--budget",
+    "input_shapes": "--input-shape",
+    "peers": "--peer",
+}
+
+
+def flag_of(param: str) -> str:
+    """The CLI flag of a library parameter: FLAGS, else `--` + the kebab-case name."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
 def handle_errors(fn):
-    """GDWSError -> one 'error:' line and exit 2; GateFailed -> its message and exit 1."""
+    """GDWSError -> one 'error:' line and exit 2 (an OptionError naming flags: `flag_of`);
+    GateFailed -> its message and exit 1. List it right under @click.command, so that it also
+    covers the option groups' parsing (`args.Group`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except OptionError as e:
+            click.echo(f"error: {e.render(flag_of)}", err=True)
+            sys.exit(2)
         except GDWSError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -39,38 +57,6 @@ def handle_errors(fn):
             sys.exit(1)
 
     return wrapper
-
-
-def input_shape_option(fn):
-    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
-                        help="Fix an input's shape (repeatable), e.g. input:1,3,224,224.")(fn)
-
-
-def shapes_from(specs) -> dict[str, list[int]]:
-    return parse_input_shapes(list(specs))
-
-
-def parse_ints(spec: str, flag: str) -> list[int]:
-    """'1,32' -> [1, 32]."""
-    try:
-        values = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise GDWSError(f"{flag} takes comma-separated integers, got {spec!r}") from None
-    if not values or min(values) < 1:
-        raise GDWSError(f"{flag} takes positive integers, got {spec!r}")
-    return values
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write text to `path` through a temporary file in the same folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".gdws-tmp-", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise GDWSError(f"cannot write {path}: {e}") from None
 
 
 @contextmanager

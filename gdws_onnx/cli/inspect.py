@@ -9,21 +9,22 @@ from rich.table import Table
 
 from gdws_onnx.pipeline.inspection import TOP_RANKS, inspect_model, to_dicts
 from gdws_onnx.cli.render import human
-from gdws_onnx.cli.common import handle_errors, input_shape_option, shapes_from, stdout_console
+from gdws_onnx.cli import args
+from gdws_onnx.cli.common import handle_errors, stdout_console
 
 
 @click.command("inspect")
-@click.argument("model")
-@input_shape_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handle_errors
+@click.argument("model")
+@args.INPUT_SHAPES()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect_cmd(model: str, input_shapes, as_json: bool) -> None:
     """Per-conv shapes, MACs, eligibility and per-channel spectrum summary.
 
     'top-r energy' is the fraction of ||W||_F^2 kept when every input channel keeps its
     r largest singular values: high at low r means GDWS can cut much at little error.
     """
-    infos = inspect_model(model, shapes_from(input_shapes))
+    infos = inspect_model(model, input_shapes)
     if as_json:
         click.echo(json.dumps(to_dicts(infos), indent=2))
         return

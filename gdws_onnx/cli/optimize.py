@@ -6,23 +6,17 @@ import time
 
 import click
 
+from gdws_onnx.cli import args
+from gdws_onnx.cli.common import handle_errors, stderr_console, stdout_console, write_text_atomic
+from gdws_onnx.cli.render import optimize_summary
 from gdws_onnx.errors import GateFailed
 from gdws_onnx.graph.model_io import check_output_path, load_model, save_model
-from gdws_onnx.pipeline.optimize import DEFAULT_ERROR_BUDGET, OptimizeOptions, optimize_loaded
-from gdws_onnx.cli.render import bias_correction_lines, latency_lines, mismatch_lines, optimize_table, verification_lines
-from gdws_onnx.runtime.providers import parse_eps
-from gdws_onnx.cli.common import (
-    handle_errors,
-    parse_ints,
-    input_shape_option,
-    shapes_from,
-    stderr_console,
-    stdout_console,
-    write_text_atomic,
-)
+from gdws_onnx.pipeline.optimize import OptimizeOptions, optimize_loaded
+from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET
 
 
 @click.command("optimize")
+@handle_errors
 @click.argument("model")
 @click.option("-o", "--output", required=True, help="Path of the optimized model.")
 @click.option("--error-budget", type=float, default=None,
@@ -41,12 +35,10 @@ from gdws_onnx.cli.common import (
               help="Decide by MAC counts, or by latency measured on --ep (never returns a slower model).")
 @click.option("--latency-reduction", type=float, default=None,
               help="With --target latency: divide the measured whole-model latency by R.")
-@click.option("--ep", default="cpu", show_default=True, help="Execution provider to measure on (--target latency).")
-@click.option("--batch", "batches", default="1", show_default=True,
-              help="Batch size(s) to measure at, comma-separated; a layer must win at all of them.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads for measurements (default: ORT's).")
-@click.option("--runs", type=int, default=20, show_default=True,
-              help="Interleaved rounds a latency comparison starts with (--target latency).")
+@args.TIMING(ep={"help": "Execution provider to measure on (--target latency)."},
+             batches={"help": "Batch size(s) to measure at, comma-separated; a layer must win at all of them."},
+             threads={"help": "Intra-op threads for measurements (default: ORT's)."},
+             runs={"default": 20, "help": "Interleaved rounds a latency comparison starts with (--target latency)."})
 @click.option("--max-rounds", type=int, default=320, show_default=True,
               help="Rounds are doubled until the 95% interval of the median ratio decides 'faster' or not; "
                    "at most this many (then: not measurably faster).")
@@ -59,11 +51,16 @@ from gdws_onnx.cli.common import (
 @click.option("--include", default=None, metavar="REGEX", help="Only convs whose name matches.")
 @click.option("--exclude", default=None, metavar="REGEX", help="Skip convs whose name matches.")
 @click.option("--force", is_flag=True, help="Rewrite eligible convs even where GDWS is not cheaper.")
+@click.option("--conv", type=click.Choice(["gdws", "off"]), default="gdws", show_default=True,
+              help="The Conv rewrite; 'off' leaves every conv alone (with --fc: FC layers only).")
+@click.option("--fc", type=click.Choice(["off", "kronecker", "lowrank"]), default="off", show_default=True,
+              help="Also rewrite Gemm/MatMul layers with constant weights: a sum of Kronecker products (nearest "
+                   "by Van Loan-Pitsianis SVD) or plain low rank, at --error-budget (each weight's relative "
+                   "squared error) or --mac-reduction (each layer's MACs / R).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare original and optimized outputs in ONNX Runtime.")
-@click.option("--data", default=None,
-              help="Verification inputs: .npz with 'x' (or arrays named after inputs), or a data set "
-                   "(fashion-mnist[:test|train], an image folder; first 256 samples).")
+@args.DATA_SPEC(default=None, help="Verification inputs: .npz with 'x' (or arrays named after inputs), or a data "
+                                  "set (fashion-mnist[:test|train], an image folder; first 256 samples).")
 @click.option("--bias-correction", is_flag=True,
               help="Shift each rewritten conv's bias by its mean output error on --data (first 1000 samples of "
                    "a data set spec, or the whole .npz), layer by layer on the rewritten model's own activations.")
@@ -74,28 +71,19 @@ from gdws_onnx.cli.common import (
               help="Round each rewritten layer's GDWS width (depthwise channels) to a multiple of N: up with the "
                    "next best terms, or down under --mac-reduction. ORT's CPU convs are much faster at multiples "
                    "of 8 (measured: tools/width_multiple.py).")
-@input_shape_option
+@args.INPUT_SHAPES()
 @click.option("--max-error", type=float, default=None,
               help="Gate: fail (exit 1, no output written) if any output's relative error exceeds TOL.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random verification inputs.")
+@args.SEED(help="Seed of random verification inputs.")
 @click.option("--report", "report_path", default=None, help="Write a JSON report here.")
 @click.option("--overwrite-input", is_flag=True, help="Allow -o to be the input file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-@handle_errors
-def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, uniform_rank, alphas, target, latency_reduction, ep,
-                 batches, threads, runs, max_rounds, measure_seconds, cache, skip_first, include, exclude, force, verify, data, bias_correction, data_aware, width_multiple,
-                 input_shapes, max_error, seed, report_path, overwrite_input, quiet) -> None:
+def optimize_cmd(model, output, timing: args.TimingArgs, input_shapes, report_path, overwrite_input, quiet,
+                 **options) -> None:
     """Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."""
     start = time.perf_counter()
-    opts = OptimizeOptions(error_budget=error_budget, mac_reduction=mac_reduction,
-                           mismatch_budget=mismatch_budget, uniform_rank=uniform_rank, alphas=alphas,
-                           skip_first=skip_first, include=include, exclude=exclude, force=force,
-                           verify=verify, data=data, bias_correction=bias_correction, data_aware=data_aware,
-                           width_multiple=width_multiple,
-                           input_shapes=shapes_from(input_shapes),
-                           max_error=max_error, seed=seed, target=target, latency_reduction=latency_reduction,
-                           ep=parse_eps(ep)[0], batches=parse_ints(batches, "--batch"), threads=threads,
-                           runs=runs, max_rounds=max_rounds, measure_seconds=measure_seconds, cache=cache)
+    opts = OptimizeOptions(**options, input_shapes=input_shapes, ep=timing.ep, batches=timing.batches,
+                           threads=timing.threads, runs=timing.runs)
     opts.validate()
     check_output_path(output, model, overwrite_input)
     with stderr_console().status("optimizing..."):
@@ -106,23 +94,8 @@ def optimize_cmd(model, output, error_budget, mac_reduction, mismatch_budget, un
     report.timings = {"load": load_time, **report.timings}
     out = stdout_console()
     if not quiet:
-        out.print(optimize_table(report))
-        if report.budget.message:
-            out.print(f"note: {report.budget.message}")
-        for line in latency_lines(report.latency):
+        for line in optimize_summary(report, model, output, opts.budget):
             out.print(line)
-        for line in verification_lines(report.verification):
-            out.print(line)
-        for line in mismatch_lines(report):
-            out.print(line)
-        for line in bias_correction_lines(report):
-            out.print(line)
-        if opts.target == "macs" and report.rewritten:
-            out.print("note: ranks were chosen by MAC count, not by time: fewer MACs often run slower "
-                      f"(depthwise and Gather are memory-bound). Time it: onnx-gdws bench {model} {output}; "
-                      + ("widths that are multiples of 8 run much faster on ORT's CPU EP: --width-multiple 8; "
-                         if opts.width_multiple == 1 else "")
-                      + "or let measurements decide: --target latency")
     if not report.verification.passed:
         report.timings["total"] = time.perf_counter() - start
         if report_path:

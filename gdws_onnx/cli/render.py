@@ -4,6 +4,8 @@ Presentation only: the numbers come from `pipeline.report`; nothing here compute
 
 from __future__ import annotations
 
+from gdws_onnx.cli.common import flag_of
+from gdws_onnx.pipeline.options import BudgetOptions
 from gdws_onnx.pipeline.report import LayerReport, OptimizeReport, VerificationReport
 
 
@@ -29,7 +31,7 @@ def _worst(ratios: dict) -> dict:
 def _fold_producers(lat: dict | None) -> dict[str, str]:
     """Producer conv -> the layer whose Gather was folded into it (so it emits that layer's
     gathered channels: its row's MACs and parameters change)."""
-    from gdws_onnx.graph.rewrite import layer_of
+    from gdws_onnx.graph.pattern import layer_of
 
     if not lat:
         return {}
@@ -156,7 +158,7 @@ def bias_correction_lines(report: OptimizeReport) -> list[str]:
 def verification_lines(v: VerificationReport) -> list[str]:
     """Plain lines describing the verification, for the CLI."""
     if not v.ran:
-        return [f"verification skipped: {v.message}"]
+        return [f"verification skipped: {v.message if v.error is None else v.error.render(flag_of)}"]
     lines = [f"verified in ONNX Runtime on {v.inputs}:"]
     for o in v.outputs:
         top1 = f", top-1 agreement {o.top1_agreement:.1%}" if o.top1_agreement is not None else ""
@@ -174,4 +176,35 @@ def verification_lines(v: VerificationReport) -> list[str]:
         lines.append(f"  gate --max-error {v.max_error:g} (relative): {'PASS' if v.passed else 'FAIL'}")
     if v.message:
         lines.append(f"  {v.message}")
+    return lines
+
+
+def fc_lines(report: OptimizeReport) -> list[str]:
+    """One line per Gemm/MatMul layer the FC rewrite touched or skipped, then its parameter total."""
+    fc = report.fc
+    if fc is None:
+        return []
+    lines = [f"fc {layer.name}: {layer.structure}, params {human(layer.dense_params)} -> {human(layer.params)}, "
+             f"MACs/row {human(layer.dense_macs)} -> {human(layer.macs)}, weight error {layer.error:.3f}"
+             + (f" (lowest MACs at this budget: {layer.winner})" if layer.winner else "") for layer in fc.layers]
+    lines += [f"fc {name}: skipped: {why}" for name, why in fc.skipped]
+    if fc.layers:
+        lines.append(f"fc ({fc.scheme}): {_plural(len(fc.layers), 'layer')} rewritten, params "
+                     f"{human(fc.params_before)} -> {human(fc.params_after)} (x{fc.params_before / max(fc.params_after, 1):.2f})")
+    return lines
+
+
+def optimize_summary(report: OptimizeReport, model: str, output: str, budget: BudgetOptions) -> list:
+    """What `optimize` prints before it writes: the table (a rich Table), then plain note lines."""
+    lines: list = [optimize_table(report)]
+    if report.budget.message:
+        lines.append(f"note: {report.budget.message}")
+    lines += (fc_lines(report) + latency_lines(report.latency) + verification_lines(report.verification)
+              + mismatch_lines(report) + bias_correction_lines(report))
+    if budget.target == "macs" and report.rewritten:
+        lines.append("note: ranks were chosen by MAC count, not by time: fewer MACs often run slower "
+                     f"(depthwise and Gather are memory-bound). Time it: onnx-gdws bench {model} {output}; "
+                     + ("widths that are multiples of 8 run much faster on ORT's CPU EP: --width-multiple 8; "
+                        if budget.width_multiple == 1 else "")
+                     + "or let measurements decide: --target latency")
     return lines

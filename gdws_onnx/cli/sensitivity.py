@@ -13,27 +13,26 @@ from gdws_onnx.errors import GDWSError
 from gdws_onnx.graph.model_io import check_output_path, load_model
 from gdws_onnx.alphas.forward import DEFAULT_DRAWS, DEFAULT_NOISE, DEFAULT_WEIGHTING, WEIGHTINGS, forward_alphas
 from gdws_onnx.alphas.noise_gain import DEFAULT_MIN_MARGIN, load_samples, noise_gain_alphas, save_alphas
+from gdws_onnx.cli import args
 from gdws_onnx.cli.common import handle_errors, stderr_console, stdout_console
 
 
 @click.command("sensitivity")
+@handle_errors
 @click.argument("model")
-@click.option("--data", required=True,
-              help="fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and optional y, or an image folder.")
-@click.option("--n", "n", type=int, default=1000, show_default=True, help="Use the first N samples.")
+@args.DATA(data={"required": True, "help": "fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and "
+                                           "optional y, or an image folder."},
+           n={"default": 1000, "show_default": True, "help": "Use the first N samples."})
 @click.option("--method", type=click.Choice(["gradient", "forward"]), default="gradient", show_default=True,
               help="gradient: per-sample weight gradients of the torch replica (exact eq. 8). forward: no torch; "
                    "per-channel input energy times a per-layer sensitivity from weight-noise injection on ONNX Runtime.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--threads", type=int, default=None,
-              help="torch (and ONNX Runtime) threads; default: torch's. 1 is fastest on a busy machine.")
+@args.THREADS(help="torch (and ONNX Runtime) threads; default: torch's. 1 is fastest on a busy machine.")
 @click.option("--attack", type=click.Choice(["none", "pgd"]), default="none", show_default=True,
               help="Compute the alphas at clean inputs or at PGD (L-inf) adversarial inputs.")
-@click.option("--eps", type=float, default=0.1, show_default=True, help="PGD budget in pixel units.")
-@click.option("--steps", type=int, default=20, show_default=True, help="PGD steps.")
-@click.option("--step-size", type=float, default=None, help="PGD step size (default eps/4).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="PGD random start seed; with --method forward also the weight-noise seed.")
+@args.ATTACK(as_name="pgd", eps={"help": "PGD budget in pixel units."},
+             seed={"help": "PGD random start seed; with --method forward also the weight-noise seed."})
+@args.STEP_SIZE()
 @click.option("--noise", type=float, default=DEFAULT_NOISE, show_default=True,
               help="--method forward: relative weight noise sigma (per-element std sigma ||W|| / sqrt(size)).")
 @click.option("--draws", type=int, default=DEFAULT_DRAWS, show_default=True,
@@ -49,9 +48,8 @@ from gdws_onnx.cli.common import handle_errors, stderr_console, stdout_console
 @click.option("-o", "--output", required=True, help="Alphas file (.npz keyed by conv name); metadata goes "
               "to OUTPUT.meta.json.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-@handle_errors
-def sensitivity_cmd(model, data, n, method, batch_size, threads, attack, eps, steps, step_size, seed, noise, draws,
-                    weighting, min_margin, dtype, output, quiet) -> None:
+def sensitivity_cmd(model, data: args.DataArgs, method, batch_size, threads, attack, pgd: args.AttackArgs,
+                    step_size, noise, draws, weighting, min_margin, dtype, output, quiet) -> None:
     """Noise-gain weights alpha_{l,c} of every conv (GDWS paper eq. 8) for `optimize --alphas`.
 
     alpha_{l,c} = mean over samples of sum_{j != top} ||d(z_top - z_j)/dW_{l,c}||^2 / (2 (z_top - z_j)^2 n),
@@ -65,22 +63,22 @@ def sensitivity_cmd(model, data, n, method, batch_size, threads, attack, eps, st
     """
     if not output.endswith(".npz"):
         raise GDWSError(f"-o must name an .npz file, got {output}")
-    if batch_size < 1 or steps < 0 or eps < 0 or (threads is not None and threads < 1):
+    if batch_size < 1 or pgd.steps < 0 or pgd.eps < 0 or (threads is not None and threads < 1):
         raise GDWSError("--batch-size and --threads must be >= 1, --steps and --eps >= 0")
     if draws < 1 or not noise > 0:
         raise GDWSError("--draws must be >= 1 and --noise > 0")
     check_output_path(output, model)
     loaded = load_model(model)
-    ds = load_samples(data, n)
+    ds = load_samples(data.spec, data.n)
     settings = None
     if attack == "pgd":
-        settings = AttackSettings(name="pgd", eps=eps, steps=steps, step_size=step_size, seed=seed)
+        settings = AttackSettings(name="pgd", eps=pgd.eps, steps=pgd.steps, step_size=step_size, seed=pgd.seed)
     show = sys.stderr.isatty() and not quiet
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=stderr_console(), transient=True, disable=not show) as p:
         if method == "forward":
             task = p.add_task("forward passes", total=None)
-            result = forward_alphas(loaded.model, ds.x, y=ds.y, noise=noise, draws=draws, seed=seed,
+            result = forward_alphas(loaded.model, ds.x, y=ds.y, noise=noise, draws=draws, seed=pgd.seed,
                                     weighting=weighting, min_margin=min_margin, batch_size=max(batch_size, 1),
                                     threads=threads, attack=settings,
                                     progress=lambda k, total: p.update(task, total=total, advance=k))
@@ -95,7 +93,7 @@ def sensitivity_cmd(model, data, n, method, batch_size, threads, attack, eps, st
         return
     out = stdout_console()
     where = "clean inputs" if settings is None else (
-        f"PGD inputs (eps {eps:g}, {steps} steps; accuracy there {result.attack['accuracy_on_inputs']:.1%})")
+        f"PGD inputs (eps {pgd.eps:g}, {pgd.steps} steps; accuracy there {result.attack['accuracy_on_inputs']:.1%})")
     what = "noise-gain alphas" if method == "gradient" else f"forward ({weighting}) alphas"
     t = Table(title=f"{what}, {result.samples} samples of {ds.name} at {where}")
     for col in ("conv", "C->M (g)", "kernel", "mean alpha", "min", "max", "max/min", "top-1% samples' share"):

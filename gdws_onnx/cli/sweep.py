@@ -7,22 +7,22 @@ import sys
 
 import click
 
+from gdws_onnx.cli import args
+from gdws_onnx.cli.common import handle_errors, progress_reporter, stdout_console
 from gdws_onnx.eval.attacks import ATTACKS
-from gdws_onnx.runtime.providers import parse_eps
-from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
 from gdws_onnx.sweep.report import require_matplotlib, summary, time_lines, write_report
-from gdws_onnx.cli.common import handle_errors, parse_ints, progress_reporter, stdout_console
+from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
 
 
 @click.command("sweep")
+@handle_errors
 @click.argument("model")
-@click.option("--data", default="fashion-mnist:test", show_default=True,
-              help="Evaluation data: fashion-mnist[:test|train], a .npz with x and y, or an image folder.")
-@click.option("--n", "n", type=int, default=500, show_default=True, help="First N samples, the same for every point.")
-@click.option("--attack", "attacks", multiple=True, type=click.Choice(ATTACKS + ("none",)),
-              help="Attack(s) for robust accuracy (repeatable; default pgd).")
-@click.option("--eps", type=float, default=0.1, show_default=True, help="Perturbation budget in pixel units.")
-@click.option("--steps", type=int, default=20, show_default=True, help="PGD steps.")
+@args.DATA(data={"default": "fashion-mnist:test", "show_default": True,
+                 "help": "Evaluation data: fashion-mnist[:test|train], a .npz with x and y, or an image folder."},
+           n={"default": 500, "show_default": True, "help": "First N samples, the same for every point."})
+@args.ATTACKS(attacks={"type": click.Choice(ATTACKS + ("none",)),
+                       "help": "Attack(s) for robust accuracy (repeatable; default pgd)."})
+@args.ATTACK()
 @click.option("--budget", "budgets", multiple=True, metavar="KIND:VALUE",
               help=f"GDWS budget (repeatable): error:EPS, mac:R or latency:R. Default: {' '.join(DEFAULT_BUDGETS)}.")
 @click.option("--peer", "peers", multiple=True, metavar="PEER",
@@ -30,31 +30,28 @@ from gdws_onnx.cli.common import handle_errors, parse_ints, progress_reporter, s
                    f"Default: {' '.join(DEFAULT_PEERS)}.")
 @click.option("--calibration", default=None,
               help="INT8 calibration data (default: fashion-mnist:train for Fashion-MNIST, else --data).")
-@click.option("--ep", default="cpu", show_default=True, help="Execution provider for latency.")
-@click.option("--batch", "batches", default="1,32", show_default=True, help="Batch sizes for latency.")
-@click.option("--runs", type=int, default=50, show_default=True, help="Interleaved timing rounds per point.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: ORT's).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@args.TIMING(ep={"help": "Execution provider for latency."},
+             batches={"default": "1,32", "help": "Batch sizes for latency."},
+             threads={"help": "Intra-op threads (default: ORT's)."},
+             runs={"default": 50, "help": "Interleaved timing rounds per point."})
 @click.option("--skip-first/--no-skip-first", default=True, show_default=True)
 @click.option("--retime", is_flag=True,
               help="Re-measure the latency of finished points (keeps their accuracy), e.g. on a quieter machine.")
 @click.option("--out", "out_dir", required=True, help="Folder for points/, models/, sweep.json and the report.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-@handle_errors
-def sweep_cmd(model, data, n, attacks, eps, steps, budgets, peers, calibration, ep, batches, runs, threads, seed,
-              skip_first, retime, out_dir, quiet) -> None:
+def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, peers, timing: args.TimingArgs,
+              out_dir, quiet, **options) -> None:
     """Optimize MODEL at a ladder of budgets, build the peers, measure every point the same way
     (clean and robust accuracy, MACs, size, interleaved latency ratio) and write a report.
 
     Resumable: each point is saved to OUT/points/ when measured; a rerun skips finished points
     (and only re-times them when the latency settings changed or --retime is given)."""
     require_matplotlib()  # fail before hours of measuring, not after
-    attacks = tuple(a for a in (attacks or ("pgd",)) if a != "none")
-    opts = SweepOptions(data=data, n=n, attacks=attacks, eps=eps, steps=steps,
+    opts = SweepOptions(data=data.spec, n=data.n, eps=attack.eps, steps=attack.steps, seed=attack.seed,
                         budgets=tuple(budgets) or DEFAULT_BUDGETS,
                         peers=tuple(p for p in (peers or DEFAULT_PEERS) if p != "none"),
-                        calibration=calibration, ep=parse_eps(ep)[0], batches=tuple(parse_ints(batches, "--batch")),
-                        runs=runs, threads=threads, seed=seed, skip_first=skip_first, retime=retime)
+                        ep=timing.ep, batches=tuple(timing.batches), runs=timing.runs, threads=timing.threads,
+                        **options)
     log = None if quiet else (lambda s: click.echo(f"[sweep] {s}", err=True))  # plain text: no markup, no wrapping
     command = "onnx-gdws sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
     with progress_reporter(quiet) as factory:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from gdws_onnx.eval.attacks import ATTACKS
-from gdws_onnx.errors import GateFailed
-from gdws_onnx.eval.validation import GRADIENT_CHOICES, ValidateOptions, validate
+from gdws_onnx.cli import args
 from gdws_onnx.cli.common import handle_errors, progress_reporter, stdout_console, write_text_atomic
+from gdws_onnx.errors import GateFailed
+from gdws_onnx.eval.attacks import ATTACKS
+from gdws_onnx.eval.validation import GRADIENT_CHOICES, ValidateOptions, validate
 
 
 def _pct(v, interval=None) -> str:
@@ -19,43 +20,38 @@ def _pct(v, interval=None) -> str:
 
 
 @click.command("validate")
+@handle_errors
 @click.argument("original")
 @click.argument("optimized")
-@click.option("--data", default="fashion-mnist:test", show_default=True,
-              help="fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and y, or an image folder.")
-@click.option("--n", "n", type=int, default=None, help="Use the first N samples (same for both models).")
+@args.DATA(data={"default": "fashion-mnist:test", "show_default": True,
+                 "help": "fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and y, or an image folder."},
+           n={"default": None, "help": "Use the first N samples (same for both models)."})
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--attack", "attacks", multiple=True, type=click.Choice(ATTACKS + ("none",)),
-              help="Attack(s) to run (repeatable; default pgd). Robust accuracy is the per-sample worst case.")
-@click.option("--eps", type=float, default=0.1, show_default=True, help="Perturbation budget in pixel units.")
-@click.option("--steps", type=int, default=20, show_default=True, help="PGD steps.")
-@click.option("--step-size", type=float, default=None, help="PGD step size (default eps/4).")
+@args.ATTACKS(attacks={"type": click.Choice(ATTACKS + ("none",)),
+                       "help": "Attack(s) to run (repeatable; default pgd). Robust accuracy is the per-sample worst "
+                               "case."})
+@args.ATTACK()
+@args.STEP_SIZE()
 @click.option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
 @click.option("--random-start/--no-random-start", default=True, show_default=True)
 @click.option("--queries", type=int, default=1000, show_default=True, help="Square attack iterations.")
 @click.option("--gradient", type=click.Choice(GRADIENT_CHOICES), default="auto", show_default=True,
               help="Gradient source for white-box attacks.")
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-drop-clean", type=float, default=None, metavar="PP",
               help="Gate: exit 1 if clean accuracy drops by more than PP percentage points.")
 @click.option("--max-drop-robust", type=float, default=None, metavar="PP",
               help="Gate: exit 1 if robust accuracy drops by more than PP percentage points.")
 @click.option("--report", "report_path", default=None, help="Write a JSON report here.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and gate failures.")
-@handle_errors
-def validate_cmd(original, optimized, data, n, batch_size, attacks, eps, steps, step_size, restarts,
-                 random_start, queries, gradient, seed, max_drop_clean, max_drop_robust, report_path,
-                 quiet) -> None:
+def validate_cmd(original, optimized, data: args.DataArgs, attack: args.AttackArgs, report_path, quiet,
+                 **options) -> None:
     """Clean and adversarially robust accuracy of ORIGINAL vs OPTIMIZED on the same samples.
 
     Each model is attacked with its own gradients (white-box), checked first against ONNX
     Runtime; every adversarial example is re-scored in ONNX Runtime.
     """
-    attacks = tuple(a for a in (attacks or ("pgd",)) if a != "none")
-    opts = ValidateOptions(data=data, n=n, batch_size=batch_size, attacks=attacks, eps=eps, steps=steps,
-                           step_size=step_size, restarts=restarts, random_start=random_start,
-                           queries=queries, seed=seed, gradient=gradient, max_drop_clean=max_drop_clean,
-                           max_drop_robust=max_drop_robust)
+    opts = ValidateOptions(data=data.spec, n=data.n, eps=attack.eps, steps=attack.steps, seed=attack.seed,
+                           **options)
     opts.check()
     with progress_reporter(quiet) as factory:
         report = validate(original, optimized, opts, progress=factory)
@@ -67,7 +63,7 @@ def validate_cmd(original, optimized, data, n, batch_size, attacks, eps, steps, 
         # the BPDA gradients of a QDQ model)
         shown = list(dict.fromkeys(a for r in (report.original, report.optimized)
                                    for a in r.robust_accuracy_by_attack))
-        t = Table(title=f"{report.data['spec']}, n={report.data['n']}, eps={eps:g} "
+        t = Table(title=f"{report.data['spec']}, n={report.data['n']}, eps={attack.eps:g} "
                         f"({', '.join(shown) or 'no attack'})")
         for col in ("model", "clean acc. [95% CI]", "robust acc. [95% CI]",
                     *(f"{a}" for a in shown), "gradient"):

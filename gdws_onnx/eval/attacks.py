@@ -1,6 +1,6 @@
 """Adversarial attacks on an ONNX classifier whose decisions are taken on ONNX Runtime outputs.
 
-* `pgd`: PGD L-inf / L2 (numpy) driven by a `GradientSource` (gdws_onnx.eval.gradients).
+* `pgd`: PGD L-inf / L2 (numpy) driven by a `GradientSource` (gdws_onnx.eval.gradients.protocol).
 * `square_linf`: the Square attack (Andriushchenko et al. 2020, L-inf, margin loss) using only
   ONNX Runtime forward passes: the gradient-free check and the fallback for unsupported ops.
 * `autoattack`: torchattacks' AutoAttack 'standard' over the ORT bridge (optional extra).
@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from gdws_onnx.errors import GDWSError
-from gdws_onnx.eval.gradients import GradientSource
+from gdws_onnx.eval.gradients.protocol import GradientSource
 
 Forward = Callable[[np.ndarray], np.ndarray]  # x (N, ...) float32 -> logits (N, classes)
 Progress = Callable[[int], None]  # advance by k units
@@ -93,7 +93,9 @@ def check_budget(x: np.ndarray, x_adv: np.ndarray, eps: float, norm: str) -> flo
     return worst
 
 
-def _project(x: np.ndarray, x_adv: np.ndarray, eps: float, norm: str) -> np.ndarray:
+def project(x: np.ndarray, x_adv: np.ndarray, eps: float, norm: str) -> np.ndarray:
+    """x_adv moved into the eps-ball around x ("linf": clipped per pixel; "l2": shrunk radially, a
+    hair inside so float32 rounding never leaves it) and then into the [0, 1] box, as float32."""
     if norm == "linf":
         x_adv = np.clip(x_adv, x - eps, x + eps)
     else:
@@ -106,7 +108,9 @@ def _project(x: np.ndarray, x_adv: np.ndarray, eps: float, norm: str) -> np.ndar
     return np.clip(x_adv, 0.0, 1.0).astype(np.float32)
 
 
-def _random_start(x: np.ndarray, eps: float, norm: str, rng: np.random.Generator) -> np.ndarray:
+def random_start(x: np.ndarray, eps: float, norm: str, rng: np.random.Generator) -> np.ndarray:
+    """A random point of the eps-ball around each sample of x ("linf": uniform per pixel; "l2":
+    uniform in the ball), projected into [0, 1] (`project`); x itself (a copy) when eps is 0."""
     if eps == 0:
         return x.copy()
     if norm == "linf":
@@ -116,7 +120,7 @@ def _random_start(x: np.ndarray, eps: float, norm: str, rng: np.random.Generator
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         r = rng.random(len(x)) ** (1.0 / d.shape[1])
         delta = (d * (eps * r)[:, None]).reshape(x.shape).astype(np.float32)
-    return _project(x, x + delta, eps, norm)
+    return project(x, x + delta, eps, norm)
 
 
 def _timed(fn, acc: list):
@@ -150,7 +154,7 @@ def pgd(forward: Forward, source: GradientSource, x: np.ndarray, y: np.ndarray, 
         for s in range(0, len(todo), batch_size):
             idx = todo[s:s + batch_size]
             xb, yb = x[idx], y[idx]
-            xa = _random_start(xb, eps, norm, rng) if settings.random_start else xb.copy()
+            xa = random_start(xb, eps, norm, rng) if settings.random_start else xb.copy()
             found = np.zeros(len(idx), bool)
             cand = xa.copy()
             for _ in range(settings.steps):
@@ -164,7 +168,7 @@ def pgd(forward: Forward, source: GradientSource, x: np.ndarray, y: np.ndarray, 
                     gn = np.linalg.norm(g.reshape(len(g), -1), axis=1)
                     step = g / np.maximum(gn, 1e-12).reshape(-1, *([1] * (g.ndim - 1)))
                     xa = xa + np.float32(alpha) * step.astype(np.float32)
-                xa = _project(xb, xa, eps, norm)
+                xa = project(xb, xa, eps, norm)
             cand[~found] = xa[~found]
             broken = fwd(cand).argmax(1) != yb
             x_best[idx[broken]] = cand[broken]
@@ -296,7 +300,7 @@ def autoattack(forward: Forward, source: GradientSource, x: np.ndarray, y: np.nd
     import torch
     import torchattacks
 
-    from gdws_onnx.eval.gradients import ort_module
+    from gdws_onnx.eval.gradients.classifier import ort_module
 
     t_start = time.perf_counter()
     model_t = [0.0]

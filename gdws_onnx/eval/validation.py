@@ -18,14 +18,14 @@ import onnx
 
 from gdws_onnx.eval.attacks import ATTACKS, AttackSettings, autoattack, pgd, square_linf
 from gdws_onnx.data import DataError, load_dataset
-from gdws_onnx.errors import GateFailed, GDWSError
-from gdws_onnx.eval.gradients import (
+from gdws_onnx.errors import GateFailed, GDWSError, OptionError
+from gdws_onnx.eval.gradients.classifier import OrtClassifier
+from gdws_onnx.eval.gradients.gate import check_gradient_source
+from gdws_onnx.eval.gradients.qdq import activation_quantizers
+from gdws_onnx.eval.gradients.sources import (
     DEFAULT_SOURCE,
     SOURCE_PACKAGES,
     SOURCES,
-    OrtClassifier,
-    activation_quantizers,
-    check_gradient_source,
     installed_sources,
     make_source,
     package_installed,
@@ -38,6 +38,11 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (description, t
 GRADIENT_CHOICES = ("auto", *SOURCES)
 WHITE_BOX = ("pgd", "pgd-l2", "autoattack")
 VALIDATE_EXTRA = 'pip install -e ".[validate]"'
+
+
+def _literal(text: str) -> str:
+    """`text` escaped for an OptionError template (its braces are not placeholders)."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def check_attack_requirements(attacks: tuple[str, ...] | list[str], gradient: str = "auto") -> None:
@@ -81,24 +86,25 @@ class ValidateOptions:
     threads: int | None = None
 
     def check(self) -> None:
-        """Raise GDWSError for inconsistent options."""
+        """Raise OptionError (a GDWSError naming the fields) for inconsistent options."""
         bad = [a for a in self.attacks if a not in ATTACKS]
         if bad:
             raise GDWSError(f"unknown attack(s) {bad}; choose from {', '.join(ATTACKS)}")
         if self.eps < 0:
-            raise GDWSError(f"--eps must be >= 0, got {self.eps}")
+            raise OptionError(f"{{0}} must be >= 0, got {self.eps}", "eps")
         if self.n is not None and self.n < 1:
-            raise GDWSError(f"--n must be >= 1, got {self.n}")
+            raise OptionError(f"{{0}} must be >= 1, got {self.n}", "n")
         if self.batch_size < 1 or self.steps < 0 or self.restarts < 1 or self.queries < 0:
-            raise GDWSError("--batch-size and --restarts must be >= 1, --steps and --queries >= 0")
+            raise OptionError("{0} and {1} must be >= 1, {2} and {3} >= 0", "batch_size", "restarts", "steps",
+                              "queries")
         if self.gradient not in GRADIENT_CHOICES:
-            raise GDWSError(f"--gradient must be one of {', '.join(GRADIENT_CHOICES)}")
+            raise OptionError(f"{{0}} must be one of {', '.join(GRADIENT_CHOICES)}", "gradient")
         if self.max_drop_robust is not None and not self.attacks:
-            raise GDWSError("--max-drop-robust needs an attack (got --attack none)")
+            raise OptionError("{0} needs an attack", "max_drop_robust")
         for name in ("max_drop_clean", "max_drop_robust"):
             v = getattr(self, name)
             if v is not None and v < 0:
-                raise GDWSError(f"--{name.replace('_', '-')} must be >= 0 percentage points")
+                raise OptionError("{0} must be >= 0 percentage points", name)
 
     def settings(self, name: str) -> AttackSettings:
         return AttackSettings(name=name, eps=self.eps, steps=self.steps, step_size=self.step_size,
@@ -299,7 +305,7 @@ def validate(original: onnx.ModelProto | str, optimized: onnx.ModelProto | str,
         try:
             ds = load_dataset(opts.data, n=opts.n)
         except (DataError, ValueError, OSError) as e:
-            raise GDWSError(f"--data {opts.data}: {e}") from None
+            raise OptionError(f"{{0}} {_literal(opts.data)}: {_literal(str(e))}", "data") from None
         x, y, data_name, indices = ds.x, ds.y, ds.name, ds.indices
     else:
         n = len(x) if opts.n is None else min(opts.n, len(x))

@@ -10,14 +10,17 @@ times the producer's MACs. Exact; whether it is faster is measured (latency.plan
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gdws_onnx.graph.cleanup import consumed_names, remove_unused
 from gdws_onnx.graph.convs import node_attrs, node_label
-from gdws_onnx.graph.rewrite import Names, _consumed, layer_of
+from gdws_onnx.graph.passes import PassResult
+from gdws_onnx.graph.pattern import GDWSLayer, find_gdws_layers
+from gdws_onnx.graph.rewrite import Names
 
 # Ops that act on each channel alone (and keep channels on axis 1): a channel gather commutes.
 CHANNELWISE = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
@@ -36,7 +39,9 @@ class Fold:
     label: str  # the producer's name for reports (its output when the node is unnamed)
 
 
-class _Graph:
+class GraphIndex:
+    """Who produces and who reads each tensor of a graph, as it is when the index is made."""
+
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
         self.producer = {o: n for n in graph.node for o in n.output}
@@ -47,7 +52,7 @@ class _Graph:
         for n in graph.node:  # a tensor a subgraph captures is never private
             for a in n.attribute:
                 for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                    self.readers.update({x: 2 for x in _consumed(sub)})
+                    self.readers.update({x: 2 for x in consumed_names(sub)})
 
     def private(self, tensor: str) -> bool:
         """Read by exactly one node and not a graph output."""
@@ -59,46 +64,59 @@ class _Graph:
                 and self.inits[name].data_location != onnx.TensorProto.EXTERNAL)
 
 
-def _gather_indices(g: _Graph, node: onnx.NodeProto) -> np.ndarray | None:
+@dataclass(frozen=True)
+class FoldSite:
+    """One GDWS layer as the fold judges it: its nodes, and the graph as it is at that moment."""
+
+    layer: GDWSLayer
+    index: GraphIndex
+
+
+def _gather_indices(g: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     if node.op_type != "Gather" or node_attrs(node).get("axis", 0) != 1 or node.input[1] not in g.inits:
         return None
     idx = numpy_helper.to_array(g.inits[node.input[1]])
     return idx if idx.ndim == 1 else None
 
 
-def foldable(model: onnx.ModelProto, gather: onnx.NodeProto) -> Fold | None:
-    """The fold for this Gather, or None when its input does not come, through private per-channel
-    ops, from a private group-1 Conv with initializer weights (and BatchNorm parameters)."""
-    g = _Graph(model.graph)
+def plan_fold(site: FoldSite) -> Fold | str:
+    """The fold of this layer's Gather, or why there is none: its input must come, through private
+    per-channel ops, from a private group-1 Conv with initializer weights (and BatchNorm parameters)."""
+    g, gather = site.index, site.layer.gather
+    if gather is None:
+        return "no Gather (the rewrite kept the channel order)"
     if _gather_indices(g, gather) is None:
-        return None
+        return "the Gather is not a constant 1-D gather on channels"
     tensor, chain = gather.input[0], []
     while True:
         node = g.producer.get(tensor)
-        if node is None or not g.private(tensor):
-            return None
+        if node is None:
+            return f"'{tensor}' is not computed by a node (a graph input or initializer)"
+        if not g.private(tensor):
+            return f"'{tensor}' has other readers or is a graph output"
         if node.op_type == "Conv":
             break
         if node.op_type not in CHANNELWISE or len([o for o in node.output if o]) != 1:
-            return None
+            return f"{node.op_type} '{node_label(node)}' lies between the Gather and a Conv (not a per-channel op)"
         if node.op_type == "BatchNormalization" and not all(g.private_init(p) for p in node.input[BN_PARAMS]):
-            return None
+            return f"BatchNormalization '{node_label(node)}' has parameters that are not its own initializers"
         if node.op_type == "Clip" and any(p and p not in g.inits for p in node.input[1:]):
-            return None
+            return f"Clip '{node_label(node)}' has bounds computed at run time"
         chain.append(node)
         tensor = node.input[0]
-    params = [p for p in node.input[1:] if p]
-    if node_attrs(node).get("group", 1) != 1 or not all(g.private_init(p) for p in params):
-        return None
-    return Fold(gather.output[0], node.output[0], tuple(n.output[0] for n in reversed(chain)),
-                node_label(node))
+    group = node_attrs(node).get("group", 1)
+    if group != 1:
+        return f"the producer conv '{node_label(node)}' is grouped (group={group})"
+    if not all(g.private_init(p) for p in node.input[1:] if p):
+        return f"the producer conv '{node_label(node)}' has weights that are not its own in-file initializers"
+    return Fold(gather.output[0], node.output[0], tuple(n.output[0] for n in reversed(chain)), node_label(node))
 
 
 def fold_gather(model: onnx.ModelProto, fold: Fold) -> onnx.ModelProto:
     """Apply one fold in place: gather the producer's (and BatchNorms') per-channel parameters,
     drop the Gather, and forget the now wider intermediate tensors' recorded shapes."""
     graph = model.graph
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     nodes = g.producer  # output tensor -> node
     gather = nodes[fold.gather]
     idx = _gather_indices(g, gather)
@@ -121,33 +139,42 @@ def fold_gather(model: onnx.ModelProto, fold: Fold) -> onnx.ModelProto:
             if x == gather.output[0]:
                 n.input[k] = gather.input[0]
     graph.node.remove(gather)
-    if not any(gather.input[1] in n.input for n in graph.node):
-        graph.initializer.remove(g.inits[gather.input[1]])
+    remove_unused(graph, {gather.input[1]})
     keep = [v for v in graph.value_info if v.name not in widened | {gather.output[0]}]
     del graph.value_info[:]
     graph.value_info.extend(keep)
     return model
 
 
-def gdws_gathers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """Layer name -> its GDWS Gather node (named '<conv>/gdws/gather')."""
-    return {layer_of(n.name): n for n in model.graph.node if n.op_type == "Gather" and "/gdws/gather" in n.name}
+@dataclass
+class FoldReport:
+    """Per GDWS layer considered: the producer its Gather was folded into, or why it was not."""
+
+    folded: dict[str, str] = field(default_factory=dict)  # layer -> producer conv
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> reason (FoldGatherPass.check)
 
 
 class FoldGatherPass:
-    """`call(model)` folds the Gathers of the named GDWS layers (all when `layers` is None)
-    wherever `foldable` allows; `folded` lists layer -> producer conv afterwards."""
+    """`call(model)` folds the Gathers of the named GDWS layers (all when `layers` is None), in graph
+    order, wherever `check` finds no reason against it; the report says which and why not."""
 
     def __init__(self, layers: list[str] | None = None):
         self.layers = layers
-        self.folded: dict[str, str] = {}
 
-    def call(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        for layer, gather in gdws_gathers(model).items():
-            if self.layers is not None and layer not in self.layers:
+    def check(self, site: FoldSite) -> str | None:
+        """Why this layer's Gather cannot be folded (None: it can)."""
+        plan = plan_fold(site)
+        return plan if isinstance(plan, str) else None
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        report = FoldReport()
+        for layer in find_gdws_layers(model.graph):
+            if self.layers is not None and layer.layer not in self.layers:
                 continue
-            fold = foldable(model, gather)
-            if fold is not None:
-                fold_gather(model, fold)
-                self.folded[layer] = fold.label
-        return model
+            plan = plan_fold(FoldSite(layer, GraphIndex(model.graph)))  # the graph as the earlier folds left it
+            if isinstance(plan, str):
+                report.skipped[layer.layer] = plan
+                continue
+            fold_gather(model, plan)
+            report.folded[layer.layer] = plan.label
+        return PassResult(model, bool(report.folded), report)

@@ -12,7 +12,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from gdws_onnx.errors import GDWSError
+from gdws_onnx.errors import GDWSError, OptionError
+from gdws_onnx.files import atomic_write
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -59,7 +60,7 @@ def load_model(path: str) -> LoadedModel:
 def check_output_path(path: str, input_path: str | None, overwrite_input: bool = False) -> None:
     """Refuse an output that would overwrite the input, or whose folder is not writable."""
     if input_path and os.path.exists(path) and os.path.samefile(path, input_path) and not overwrite_input:
-        raise GDWSError(f"refusing to overwrite the input model {path} (pass --overwrite-input)")
+        raise OptionError(f"refusing to overwrite the input model {path} (pass {{0}})", "overwrite_input")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise GDWSError(f"output folder does not exist: {folder}")
@@ -68,33 +69,34 @@ def check_output_path(path: str, input_path: str | None, overwrite_input: bool =
 
 
 def save_model(model: onnx.ModelProto, path: str, external_data: bool = False) -> None:
-    """Write `model` to `path` atomically: a temporary file in the same folder, then rename.
+    """Write `model` to `path` atomically (`files.atomic_write`; with external data, a temporary
+    folder beside it, then renames).
 
     With external_data (or a model over protobuf's 2 GB limit), tensors of 1 KiB and more go
     to `<file name>.data` beside it. Note onnx moves those tensors' bytes out of `model`.
     """
+    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    if not external_data:
+        with atomic_write(path, "wb", fsync=True) as f:
+            f.write(model.SerializeToString())
+        return
+    # two files: onnx writes both into a temporary folder; the data file goes first, each atomically
     folder = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
-    tmp_dir = tempfile.mkdtemp(prefix=".gdws-tmp-", dir=folder)
+    location = name + ".data"
     try:
-        tmp_model = os.path.join(tmp_dir, name)
-        if external_data:
-            location = name + ".data"
+        tmp_dir = tempfile.mkdtemp(prefix=".gdws-tmp-", dir=folder)
+        try:
+            tmp_model = os.path.join(tmp_dir, name)
             onnx.save_model(model, tmp_model, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=location, size_threshold=1024)
             if os.path.exists(os.path.join(tmp_dir, location)):
                 os.replace(os.path.join(tmp_dir, location), os.path.join(folder, location))
-        else:
-            with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp_model, path)
+            os.replace(tmp_model, path)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     except OSError as e:
         raise GDWSError(f"cannot write {path}: {e}") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

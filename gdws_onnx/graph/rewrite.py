@@ -2,8 +2,9 @@
 
 Operates on the ModelProto in place and touches nothing else: IR version, opsets, metadata,
 graph I/O and every tensor it does not rewrite (external-data references included) stay as
-they are. New nodes are named `<conv>/gdws/gather|dw|pw` so profiles map back to layers.
-`replace_convs` (the splice and the orphan removal) is shared with the peer passes in peers.py.
+they are. New nodes are named by `pattern.node_name` (`<conv>/gdws/gather|dw|pw`) so profiles
+map back to layers. `replace_convs` (the splice and the orphan removal) and `Names` are shared
+with the peer passes (peers/).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gdws_onnx.graph.convs import ConvSite
 from gdws_onnx.core.decompose import GDWSFactors
+from gdws_onnx.graph import pattern
+from gdws_onnx.graph.cleanup import remove_unused
+from gdws_onnx.graph.convs import ConvSite
+from gdws_onnx.graph.passes import PassResult
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class LayerRewrite:
     factors: GDWSFactors
 
 
-class _Names:
+class Names:
     """Fresh, deterministic names that collide with nothing in the graph."""
 
     def __init__(self, graph: onnx.GraphProto):
@@ -36,6 +40,7 @@ class _Names:
         self.used |= {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
 
     def fresh(self, base: str) -> str:
+        """`base`, or `base_1`, `base_2`, ...: the first name not used yet (it is used from now on)."""
         name, k = base, 0
         while name in self.used:
             k += 1
@@ -43,20 +48,6 @@ class _Names:
         self.used.add(name)
         return name
 
-
-def _consumed(graph: onnx.GraphProto) -> set[str]:
-    """Names read by any node (subgraphs included, they may capture outer tensors) or output."""
-    names = {o.name for o in graph.output}
-    for n in graph.node:
-        names.update(n.input)
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
-                        a.graphs if a.type == onnx.AttributeProto.GRAPHS else []):
-                names |= _consumed(sub)
-    return names
-
-
-Names = _Names  # public name for other graph passes (peers.py)
 
 SubgraphBuilder = Callable[[ConvSite, Names], tuple[list[onnx.TensorProto], list[onnx.NodeProto]]]
 
@@ -66,7 +57,7 @@ def replace_convs(model: onnx.ModelProto, sites: list[ConvSite], build: Subgraph
     returns; its weights become initializers (Constant nodes when IR < 4, which wants every
     initializer listed as an input). Then drop the weight subgraphs nothing reads anymore."""
     graph = model.graph
-    names = _Names(graph)
+    names = Names(graph)
     by_index = {s.index: s for s in sites}
     as_constants = model.ir_version < 4
     new_inits: list[onnx.TensorProto] = []
@@ -92,54 +83,50 @@ def replace_convs(model: onnx.ModelProto, sites: list[ConvSite], build: Subgraph
 
 def remove_orphans(graph: onnx.GraphProto, sites: list[ConvSite]) -> None:
     """Drop the replaced convs' weight nodes and initializers that nothing reads anymore."""
-    old_names = {s.node.input[1] for s in sites}
-    cand_outputs = {o for s in sites for o in s.weight_producers}
-    while True:
-        consumed = _consumed(graph)
-        dead = [k for k, n in enumerate(graph.node)
-                if n.output and set(n.output) <= cand_outputs and not (set(n.output) & consumed)]
-        if not dead:
-            break
-        for k in reversed(dead):
-            old_names.update(graph.node[k].input)
-            del graph.node[k]
-    consumed = _consumed(graph)
-    inputs = {i.name for i in graph.input}
-    unused = [k for k, t in enumerate(graph.initializer)
-              if t.name in old_names and t.name not in consumed and t.name not in inputs]
-    for k in reversed(unused):
-        del graph.initializer[k]
+    remove_unused(graph, {s.node.input[1] for s in sites} | {o for s in sites for o in s.weight_producers})
+
+
+@dataclass
+class RewriteReport:
+    """The convs the rewrite replaced, in graph order."""
+
+    layers: list[str]
 
 
 class GDWSRewritePass:
-    """`call(model)` replaces each planned Conv and removes the weight subgraphs it orphaned."""
+    """`call(model)` replaces each planned Conv (the plan decided which: no per-site check) and
+    removes the weight subgraphs it orphaned; the report lists the replaced convs."""
 
     def __init__(self, rewrites: list[LayerRewrite]):
         self.rewrites = {r.site.index: r for r in rewrites}
 
-    def call(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        return replace_convs(model, [r.site for r in self.rewrites.values()],
-                             lambda site, names: self._subgraph(self.rewrites[site.index], names))
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        sites = [r.site for r in self.rewrites.values()]
+        replace_convs(model, sites, lambda site, names: self._subgraph(self.rewrites[site.index], names))
+        return PassResult(model, bool(sites), RewriteReport([s.name for s in sorted(sites, key=lambda s: s.index)]))
 
     @staticmethod
-    def _subgraph(r: LayerRewrite, names: _Names) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    def _subgraph(r: LayerRewrite, names: Names) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
         site, f = r.site, r.factors
         conv = site.node
-        base = f"{site.name}/gdws"
+
+        def name(role: str) -> str:
+            return names.fresh(pattern.node_name(site.name, role))
+
         x, out = conv.input[0], conv.output[0]
         weights, nodes = [], []
         g_total = f.depthwise.shape[0]
         if not f.multiplier and not np.array_equal(f.gather, np.arange(site.in_channels)):
-            idx = numpy_helper.from_array(f.gather, names.fresh(f"{base}/gather_indices"))
-            gathered = names.fresh(f"{base}/gather_out")
+            idx = numpy_helper.from_array(f.gather, name("gather_indices"))
+            gathered = name("gather_out")
             weights.append(idx)
             nodes.append(helper.make_node("Gather", [x, idx.name], [gathered],
-                                          name=names.fresh(f"{base}/gather"), axis=1))
+                                          name=name(pattern.GATHER), axis=1))
             x = gathered
-        dw_w = numpy_helper.from_array(f.depthwise, names.fresh(f"{base}/dw_weight"))
-        pw_w = numpy_helper.from_array(f.pointwise, names.fresh(f"{base}/pw_weight"))
+        dw_w = numpy_helper.from_array(f.depthwise, name("dw_weight"))
+        pw_w = numpy_helper.from_array(f.pointwise, name("pw_weight"))
         weights += [dw_w, pw_w]
-        dw_out = names.fresh(f"{base}/dw_out")
+        dw_out = name("dw_out")
         spatial = dict(kernel_shape=list(site.kernel_shape), strides=list(site.strides),
                        dilations=list(site.dilations),
                        group=site.in_channels if f.multiplier else g_total)
@@ -148,17 +135,12 @@ class GDWSRewritePass:
         else:
             spatial["auto_pad"] = site.auto_pad
         nodes.append(helper.make_node("Conv", [x, dw_w.name], [dw_out],
-                                      name=names.fresh(f"{base}/dw"), **spatial))
+                                      name=name(pattern.DEPTHWISE), **spatial))
         ones = [1] * len(site.kernel_shape)
         pw_inputs = [dw_out, pw_w.name] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
-        nodes.append(helper.make_node("Conv", pw_inputs, [out], name=names.fresh(f"{base}/pw"),
+        nodes.append(helper.make_node("Conv", pw_inputs, [out], name=name(pattern.POINTWISE),
                                       kernel_shape=ones, group=f.groups))
         return weights, nodes
-
-
-def layer_of(node_name: str) -> str:
-    """'<conv>/gdws/dw' or '<conv>/ssvd/a' -> '<conv>'; other names are their own layer."""
-    return node_name.split("/gdws/")[0].split("/ssvd/")[0]
 
 
 def layer_model(site: ConvSite, batch: int, factors: GDWSFactors | None = None,

@@ -1,7 +1,9 @@
 """Peer model constructions GDWS is compared with: spatial SVD, filter pruning, ONNX Runtime static INT8.
 
-One module each; every construction takes a float model and returns a new one (the input is
-not modified) keeping IR version, opsets, metadata and I/O names.
+One module each; every construction is a graph pass (`graph/passes.py`): `Pass(options).call(model)
+-> PassResult(model, modified, report)`, with a PeerReport; the per-conv ones (spatial SVD, pruning)
+edit the model in place and say in `check(site)` why a conv is skipped; INT8 returns a new model.
+IR version, opsets, metadata and I/O names are kept.
 
 Spatial SVD (the Qualcomm AIMET scheme) splits a 2-D Conv with group 1 into a vertical conv
 (I -> r, kernel kh x 1) and a horizontal conv (r -> O, kernel 1 x kw). With W of shape
@@ -16,13 +18,12 @@ INT8 is ORT's static QDQ quantization (MinMax calibration) of a float model, GDW
 or not; its conv structure, and so its conv MACs, are the float model's.
 """
 
-from gdws_onnx.peers.common import PeerLayer, PeerReport
-from gdws_onnx.peers.prune import channel_chain, filter_norms, kept_filters, prune_channels
-from gdws_onnx.peers.quantize import calibration_batches, quantize_int8, restore_ir_version
+from gdws_onnx.peers.common import PeerLayer, PeerReport, PeerSite
+from gdws_onnx.peers.prune import PruneChannelsPass, PruneSite, channel_chain, filter_norms, kept_filters
+from gdws_onnx.peers.quantize import QuantizeInt8Pass, calibration_batches, restore_ir_version
 from gdws_onnx.peers.spatial_svd import (
-    conv_out_size,
+    SpatialSVDPass,
     dense_conv_macs,
-    explicit_pads,
     geometry,
     relative_energy,
     relative_error,
@@ -30,11 +31,10 @@ from gdws_onnx.peers.spatial_svd import (
     spatial_matrix,
     spatial_reconstruct,
     spatial_spectrum,
-    spatial_svd,
     ssvd_macs_per_rank,
 )
 
-__all__ = ["PeerLayer", "PeerReport", "spatial_svd", "prune_channels", "quantize_int8", "calibration_batches",
-           "channel_chain", "conv_out_size", "dense_conv_macs", "explicit_pads", "filter_norms", "geometry",
+__all__ = ["PeerLayer", "PeerReport", "PeerSite", "PruneSite", "SpatialSVDPass", "PruneChannelsPass",
+           "QuantizeInt8Pass", "calibration_batches", "channel_chain", "dense_conv_macs", "filter_norms", "geometry",
            "kept_filters", "relative_energy", "relative_error", "restore_ir_version", "spatial_factors",
            "spatial_matrix", "spatial_reconstruct", "spatial_spectrum", "ssvd_macs_per_rank"]

@@ -1,14 +1,11 @@
-"""What every peer construction shares: its report and how it takes a model in."""
+"""What every peer construction shares: its report, the sites it judges, and MAC accounting."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import onnx
-
+from gdws_onnx.errors import OptionError
 from gdws_onnx.graph.convs import ConvSite
-from gdws_onnx.errors import GDWSError
-from gdws_onnx.graph.model_io import load_model
 
 
 @dataclass
@@ -50,24 +47,40 @@ class PeerReport:
         return {**asdict(self), "mac_reduction": self.mac_reduction}
 
 
+@dataclass(frozen=True)
+class PeerSite:
+    """A conv as a peer pass's `check` judges it: the conv, and whether it is the model's first."""
+
+    conv: ConvSite
+    first: bool
 
 
-def copy_model(model_or_path: onnx.ModelProto | str) -> tuple[onnx.ModelProto, str]:
-    if isinstance(model_or_path, str):
-        loaded = load_model(model_or_path)
-        return loaded.model, loaded.base_dir
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model_or_path)
-    return copy, ""
+def peer_sites(sites: list[ConvSite]) -> list[PeerSite]:
+    """The model's convs, in graph order, as peer sites."""
+    return [PeerSite(s, i == 0) for i, s in enumerate(sites)]
 
 
 def site_macs(site: ConvSite) -> int | None:
+    """MACs per sample of a conv (None when its weight or output size is unknown)."""
     return site.pixels * site.macs_per_pixel if site.weight is not None and site.pixels is not None else None
 
 
+def total_macs(report: PeerReport) -> PeerReport:
+    """Sum the layers' MACs into the report; a target the totals miss (beyond 0.1 %) is not met,
+    and the message says by how much. Returns the report."""
+    report.macs_before = sum(x.macs_before or 0 for x in report.layers)
+    report.macs_after = sum(x.macs_after or 0 for x in report.layers)
+    if report.met and report.mac_reduction is not None and report.mac_reduction < report.target * (1 - 1e-3):
+        report.met = False
+    if report.met is False:
+        report.message = (f"reached conv MACs / {report.mac_reduction:.3f}, short of / {report.target:g}: "
+                          "the eligible layers cannot give more")
+    return report
+
+
 def require_output_sizes(sites: list[ConvSite]) -> None:
-    """A MAC budget needs every conv's output size: GDWSError naming the unknown ones."""
+    """A MAC budget needs every conv's output size: OptionError naming the unknown ones."""
     unknown = [s.name for s in sites if s.weight is not None and s.pixels is None]
     if unknown:
-        raise GDWSError(f"mac_reduction needs every conv's output size; unknown for {unknown[:3]}: "
-                        "give input_shapes")
+        raise OptionError(f"{{0}} needs every conv's output size; unknown for {unknown[:3]}: give {{1}}",
+                          "mac_reduction", "input_shapes")

@@ -11,10 +11,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gdws_onnx.errors import OptionError
+from gdws_onnx.graph.cleanup import remove_unused
 from gdws_onnx.graph.convs import ConstantResolver, ConvSite, find_convs
-from gdws_onnx.errors import GDWSError
+from gdws_onnx.graph.passes import PassResult
 from gdws_onnx.graph.rewrite import Names, replace_convs
-from gdws_onnx.peers.common import PeerLayer, PeerReport, copy_model, require_output_sizes, site_macs
+from gdws_onnx.peers.common import PeerLayer, PeerReport, PeerSite, require_output_sizes, site_macs, total_macs
 
 # Ops that act on each channel on its own, so a pruned channel can be dropped through them.
 CHANNELWISE_OPS = {"Relu", "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
@@ -70,11 +72,21 @@ def channel_chain(graph: onnx.GraphProto, conv: onnx.NodeProto, consumers: dict[
         return None, [], f"its output reaches {n.op_type} (only conv -> channel-wise ops -> conv chains are pruned)"
 
 
+@dataclass(frozen=True)
+class PruneSite(PeerSite):
+    """A conv as pruning judges it: also the conv its output reaches through channel-wise ops
+    (`channel_chain`), the tensors on the way, and why there is no such single conv ('' if there is)."""
+
+    consumer: ConvSite | None = None
+    chain: tuple[str, ...] = ()
+    chain_reason: str = ""
+
+
 @dataclass
 class _PruneCandidate:
     site: ConvSite
     consumer: ConvSite
-    chain: list[str]
+    chain: tuple[str, ...]
 
 
 def _pruned_macs(sites: list[ConvSite], cands: list[_PruneCandidate], fraction: float,
@@ -93,25 +105,6 @@ def _pruned_macs(sites: list[ConvSite], cands: list[_PruneCandidate], fraction: 
     return total, keep
 
 
-def prune_skip_reason(site: ConvSite, first: bool, skip_first: bool, consumer: ConvSite | None, why: str) -> str:
-    """Why a conv's output channels are not pruned ('' if they are a candidate)."""
-    if site.weight is None:
-        return site.weight_source
-    if site.group != 1:
-        return f"grouped conv (group={site.group}; pruning needs group=1)"
-    if first and skip_first:
-        return "first conv (skip_first=False to include)"
-    if why:
-        return why
-    if consumer is None or consumer.weight is None:
-        return "the conv it feeds has no constant weight"
-    if consumer.group != 1:
-        return f"the conv it feeds is grouped (group={consumer.group})"
-    if site.pixels is None or consumer.pixels is None:
-        return "output size unknown (give input_shapes)"
-    return ""
-
-
 def _pruned_conv(site: ConvSite, keep_out: np.ndarray | None, keep_in: np.ndarray | None,
                  bias: np.ndarray | None, names: Names) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """The same Conv node reading W[keep_out][:, keep_in] (and bias[keep_out])."""
@@ -128,86 +121,97 @@ def _pruned_conv(site: ConvSite, keep_out: np.ndarray | None, keep_in: np.ndarra
     return inits, [node]
 
 
-def _drop_unused(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Remove initializers and Constant nodes among `names` that nothing reads anymore."""
-    consumed = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
-    dead = names - consumed - {i.name for i in graph.input}
-    for k in reversed(range(len(graph.node))):
-        n = graph.node[k]
-        if n.op_type == "Constant" and n.output[0] in dead:
-            del graph.node[k]
-    for k in reversed(range(len(graph.initializer))):
-        if graph.initializer[k].name in dead:
-            del graph.initializer[k]
-
-
-def prune_channels(model: onnx.ModelProto | str, mac_reduction: float | None = None,
-                   fraction: float | None = None, skip_first: bool = True,
-                   input_shapes: dict[str, list[int]] | None = None,
-                   multiple: int = 1) -> tuple[onnx.ModelProto, PeerReport]:
+class PruneChannelsPass:
     """Drop the smallest-L1-norm output filters of every eligible conv (group 1, feeding exactly
-    one group-1 conv through channel-wise ops only) and the matching input channels of that conv.
+    one group-1 conv through channel-wise ops only: `check`) and the matching input channels of that conv.
 
     Give one budget: `fraction` of each eligible conv's filters, or `mac_reduction` R (whole-model
     conv MACs before / after, all convs counted): the least uniform fraction (steps of 1/512) that
     reaches R. No fine-tuning. Per layer, `rank` / `max_rank` are kept / original output channels
-    and `relative_error` the dropped share of ||W||_F^2. The model passed in is not modified.
+    and `relative_error` the dropped share of ||W||_F^2. `call(model)` edits the model in place;
+    its report is a PeerReport.
     multiple: keep filter counts that are multiples of it (see `kept_filters`): ONNX Runtime's CPU
     convs are much faster at widths that are multiples of 8 (on the zoo VGG, pruning 64 -> 63 and
     128 -> 126 filters, 1.02x fewer MACs, ran 1.4x slower at batch 1 and 2.1x at batch 32; README).
     """
-    if multiple < 1:
-        raise GDWSError(f"multiple must be >= 1, got {multiple}")
-    if (mac_reduction is None) == (fraction is None):
-        raise GDWSError("give one of mac_reduction or fraction")
-    if mac_reduction is not None and not mac_reduction >= 1:
-        raise GDWSError(f"mac_reduction must be >= 1, got {mac_reduction}")
-    if fraction is not None and not 0 <= fraction < 1:
-        raise GDWSError(f"fraction must be in [0, 1), got {fraction}")
-    model, base_dir = copy_model(model)
-    graph = model.graph
-    sites = find_convs(model, base_dir, input_shapes)
-    by_node = {id(s.node): s for s in sites}
-    consumers = _consumers(graph)
-    reasons, cands = {}, []
-    for i, s in enumerate(sites):
-        nxt, chain, why = channel_chain(graph, s.node, consumers) if s.weight is not None else (None, [], "")
-        consumer = by_node.get(id(nxt)) if nxt is not None else None
-        reasons[s.name] = prune_skip_reason(s, i == 0, skip_first, consumer, why)
-        if not reasons[s.name]:
-            cands.append(_PruneCandidate(s, consumer, chain))
-    report = PeerReport(method="prune_channels", target=mac_reduction)
-    if mac_reduction is not None:
-        require_output_sizes(sites)
-        total = sum(site_macs(s) for s in sites if s.weight is not None)
-        fractions = np.arange(512) / 512
-        fraction = next((f for f in fractions
-                         if _pruned_macs(sites, cands, f, multiple)[0] <= total / mac_reduction), fractions[-1])
-        report.met = _pruned_macs(sites, cands, fraction, multiple)[0] <= total / mac_reduction
-    _, keep = _pruned_macs(sites, cands, fraction, multiple)
-    keep = {c.site.name: keep[c.site.name] for c in cands if keep[c.site.name].size < c.site.out_channels}
-    keep_in = {c.consumer.name: keep[c.site.name] for c in cands if c.site.name in keep}
-    changed = [s for s in sites if s.name in keep or s.name in keep_in]
-    resolver = ConstantResolver(model, base_dir)
-    bias = {s.name: s.node.input[2] for s in changed
-            if s.name in keep and len(s.node.input) > 2 and s.node.input[2]}
-    bias_values = {k: resolver.value(v)[0] for k, v in bias.items()}
-    replace_convs(model, changed, lambda site, names: _pruned_conv(
-        site, keep.get(site.name), keep_in.get(site.name), bias_values.get(site.name), names))
-    _drop_unused(graph, set(bias.values()))
-    chain = {t for c in cands if c.site.name in keep for t in c.chain}
-    for k in reversed(range(len(graph.value_info))):
-        if graph.value_info[k].name in chain:  # their channel count changed
-            del graph.value_info[k]
-    kept_in_count = {k: v.size for k, v in keep_in.items()}
-    for s in sites:
-        report.layers.append(_prune_layer(s, reasons[s.name], keep.get(s.name), kept_in_count.get(s.name)))
-    report.macs_before = sum(x.macs_before or 0 for x in report.layers)
-    report.macs_after = sum(x.macs_after or 0 for x in report.layers)
-    if report.met is False:
-        report.message = (f"reached conv MACs / {report.mac_reduction:.3f}, short of / {mac_reduction:g}: "
-                          "the eligible layers cannot give more")
-    return model, report
+
+    def __init__(self, mac_reduction: float | None = None, fraction: float | None = None,
+                 skip_first: bool = True, input_shapes: dict[str, list[int]] | None = None,
+                 multiple: int = 1):
+        if multiple < 1:
+            raise OptionError(f"{{0}} must be >= 1, got {multiple}", "multiple")
+        if (mac_reduction is None) == (fraction is None):
+            raise OptionError("give one of {0} or {1}", "mac_reduction", "fraction")
+        if mac_reduction is not None and not mac_reduction >= 1:
+            raise OptionError(f"{{0}} must be >= 1, got {mac_reduction}", "mac_reduction")
+        if fraction is not None and not 0 <= fraction < 1:
+            raise OptionError(f"{{0}} must be in [0, 1), got {fraction}", "fraction")
+        self.mac_reduction = mac_reduction
+        self.fraction = fraction
+        self.skip_first = skip_first
+        self.input_shapes = input_shapes
+        self.multiple = multiple
+
+    def check(self, site: PruneSite) -> str | None:
+        """Why a conv's output channels are not pruned (None: they are a candidate)."""
+        conv, consumer = site.conv, site.consumer
+        if conv.weight is None:
+            return conv.weight_source
+        if conv.group != 1:
+            return f"grouped conv (group={conv.group}; pruning needs group=1)"
+        if site.first and self.skip_first:
+            return "first conv (skip_first=False to include)"
+        if site.chain_reason:
+            return site.chain_reason
+        if consumer is None or consumer.weight is None:
+            return "the conv it feeds has no constant weight"
+        if consumer.group != 1:
+            return f"the conv it feeds is grouped (group={consumer.group})"
+        if conv.pixels is None or consumer.pixels is None:
+            return "output size unknown (give input_shapes)"
+        return None
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        mac_reduction, fraction, multiple = self.mac_reduction, self.fraction, self.multiple
+        graph = model.graph
+        sites = find_convs(model, input_shapes=self.input_shapes)
+        by_node = {id(s.node): s for s in sites}
+        consumers = _consumers(graph)
+        reasons, cands = {}, []
+        for i, s in enumerate(sites):
+            nxt, chain, why = channel_chain(graph, s.node, consumers) if s.weight is not None else (None, [], "")
+            consumer = by_node.get(id(nxt)) if nxt is not None else None
+            reason = self.check(PruneSite(s, i == 0, consumer, tuple(chain), why))
+            reasons[s.name] = reason or ""
+            if reason is None:
+                cands.append(_PruneCandidate(s, consumer, tuple(chain)))
+        report = PeerReport(method="prune_channels", target=mac_reduction)
+        if mac_reduction is not None:
+            require_output_sizes(sites)
+            total = sum(site_macs(s) for s in sites if s.weight is not None)
+            fractions = np.arange(512) / 512
+            fraction = next((f for f in fractions
+                             if _pruned_macs(sites, cands, f, multiple)[0] <= total / mac_reduction), fractions[-1])
+            report.met = _pruned_macs(sites, cands, fraction, multiple)[0] <= total / mac_reduction
+        _, keep = _pruned_macs(sites, cands, fraction, multiple)
+        keep = {c.site.name: keep[c.site.name] for c in cands if keep[c.site.name].size < c.site.out_channels}
+        keep_in = {c.consumer.name: keep[c.site.name] for c in cands if c.site.name in keep}
+        changed = [s for s in sites if s.name in keep or s.name in keep_in]
+        resolver = ConstantResolver(model)
+        bias = {s.name: s.node.input[2] for s in changed
+                if s.name in keep and len(s.node.input) > 2 and s.node.input[2]}
+        bias_values = {k: resolver.value(v)[0] for k, v in bias.items()}
+        replace_convs(model, changed, lambda site, names: _pruned_conv(
+            site, keep.get(site.name), keep_in.get(site.name), bias_values.get(site.name), names))
+        remove_unused(graph, set(bias.values()))
+        chain = {t for c in cands if c.site.name in keep for t in c.chain}
+        for k in reversed(range(len(graph.value_info))):
+            if graph.value_info[k].name in chain:  # their channel count changed
+                del graph.value_info[k]
+        kept_in_count = {k: v.size for k, v in keep_in.items()}
+        for s in sites:
+            report.layers.append(_prune_layer(s, reasons[s.name], keep.get(s.name), kept_in_count.get(s.name)))
+        return PassResult(model, bool(changed), total_macs(report))
 
 
 def _prune_layer(site: ConvSite, reason: str, keep: np.ndarray | None, kept_in: int | None) -> PeerLayer:

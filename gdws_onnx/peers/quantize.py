@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from gdws_onnx.errors import GDWSError
-from gdws_onnx.peers.common import copy_model
+from gdws_onnx.errors import GDWSError, OptionError
+from gdws_onnx.graph.passes import PassResult
+from gdws_onnx.peers.common import PeerReport
 
 CALIBRATION_SAMPLES = 256
 CALIBRATION_BATCH = 32
@@ -63,57 +64,71 @@ def restore_ir_version(model: onnx.ModelProto, original_ir: int) -> None:
         model.ir_version = target
 
 
-def quantize_int8(model: onnx.ModelProto | str, calibration: np.ndarray, per_channel: bool = True,
-                  samples: int = CALIBRATION_SAMPLES, activation_type: str = "int8",
-                  preprocess: bool = False) -> onnx.ModelProto:
+class QuantizeInt8Pass:
     """ORT static INT8 quantization: QDQ format, int8 weights (per output channel by default),
     `activation_type` ("int8" or "uint8") activations, MinMax calibration on the first `samples`
     rows of `calibration` (N x C x H x W float32, as the model's input). `preprocess` runs ORT's
-    quant_pre_process first. Graph input/output names and the IR version are kept; the model
-    passed in is not modified.
+    quant_pre_process first.
+
+    Not in place (`in_place` is False): `call(model)` leaves the model it is given as it is and
+    returns the quantized one, with the same graph input/output names and IR version; its
+    report is a PeerReport without layers (the conv structure, and so the conv MACs, are the
+    float model's: label them so, as `find_convs` cannot fold the DequantizeLinear weights, the
+    onnx reference evaluator lacking DequantizeLinear-17).
 
     Activations default to int8 (S8S8, ORT's recommended QDQ default): on the shipped VGG with
     ORT 1.32's CPU EP (AVX512-VNNI) int8 and uint8 activations, with or without preprocessing,
     ran within 3 % of each other at batch 1 and 32, with the same accuracy.
-    Label its conv MACs as the float model's (same conv structure): `find_convs` cannot fold
-    the DequantizeLinear weights (onnx's reference evaluator lacks DequantizeLinear-17).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    acts = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    if activation_type not in acts:
-        raise GDWSError(f"activation_type must be 'uint8' or 'int8', got {activation_type!r}")
-    model, _ = copy_model(model)
-    inp = _graph_input(model)
-    dims = inp.type.tensor_type.shape.dim
-    fixed_batch = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
-    x = np.asarray(calibration)[:samples]
-    if x.ndim != len(dims) or len(x) == 0:
-        raise GDWSError(f"calibration must be N x {len(dims) - 1} dims like input '{inp.name}', "
-                        f"got shape {x.shape}")
-    batch = fixed_batch or CALIBRATION_BATCH
-    if fixed_batch:  # a fixed batch dimension takes whole batches only
-        x = x[:len(x) - len(x) % fixed_batch]
-        if len(x) == 0:
-            raise GDWSError(f"input '{inp.name}' has a fixed batch of {fixed_batch}: give at least that many "
-                            "calibration samples")
-    batches = calibration_batches(x, batch)
-    original_ir = model.ir_version
-    io_names = _io_names(model)
-    with tempfile.TemporaryDirectory(prefix="gdws-int8-") as tmp:
-        src, out = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
-        onnx.save_model(model, src)
-        if preprocess:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
+    in_place = False
 
-            pre = os.path.join(tmp, "pre.onnx")
-            quant_pre_process(src, pre)
-            src = pre
-        quantize_static(src, out, _reader(inp.name, batches), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=acts[activation_type],
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
-        quantized = onnx.load_model(out)
-    restore_ir_version(quantized, original_ir)
-    if _io_names(quantized) != io_names:
-        raise GDWSError("INT8 quantization changed the model's input/output names")
-    return quantized
+    def __init__(self, calibration: np.ndarray, per_channel: bool = True, samples: int = CALIBRATION_SAMPLES,
+                 activation_type: str = "int8", preprocess: bool = False):
+        if activation_type not in ("uint8", "int8"):
+            raise OptionError(f"{{0}} must be 'uint8' or 'int8', got {activation_type!r}", "activation_type")
+        self.calibration = calibration
+        self.per_channel = per_channel
+        self.samples = samples
+        self.activation_type = activation_type
+        self.preprocess = preprocess
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        acts = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        inp = _graph_input(model)
+        dims = inp.type.tensor_type.shape.dim
+        fixed_batch = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
+        x = np.asarray(self.calibration)[:self.samples]
+        if x.ndim != len(dims) or len(x) == 0:
+            raise GDWSError(f"calibration must be N x {len(dims) - 1} dims like input '{inp.name}', "
+                            f"got shape {x.shape}")
+        batch = fixed_batch or CALIBRATION_BATCH
+        if fixed_batch:  # a fixed batch dimension takes whole batches only
+            x = x[:len(x) - len(x) % fixed_batch]
+            if len(x) == 0:
+                raise GDWSError(f"input '{inp.name}' has a fixed batch of {fixed_batch}: give at least that many "
+                                "calibration samples")
+        batches = calibration_batches(x, batch)
+        original_ir = model.ir_version
+        io_names = _io_names(model)
+        with tempfile.TemporaryDirectory(prefix="gdws-int8-") as tmp:
+            src, out = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
+            onnx.save_model(model, src)
+            if self.preprocess:
+                from onnxruntime.quantization.shape_inference import quant_pre_process
+
+                pre = os.path.join(tmp, "pre.onnx")
+                quant_pre_process(src, pre)
+                src = pre
+            quantize_static(src, out, _reader(inp.name, batches), quant_format=QuantFormat.QDQ,
+                            per_channel=self.per_channel, activation_type=acts[self.activation_type],
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+            quantized = onnx.load_model(out)
+        restore_ir_version(quantized, original_ir)
+        if _io_names(quantized) != io_names:
+            raise GDWSError("INT8 quantization changed the model's input/output names")
+        message = (f"QDQ, {'per-channel' if self.per_channel else 'per-tensor'} int8 weights, "
+                   f"{self.activation_type} activations, MinMax on {len(x)} calibration samples")
+        return PassResult(quantized, True, PeerReport(method="quantize_int8", message=message))

@@ -15,10 +15,21 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gdws_onnx.core import allocate
+from gdws_onnx.core.geometry import out_spatial, resolved_pads
+from gdws_onnx.errors import OptionError
+from gdws_onnx.graph import pattern
 from gdws_onnx.graph.convs import ConvSite, find_convs
-from gdws_onnx.errors import GDWSError
+from gdws_onnx.graph.passes import PassResult
 from gdws_onnx.graph.rewrite import Names, replace_convs
-from gdws_onnx.peers.common import PeerLayer, PeerReport, copy_model, require_output_sizes, site_macs
+from gdws_onnx.peers.common import (
+    PeerLayer,
+    PeerReport,
+    PeerSite,
+    peer_sites,
+    require_output_sizes,
+    site_macs,
+    total_macs,
+)
 
 # ---------------------------------------------------------------------------------------------
 # numpy math
@@ -81,32 +92,6 @@ def spatial_reconstruct(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("riy,orx->oiyx", a[..., 0].astype(np.float64), b[:, :, 0].astype(np.float64))
 
 
-def explicit_pads(in_spatial: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...],
-                  dilations: tuple[int, ...], auto_pad: str, pads: tuple[int, ...]) -> tuple[int, ...]:
-    """ONNX pads [begin..., end...] equivalent to `auto_pad` at this input size: SAME_* pads
-    total = max((ceil(n / s) - 1) s + (k - 1) d + 1 - n, 0), the odd one at the end (UPPER) or
-    the beginning (LOWER); VALID pads nothing; NOTSET returns `pads` (zeros if empty)."""
-    nd = len(kernel)
-    if auto_pad == "NOTSET":
-        return tuple(pads) if pads else (0,) * (2 * nd)
-    if auto_pad == "VALID":
-        return (0,) * (2 * nd)
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-        raise ValueError(f"unknown auto_pad {auto_pad!r}")
-    begin, end = [], []
-    for n, k, s, d in zip(in_spatial, kernel, strides, dilations):
-        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        small = total // 2
-        begin.append(small if auto_pad == "SAME_UPPER" else total - small)
-        end.append(total - begin[-1])
-    return (*begin, *end)
-
-
-def conv_out_size(n: int, k: int, s: int, d: int, pad_total: int) -> int:
-    """floor((n + pads - ((k - 1) d + 1)) / s) + 1."""
-    return (n + pad_total - ((k - 1) * d + 1)) // s + 1
-
-
 @dataclass(frozen=True)
 class SpatialGeometry:
     """Sizes of one 2-D conv once its pads are explicit: input (H, W), output (H', W')."""
@@ -119,13 +104,10 @@ class SpatialGeometry:
 
 
 def geometry(site: ConvSite) -> SpatialGeometry:
-    """Explicit pads and sizes of a 2-D conv with known input size."""
-    (in_h, in_w), (kh, kw) = site.in_spatial, site.kernel_shape
-    pads = explicit_pads(site.in_spatial, site.kernel_shape, site.strides, site.dilations, site.auto_pad,
-                         site.pads)
-    out_h = conv_out_size(in_h, kh, site.strides[0], site.dilations[0], pads[0] + pads[2])
-    out_w = conv_out_size(in_w, kw, site.strides[1], site.dilations[1], pads[1] + pads[3])
-    return SpatialGeometry(in_h, in_w, out_h, out_w, tuple(pads))
+    """Explicit pads and sizes of a 2-D conv with known input size (`core.geometry`)."""
+    pads = resolved_pads(site.in_spatial, site.kernel_shape, site.strides, site.pads, site.dilations, site.auto_pad)
+    out_h, out_w = out_spatial(site.in_spatial, site.kernel_shape, site.strides, pads, site.dilations)
+    return SpatialGeometry(*site.in_spatial, out_h, out_w, tuple(pads))
 
 
 def ssvd_macs_per_rank(weight_shape: tuple[int, ...], geo: SpatialGeometry) -> int:
@@ -143,25 +125,6 @@ def dense_conv_macs(weight_shape: tuple[int, ...], geo: SpatialGeometry) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # the graph pass
-
-
-def ssvd_skip_reason(site: ConvSite, first: bool, skip_first: bool) -> str:
-    """Why a conv is not a spatial-SVD candidate ('' if it is)."""
-    if site.weight is None:
-        return site.weight_source
-    nd = site.weight.ndim - 2
-    if nd != 2:
-        return f"{nd}-D conv (spatial SVD splits 2-D kernels only)"
-    if site.group != 1:
-        kind = "depthwise" if site.in_channels == site.group else "grouped"
-        return f"{kind} conv (group={site.group}; spatial SVD needs group=1)"
-    if site.kernel_size == 1:
-        return "1x1 conv (no spatial kernel to split)"
-    if first and skip_first:
-        return "first conv (skip_first=False to include)"
-    if site.in_spatial is None:
-        return "input spatial shape unknown (give input_shapes)"
-    return ""
 
 
 @dataclass
@@ -204,78 +167,103 @@ def _ranks_by_macs(cands: list[_SsvdCandidate], budget: float) -> bool:
 def _ssvd_subgraph(site: ConvSite, a: np.ndarray, b: np.ndarray, geo: SpatialGeometry, names: Names
                    ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """x -> Conv A (kh x 1, vertical stride/dilation/pads) -> Conv B (1 x kw, horizontal ones, bias)."""
-    conv, base = site.node, f"{site.name}/ssvd"
+    conv = site.node
     (sh, sw), (dh, dw), (kh, kw) = site.strides, site.dilations, site.kernel_shape
     top, left, bottom, right = geo.pads
-    wa = numpy_helper.from_array(a, names.fresh(f"{base}/a_weight"))
-    wb = numpy_helper.from_array(b, names.fresh(f"{base}/b_weight"))
-    mid = names.fresh(f"{base}/a_out")
-    node_a = helper.make_node("Conv", [conv.input[0], wa.name], [mid], name=names.fresh(f"{base}/a"),
+
+    def name(role: str) -> str:
+        return names.fresh(pattern.node_name(site.name, role, scope="ssvd"))
+
+    wa = numpy_helper.from_array(a, name("a_weight"))
+    wb = numpy_helper.from_array(b, name("b_weight"))
+    mid = name("a_out")
+    node_a = helper.make_node("Conv", [conv.input[0], wa.name], [mid], name=name("a"),
                               kernel_shape=[kh, 1], strides=[sh, 1], dilations=[dh, 1], pads=[top, 0, bottom, 0])
     bias = [conv.input[2]] if len(conv.input) > 2 and conv.input[2] else []
-    node_b = helper.make_node("Conv", [mid, wb.name, *bias], [conv.output[0]], name=names.fresh(f"{base}/b"),
+    node_b = helper.make_node("Conv", [mid, wb.name, *bias], [conv.output[0]], name=name("b"),
                               kernel_shape=[1, kw], strides=[1, sw], dilations=[1, dw], pads=[0, left, 0, right])
     return [wa, wb], [node_a, node_b]
 
 
-def spatial_svd(model: onnx.ModelProto | str, mac_reduction: float | None = None,
-                rank_fraction: float | None = None, skip_first: bool = True, force: bool = False,
-                input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, PeerReport]:
-    """Rewrite eligible convs (2-D, group 1, not 1x1, known input size) as spatial-SVD pairs.
+class SpatialSVDPass:
+    """Rewrite eligible convs (2-D, group 1, not 1x1, known input size: `check`) as spatial-SVD pairs.
 
     Give one budget: `mac_reduction` R (whole-model conv MACs before / after, all convs counted,
-    as GDWS's --mac-reduction; ranks by one global greedy, `report.met` says whether R was
+    as GDWS's mac_reduction; ranks by one global greedy, `report.met` says whether R was
     reached) or `rank_fraction` f in (0, 1] (rank ceil(f r_max) per layer). A layer whose pair
-    is not cheaper than its conv is left as is, unless `force`. The model passed in is not
-    modified; IR version, opsets, metadata and I/O names are kept.
+    is not cheaper than its conv is left as is, unless `force`. `call(model)` edits the model in
+    place (IR version, opsets, metadata and I/O names are kept); its report is a PeerReport.
     """
-    if (mac_reduction is None) == (rank_fraction is None):
-        raise GDWSError("give one of mac_reduction or rank_fraction")
-    if mac_reduction is not None and not mac_reduction >= 1:
-        raise GDWSError(f"mac_reduction must be >= 1, got {mac_reduction}")
-    if rank_fraction is not None and not 0 < rank_fraction <= 1:
-        raise GDWSError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
-    model, base_dir = copy_model(model)
-    sites = find_convs(model, base_dir, input_shapes)
-    reasons = {s.name: ssvd_skip_reason(s, i == 0, skip_first) for i, s in enumerate(sites)}
-    cands = []
-    for s in (s for s in sites if not reasons[s.name]):
-        geo = geometry(s)
-        if s.out_spatial is not None and (geo.out_h, geo.out_w) != tuple(s.out_spatial):
-            reasons[s.name] = f"inferred output size {s.out_spatial} disagrees with its attributes"
-            continue
-        cands.append(_SsvdCandidate(s, spatial_spectrum(s.weight), geo))
-    report = PeerReport(method="spatial_svd", target=mac_reduction)
-    if mac_reduction is not None:
-        require_output_sizes(sites)
-        cand_names = {c.site.name for c in cands}
-        fixed = sum(site_macs(s) for s in sites if s.weight is not None and s.name not in cand_names)
-        total = fixed + sum(c.original for c in cands)
-        report.met = _ranks_by_macs(cands, total / mac_reduction - fixed)
-    else:
-        _ranks_by_fraction(cands, rank_fraction)
-    for c in cands:
-        if c.rank is not None and not force and c.rank * c.per_rank >= c.original:
-            c.reason = f"spatial SVD would not reduce MACs at rank {c.rank} of {c.spec.max_rank}"
-        reasons[c.site.name] = reasons[c.site.name] or c.reason
-    chosen = {c.site.index: c for c in cands if not c.reason}
 
-    def build(site: ConvSite, names: Names):
-        c = chosen[site.index]
-        return _ssvd_subgraph(site, *spatial_factors(c.spec, c.rank, site.weight.dtype), c.geo, names)
+    def __init__(self, mac_reduction: float | None = None, rank_fraction: float | None = None,
+                 skip_first: bool = True, force: bool = False,
+                 input_shapes: dict[str, list[int]] | None = None):
+        if (mac_reduction is None) == (rank_fraction is None):
+            raise OptionError("give one of {0} or {1}", "mac_reduction", "rank_fraction")
+        if mac_reduction is not None and not mac_reduction >= 1:
+            raise OptionError(f"{{0}} must be >= 1, got {mac_reduction}", "mac_reduction")
+        if rank_fraction is not None and not 0 < rank_fraction <= 1:
+            raise OptionError(f"{{0}} must be in (0, 1], got {rank_fraction}", "rank_fraction")
+        self.mac_reduction = mac_reduction
+        self.rank_fraction = rank_fraction
+        self.skip_first = skip_first
+        self.force = force
+        self.input_shapes = input_shapes
 
-    replace_convs(model, [c.site for c in chosen.values()], build)
-    by_name = {c.site.name: c for c in cands}
-    for s in sites:
-        report.layers.append(_ssvd_layer(s, reasons[s.name], by_name.get(s.name)))
-    report.macs_before = sum(x.macs_before or 0 for x in report.layers)
-    report.macs_after = sum(x.macs_after or 0 for x in report.layers)
-    if report.met and report.mac_reduction is not None and report.mac_reduction < mac_reduction * (1 - 1e-3):
-        report.met = False
-    if report.met is False:
-        report.message = (f"reached conv MACs / {report.mac_reduction:.3f}, short of / {mac_reduction:g}: "
-                          "the eligible layers cannot give more")
-    return model, report
+    def check(self, site: PeerSite) -> str | None:
+        """Why a conv is not a spatial-SVD candidate (None: it is)."""
+        conv = site.conv
+        if conv.weight is None:
+            return conv.weight_source
+        nd = conv.weight.ndim - 2
+        if nd != 2:
+            return f"{nd}-D conv (spatial SVD splits 2-D kernels only)"
+        if conv.group != 1:
+            kind = "depthwise" if conv.in_channels == conv.group else "grouped"
+            return f"{kind} conv (group={conv.group}; spatial SVD needs group=1)"
+        if conv.kernel_size == 1:
+            return "1x1 conv (no spatial kernel to split)"
+        if site.first and self.skip_first:
+            return "first conv (skip_first=False to include)"
+        if conv.in_spatial is None:
+            return "input spatial shape unknown (give input_shapes)"
+        return None
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        mac_reduction = self.mac_reduction
+        sites = find_convs(model, input_shapes=self.input_shapes)
+        reasons = {p.conv.name: self.check(p) or "" for p in peer_sites(sites)}
+        cands = []
+        for s in (s for s in sites if not reasons[s.name]):
+            geo = geometry(s)
+            if s.out_spatial is not None and (geo.out_h, geo.out_w) != tuple(s.out_spatial):
+                reasons[s.name] = f"inferred output size {s.out_spatial} disagrees with its attributes"
+                continue
+            cands.append(_SsvdCandidate(s, spatial_spectrum(s.weight), geo))
+        report = PeerReport(method="spatial_svd", target=mac_reduction)
+        if mac_reduction is not None:
+            require_output_sizes(sites)
+            cand_names = {c.site.name for c in cands}
+            fixed = sum(site_macs(s) for s in sites if s.weight is not None and s.name not in cand_names)
+            total = fixed + sum(c.original for c in cands)
+            report.met = _ranks_by_macs(cands, total / mac_reduction - fixed)
+        else:
+            _ranks_by_fraction(cands, self.rank_fraction)
+        for c in cands:
+            if c.rank is not None and not self.force and c.rank * c.per_rank >= c.original:
+                c.reason = f"spatial SVD would not reduce MACs at rank {c.rank} of {c.spec.max_rank}"
+            reasons[c.site.name] = reasons[c.site.name] or c.reason
+        chosen = {c.site.index: c for c in cands if not c.reason}
+
+        def build(site: ConvSite, names: Names):
+            c = chosen[site.index]
+            return _ssvd_subgraph(site, *spatial_factors(c.spec, c.rank, site.weight.dtype), c.geo, names)
+
+        replace_convs(model, [c.site for c in chosen.values()], build)
+        by_name = {c.site.name: c for c in cands}
+        for s in sites:
+            report.layers.append(_ssvd_layer(s, reasons[s.name], by_name.get(s.name)))
+        return PassResult(model, bool(chosen), total_macs(report))
 
 
 def _ssvd_layer(site: ConvSite, reason: str, cand: _SsvdCandidate | None) -> PeerLayer:

@@ -1,1 +1,2 @@
-"""The user-facing pipelines: optimize (with latency planning), inspection, and their reports."""
+"""The user-facing pipelines: optimize (its option groups in options.py, budget planners in budgets.py
+and latency.py, candidates in candidates.py), inspection, and their reports."""

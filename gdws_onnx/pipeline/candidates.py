@@ -1,18 +1,19 @@
-"""A conv the pipeline may rewrite, and the rank plan the budgets fill in.
+"""A conv the pipeline may rewrite, which convs are candidates, and the plan a budget planner returns.
 
-Shared by the MAC/error planners (`optimize`) and the latency planner (`latency`), so neither
-imports the other."""
+Shared by the MAC/error planners (`budgets`), the latency planner (`latency`) and `optimize`,
+so that none of them imports another for these."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from gdws_onnx.core import decompose
 from gdws_onnx.graph.convs import ConvSite
-
-DEFAULT_ERROR_BUDGET = 0.1  # per-layer relative weighted error when no budget is given
+from gdws_onnx.pipeline.options import SelectionOptions
+from gdws_onnx.pipeline.report import BudgetReport, LatencyReport
 
 
 @dataclass
@@ -22,8 +23,37 @@ class Candidate:
     site: ConvSite
     spec: decompose.Spectrum
     alpha: np.ndarray
+    weighted: bool = False  # alphas were given for this conv (`alpha` is not the default all-ones)
     ranks: np.ndarray | None = None  # terms per input channel; None = left alone
     multiplier: bool = False  # realize as a channel-multiplier depthwise conv (uniform ranks)
     measured_ratio: dict[int, float] | None = None  # batch -> layer latency ratio (latency target)
     fold: bool = False  # fold the Gather into the producer (measured faster, latency target)
     reason: str = ""  # why it is left alone ('' = rewrite)
+
+
+@dataclass
+class BudgetPlan:
+    """What a budget planner decided beyond the ranks, multipliers, folds and reasons it set on
+    the candidates: the budget report, and under target="latency" what the latency planner measured."""
+
+    budget: BudgetReport
+    latency: LatencyReport | None = None
+
+
+def skip_reason(site: ConvSite, first: bool, selection: SelectionOptions) -> str:
+    """Why a conv is not a candidate ('' if it is)."""
+    if selection.conv == "off":
+        return "the conv pass is off (FC layers only)"
+    if site.weight is None:
+        return site.weight_source
+    if site.kernel_size == 1:
+        return "1x1 conv (already pointwise)"
+    if site.in_channels // site.group == 1 and site.out_channels // site.group == 1:
+        return "depthwise conv (nothing to gain)"
+    if first and selection.skip_first:
+        return "first conv (--no-skip-first to include)"
+    if selection.include is not None and not re.search(selection.include, site.name):
+        return "not matched by --include"
+    if selection.exclude is not None and re.search(selection.exclude, site.name):
+        return "matched by --exclude"
+    return ""

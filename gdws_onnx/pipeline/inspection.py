@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 from gdws_onnx.core import decompose
 from gdws_onnx.graph.convs import find_convs
 from gdws_onnx.graph.model_io import load_model
-from gdws_onnx.pipeline.optimize import OptimizeOptions, skip_reason
+from gdws_onnx.pipeline.candidates import skip_reason
+from gdws_onnx.pipeline.options import SelectionOptions
 from gdws_onnx.runtime.session import probe_shapes
 
 TOP_RANKS = (1, 2, 4)
@@ -40,10 +41,10 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None) -
     loaded = load_model(path)
     sites = find_convs(loaded.model, loaded.base_dir, input_shapes,
                        shape_probe=lambda names: probe_shapes(loaded.model, names, input_shapes))
-    opts = OptimizeOptions()
+    selection = SelectionOptions()
     infos = []
     for i, s in enumerate(sites):
-        reason = skip_reason(s, i == 0, opts)
+        reason = skip_reason(s, i == 0, selection)
         if s.weight is None:
             infos.append(ConvInfo(s.name, [], 0, 0, s.group, [], [], None, None, 0, s.weight_source,
                                   False, reason, 0, {}))

@@ -22,11 +22,15 @@ import onnx
 import onnxruntime as ort
 
 from gdws_onnx.core import allocate, decompose
-from gdws_onnx.runtime.bench import Ratio, format_ratio, ratio_of, verdict
+from gdws_onnx.errors import OptionError, literal
+from gdws_onnx.files import write_json_atomic
 from gdws_onnx.graph.convs import ConvSite
 from gdws_onnx.graph.fold import FoldGatherPass
-from gdws_onnx.graph.rewrite import layer_model
-from gdws_onnx.pipeline.candidates import DEFAULT_ERROR_BUDGET, Candidate
+from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite, layer_model
+from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate
+from gdws_onnx.pipeline.options import BudgetOptions, RunOptions, TimingOptions
+from gdws_onnx.pipeline.report import BudgetReport, LatencyReport
+from gdws_onnx.runtime.bench import Ratio, format_ratio, ratio_of, verdict
 
 LADDER = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # G / C points measured per layer
 FASTER = 0.95  # a layer is kept only if the upper bound of its measured ratio is below this
@@ -117,10 +121,7 @@ class LatencyCache:
         if not self.path:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.entries, f, sort_keys=True)
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.entries, sort_keys=True)
 
 
 def default_cache_path() -> str:
@@ -270,10 +271,9 @@ def choose_folds(build: Callable[[list[str]], onnx.ModelProto], probes: dict[int
     model measures faster with the fold at every batch (interval below 1). `build(layers)` is the model with
     those layers' Gathers folded. Returns the trials and the model with the accepted folds."""
     current = build([])
-    foldable = FoldGatherPass()
-    foldable.call(onnx.ModelProto.FromString(current.SerializeToString()))
+    foldable = FoldGatherPass().call(onnx.ModelProto.FromString(current.SerializeToString())).report.folded
     trials, folded = [], []
-    for layer, producer in foldable.folded.items():
+    for layer, producer in foldable.items():
         trial = build(folded + [layer])
         ratios = {b: asdict(p.compare(current, trial, threshold=1.0)) for b, p in probes.items()}
         ok = all(faster(r, 1.0) for r in ratios.values())
@@ -292,133 +292,206 @@ def environment_key(ep: str, threads: int | None) -> dict:
     return {"ep": ep, "cpu": env["cpu"], "cpus": env["cpus"], "threads": threads or 0, "ort": ort.__version__}
 
 
-def _probes(opts, kind: str) -> dict[int, Probe]:
+def layer_probes(timing: TimingOptions, run: RunOptions, kind: str) -> dict[int, Probe]:
+    """A probe per batch: `timing.probe_factory`'s, else ONNX Runtime's on `timing.ep` (model
+    probes feed the model at `run.input_shapes`; layer models have static shapes)."""
     from gdws_onnx.runtime.bench import BenchConfig, OrtProbe, Rounds
 
     out = {}
-    for b in opts.batches:
-        if opts.probe_factory is not None:
-            out[b] = opts.probe_factory(b, kind)
+    for b in timing.batches:
+        if timing.probe_factory is not None:
+            out[b] = timing.probe_factory(b, kind)
         else:
-            shapes = opts.input_shapes if kind == "model" else {}
-            out[b] = OrtProbe(BenchConfig(ep=opts.ep, batch=b, threads=opts.threads, runs=opts.runs,
-                                          warmup=3, input_shapes=shapes, seed=opts.seed),
-                              rounds=Rounds(max_rounds=max(opts.max_rounds, opts.runs),
-                                            max_seconds=opts.measure_seconds, confidence=CONFIDENCE))
+            shapes = run.input_shapes if kind == "model" else {}
+            out[b] = OrtProbe(BenchConfig(ep=timing.ep, batch=b, threads=run.threads, runs=timing.runs,
+                                          warmup=3, input_shapes=shapes, seed=run.seed),
+                              rounds=Rounds(max_rounds=max(timing.max_rounds, timing.runs),
+                                            max_seconds=timing.measure_seconds, confidence=CONFIDENCE))
     return out
 
 
-def plan(cands: list[Candidate], model: onnx.ModelProto, opts) -> tuple:
+@dataclass
+class LatencyPlanner:
+    """The budget planner of target="latency" (`budgets.PLANNERS`): `plan` below."""
+
+    budget: BudgetOptions
+    timing: TimingOptions
+    run: RunOptions
+
+    def plan(self, cands: list[Candidate], sites: list[ConvSite], model: onnx.ModelProto) -> BudgetPlan:
+        return plan(cands, model, self.budget, self.timing, self.run)
+
+
+@dataclass
+class Picks:
+    """Each layer's chosen measured option (None: left alone) and, under a latency budget, the search."""
+
+    options: dict[str, LayerOption | None]
+    met: bool = True  # a latency budget was reached by the layer table's search
+    baseline_ms: float | None = None  # the original's whole-model time (latency budget)
+    log: list[dict] = field(default_factory=list)  # the search's steps (latency budget)
+
+
+@dataclass
+class WholeModel:
+    """The never-slower check of the chosen layers and the Gather folds measured after it."""
+
+    check: NeverSlowerResult
+    trials: list[FoldTrial]
+    folded: set[str]
+    final: dict[int, dict]  # batch -> Ratio dict of the returned model vs the original ({}: unchanged)
+
+    @property
+    def speedup(self) -> float | None:
+        """Original / optimized latency at the worst batch's median; None when unchanged."""
+        return 1 / max(r["median"] for r in self.final.values()) if self.final else None
+
+
+def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, timing: TimingOptions,
+         run: RunOptions) -> BudgetPlan:
     """Choose each candidate's ranks and realization by measured latency (sets `ranks`,
-    `multiplier`, `measured_ratio` or `reason` on each) and run the never-slower check.
+    `multiplier`, `measured_ratio`, `fold` or `reason` on each) under the error budget or the
+    latency budget of `budget`, and run the never-slower check. `model` is the unmodified original.
+    Returns the BudgetReport and the LatencyReport of what was measured."""
+    require_input_shapes(cands)
+    probes, model_probes = layer_probes(timing, run, "layer"), layer_probes(timing, run, "model")
+    env = environment_key(timing.ep, run.threads)
+    cache = LatencyCache(default_cache_path() if timing.cache is None else (timing.cache or None))
+    eps = None if budget.latency_reduction is not None else budget.error
+    measured = {c.site.name: measure_layer(c.site, c.spec, c.alpha, layer_choices(c, eps), probes, cache, env)
+                for c in cands}
+    build = ModelBuilder(model, cands)
+    if eps is not None:
+        picks = Picks({c.site.name: pick_for_error_budget(measured[c.site.name], error_allowance(c, eps))
+                       for c in cands})
+    else:
+        picks = search_latency_budget(cands, measured, budget.latency_reduction, model, build.with_options,
+                                      model_probes[timing.batches[0]])
+    chosen = apply_picks(cands, picks.options, measured, timing.ep)
+    bound = () if eps is not None else (1 / budget.latency_reduction,)
+    whole = check_whole_model(model, lambda names: build.with_options({n: picks.options[n] for n in names}),
+                              [c.site.name for c in chosen], model_probes, bound)
+    for c in chosen:
+        if c.site.name not in whole.check.kept:
+            c.reason = "reverted: the whole model was not faster with it"
+    for c in cands:
+        c.fold = c.site.name in whole.folded
+    cache.save()
+    report = LatencyReport(
+        ep=timing.ep, batches=timing.batches, threads=run.threads, environment=env,
+        cache={"path": cache.path, "hits": cache.hits, "misses": cache.misses},
+        model_baseline_ms=picks.baseline_ms, budget_search=picks.log, faster=whole.check.faster,
+        final_ratios=whole.final, speedup=whole.speedup, layer_threshold=FASTER, confidence=CONFIDENCE,
+        layers={c.site.name: _layer_entry(measured[c.site.name], picks.options.get(c.site.name)) for c in cands},
+        checks=whole.check.steps, fold_trials=whole.trials, folded=sorted(whole.folded),
+        message=outcome_message(bool(chosen), whole.check.faster, timing.ep))
+    return BudgetPlan(budget_report(budget, picks, whole), report)
 
-    Returns (BudgetReport, latency report dict). `model` is the unmodified original."""
-    from gdws_onnx.errors import GDWSError
-    from gdws_onnx.pipeline.report import BudgetReport
-    from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
 
+def require_input_shapes(cands: list[Candidate]) -> None:
+    """Raise OptionError unless every candidate's input shape is known (layers are timed at it)."""
     unknown = [c.site.name for c in cands if c.site.in_spatial is None]
     if unknown:
-        raise GDWSError("--target latency measures each conv at its real input shape, unknown for "
-                        f"{unknown[:3]}: give --input-shape NAME:DIMS")
-    layer_probes, model_probes = _probes(opts, "layer"), _probes(opts, "model")
-    env = environment_key(opts.ep, opts.threads)
-    cache = LatencyCache(default_cache_path() if opts.cache is None else (opts.cache or None))
-    measured: dict[str, list[LayerOption]] = {}
-    eps = None
-    for c in cands:
-        sc = decompose.scores(c.spec, c.alpha)
-        if opts.latency_reduction is None:
+        raise OptionError("{0} latency measures each conv at its real input shape, unknown for "
+                          f"{literal(unknown[:3])}: give {{1}} NAME:DIMS", "target", "input_shapes")
 
-            eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
-            ranks, beta = allocate.relative_lego(sc, eps, c.site.weight.dtype)
-            choices = realizations(c.spec, sc, ranks)
-        else:
-            choices = candidate_ranks(c.spec, sc)
-        measured[c.site.name] = measure_layer(c.site, c.spec, c.alpha, choices, layer_probes, cache, env)
 
-    original_bytes = model.SerializeToString()
-    spec_of = {c.site.name: c for c in cands}
+def error_allowance(c: Candidate, eps: float) -> float:
+    """The weighted error a candidate may have under the per-layer relative error budget eps."""
+    _, beta = allocate.relative_lego(decompose.scores(c.spec, c.alpha), eps, c.site.weight.dtype)
+    return beta
 
-    def build_options(chosen: dict[str, LayerOption]) -> onnx.ModelProto:
-        m = onnx.ModelProto.FromString(original_bytes)
-        rewrites = [LayerRewrite(_site_in(m, spec_of[n].site),
-                                 decompose.factors(spec_of[n].spec, o.ranks, spec_of[n].site.weight.dtype,
+
+def layer_choices(c: Candidate, eps: float | None) -> list[tuple[np.ndarray, bool]]:
+    """The forms measured for a candidate: under an error budget eps the `realizations` of its
+    error-budget ranks, under a latency budget (eps None) its whole `candidate_ranks` ladder."""
+    sc = decompose.scores(c.spec, c.alpha)
+    if eps is None:
+        return candidate_ranks(c.spec, sc)
+    ranks, _ = allocate.relative_lego(sc, eps, c.site.weight.dtype)
+    return realizations(c.spec, sc, ranks)
+
+
+class ModelBuilder:
+    """Copies of the original model with chosen layers rewritten (and Gathers folded)."""
+
+    def __init__(self, model: onnx.ModelProto, cands: list[Candidate]):
+        self.original = model.SerializeToString()
+        self.cands = {c.site.name: c for c in cands}
+
+    def with_options(self, chosen: dict[str, LayerOption]) -> onnx.ModelProto:
+        """The original with each named layer in its chosen measured form."""
+        m = onnx.ModelProto.FromString(self.original)
+        rewrites = [LayerRewrite(_site_in(m, self.cands[n].site),
+                                 decompose.factors(self.cands[n].spec, o.ranks, self.cands[n].site.weight.dtype,
                                                    o.multiplier)) for n, o in chosen.items()]
-        return GDWSRewritePass(rewrites).call(m)
+        return GDWSRewritePass(rewrites).call(m).model
 
-    picks: dict[str, LayerOption | None] = {}
-    met, searches, baseline_ms = True, [], None
-    if opts.latency_reduction is None:
-        for c in cands:
-            _, beta = allocate.relative_lego(decompose.scores(c.spec, c.alpha), eps, c.site.weight.dtype)
-            picks[c.site.name] = pick_for_error_budget(measured[c.site.name], beta)
-    else:
-        picks, met, baseline_ms, searches = _search_latency_budget(
-            cands, measured, opts.latency_reduction, model, build_options, model_probes[opts.batches[0]])
 
+def apply_picks(cands: list[Candidate], picks: dict[str, LayerOption | None],
+                measured: dict[str, list[LayerOption]], ep: str) -> list[Candidate]:
+    """Set the picked option on each candidate (ranks, multiplier, measured ratio) or the reason
+    it has none; returns the picked ones, worst measured layer ratio first."""
     for c in cands:
         o = picks.get(c.site.name)
         if o is None:
-            best = min(measured[c.site.name], key=lambda m: ratio_of(m.worst).bounds()[1], default=None)
-            c.reason = (f"not measurably faster on {opts.ep}" +
-                        (f" (best layer ratio {format_ratio(best.worst)})" if best is not None
-                         else " (no cheaper form)")
-                        if best is None or not any(m.faster for m in measured[c.site.name])
-                        else "not needed for the latency budget")
+            c.reason = not_picked_reason(measured[c.site.name], ep)
         else:
             c.ranks, c.multiplier, c.measured_ratio = o.ranks, o.multiplier, o.ratios
+    return sorted([c for c in cands if not c.reason], key=lambda c: -max(c.measured_ratio.values()))
 
-    chosen_cands = sorted([c for c in cands if not c.reason], key=lambda c: -max(c.measured_ratio.values()))
 
-    def build(names: list[str]) -> onnx.ModelProto:
-        return build_options({n: picks[n] for n in names})
+def not_picked_reason(options: list[LayerOption], ep: str) -> str:
+    """Why a layer has no pick: no measured form is faster (with the best one's ratio), or the
+    latency budget did not need it."""
+    best = min(options, key=lambda m: ratio_of(m.worst).bounds()[1], default=None)
+    if best is not None and any(m.faster for m in options):
+        return "not needed for the latency budget"
+    return f"not measurably faster on {ep}" + (f" (best layer ratio {format_ratio(best.worst)})"
+                                               if best is not None else " (no cheaper form)")
 
-    budget_bound = () if opts.latency_reduction is None else (1 / opts.latency_reduction,)
-    check = never_slower(model, build, [c.site.name for c in chosen_cands], model_probes, also=budget_bound)
-    for c in chosen_cands:
-        if c.site.name not in check.kept:
-            c.reason = "reverted: the whole model was not faster with it"
-    trials, last = choose_folds(lambda folded: FoldGatherPass(folded).call(build(check.kept)),
-                                model_probes) if check.faster else ([], None)
+
+def check_whole_model(model: onnx.ModelProto, build: Callable[[list[str]], onnx.ModelProto],
+                      worst_first: list[str], probes: dict[int, Probe], bound: tuple[float, ...]) -> WholeModel:
+    """The never-slower check of the chosen layers; if the model measured faster, the Gather
+    folds that make it faster still, kept only if the folded model too measures faster than the
+    original. `bound`: further thresholds each measurement should settle (a latency budget's 1/R)."""
+    check = never_slower(model, build, worst_first, probes, also=bound)
+    if not check.faster:
+        return WholeModel(check, [], set(), {})
+    trials, last = choose_folds(lambda folded: FoldGatherPass(folded).call(build(check.kept)).model, probes)
     folded = {t.layer for t in trials if t.folded}
-    final = check.steps[-1].ratios if check.faster else {}
+    final = check.steps[-1].ratios
     if folded:  # the returned model is the folded one: it too must measure faster than the original
-        ratios = {b: asdict(p.compare(model, last, threshold=(1.0, *budget_bound))) for b, p in model_probes.items()}
+        ratios = {b: asdict(p.compare(model, last, threshold=(1.0, *bound))) for b, p in probes.items()}
         if all(faster(r, 1.0) for r in ratios.values()):
             final = ratios
         else:
             folded = set()
-    for c in cands:
-        c.fold = c.site.name in folded
-    cache.save()
-    # the measured whole-model speed-up (original / optimized latency, worst batch's median)
-    speedup = 1 / max(r["median"] for r in final.values()) if final else None
-    if opts.latency_reduction is None:  # achieved (the largest layer error) is set by optimize
-        budget = BudgetReport(mode="error", target=eps, achieved=None)
-    else:
-        budget = BudgetReport(mode="latency", target=opts.latency_reduction, achieved=speedup, met=met,
-                              message="" if met else "the latency budget cannot be met by layers that are "
-                                                     "measurably faster; kept every one that is")
-        if final and budget.met and not all(faster(r, 1 / opts.latency_reduction) for r in final.values()):
-            budget.met = False
-            budget.message = (f"measured whole-model speed-up {speedup:.2f}x is not measurably "
-                              f"{opts.latency_reduction:g}x or more (layer times do not add up exactly in the model)")
-    report = {
-        "ep": opts.ep, "batches": opts.batches, "threads": opts.threads, "environment": env,
-        "cache": {"path": cache.path, "hits": cache.hits, "misses": cache.misses},
-        "model_baseline_ms": baseline_ms, "budget_search": searches,
-        "faster": check.faster, "final_ratios": final, "speedup": speedup,
-        "layer_threshold": FASTER, "confidence": CONFIDENCE,
-        "layers": {c.site.name: _layer_entry(measured[c.site.name], picks.get(c.site.name)) for c in cands},
-        "checks": [asdict(s) for s in check.steps],
-        "fold_trials": [asdict(t) for t in trials], "folded": sorted(folded),
-        "message": "" if check.faster or not chosen_cands else
-        "no rewrite made the whole model faster: the original is returned unchanged",
-    }
-    if not chosen_cands:
-        report["message"] = f"no conv is measurably faster in GDWS form on {opts.ep}: the model is unchanged"
-    return budget, report
+    return WholeModel(check, trials, folded, final)
+
+
+def budget_report(budget: BudgetOptions, picks: Picks, whole: WholeModel) -> BudgetReport:
+    """The error budget as asked (its achieved error is set by optimize), or the latency budget
+    with the measured speed-up, met only if the whole model measures at least R times faster."""
+    target = budget.latency_reduction
+    if target is None:
+        return BudgetReport(mode="error", target=budget.error, achieved=None)
+    report = BudgetReport(mode="latency", target=target, achieved=whole.speedup, met=picks.met,
+                          message="" if picks.met else "the latency budget cannot be met by layers that are "
+                                                       "measurably faster; kept every one that is")
+    if whole.final and report.met and not all(faster(r, 1 / target) for r in whole.final.values()):
+        report.met = False
+        report.message = (f"measured whole-model speed-up {whole.speedup:.2f}x is not measurably "
+                          f"{target:g}x or more (layer times do not add up exactly in the model)")
+    return report
+
+
+def outcome_message(chosen: bool, faster_model: bool, ep: str) -> str:
+    """'' when a faster model is returned, else why the original is."""
+    if not chosen:
+        return f"no conv is measurably faster in GDWS form on {ep}: the model is unchanged"
+    return "" if faster_model else "no rewrite made the whole model faster: the original is returned unchanged"
 
 
 def _layer_entry(options: list[LayerOption], chosen: LayerOption | None) -> dict:
@@ -428,15 +501,15 @@ def _layer_entry(options: list[LayerOption], chosen: LayerOption | None) -> dict
             "chosen": next((i for i, o in enumerate(options) if o is chosen), None)}
 
 
-def _search_latency_budget(cands: list, measured: dict[str, list[LayerOption]], target: float,
-                           model: onnx.ModelProto, build: Callable[[dict], onnx.ModelProto], probe: Probe,
-                           steps: int = 6) -> tuple[dict, bool, float, list[dict]]:
+def search_latency_budget(cands: list[Candidate], measured: dict[str, list[LayerOption]], target: float,
+                          model: onnx.ModelProto, build: Callable[[dict], onnx.ModelProto], probe: Probe,
+                          steps: int = 6) -> Picks:
     """Least-error choice whose *whole model* measures below 1/target of the original (the
     interval of its median ratio below 1/target).
 
     Layer savings measured in isolation do not add up to the model's (session overheads,
     fused neighbours), so the saving asked of the layer table is bisected against
-    whole-model measurements. Returns (picks, met, baseline ms, search log)."""
+    whole-model measurements. Not reachable: every measurably faster layer, `met` False."""
     layers = [measured[c.site.name] for c in cands]
     names = [c.site.name for c in cands]
     max_saving = sum(max([o.saving_ms for o in opts if o.faster] + [0.0]) for opts in layers)
@@ -459,8 +532,8 @@ def _search_latency_budget(cands: list, measured: dict[str, list[LayerOption]], 
         required = (lo + hi) / 2 if best is not None else min(max(2 * required, lo + 1e-9), max_saving)
     if best is None:  # not reachable: keep everything measurably faster, at the largest saving
         chosen, _ = pick_for_latency(layers, max_saving)
-        return {n: o for n, o in zip(names, chosen) if o is not None}, False, baseline_ms, log
-    return best, True, baseline_ms, log
+        return Picks({n: o for n, o in zip(names, chosen) if o is not None}, False, baseline_ms, log)
+    return Picks(best, True, baseline_ms, log)
 
 
 def _site_in(model: onnx.ModelProto, site: ConvSite) -> ConvSite:

@@ -1,29 +1,44 @@
-"""`optimize`: analyze -> decompose -> allocate -> rewrite -> verify, in named steps."""
+"""`optimize`: a short sequence of named steps, each doing one thing:
+
+    analyze -> select -> plan (a budget planner, `budgets.planner_for`) -> settle -> decompose
+    -> rewrite -> calibrate (bias correction) -> fold -> report -> verify
+
+Each step receives the option groups it needs (`options.py`), not the whole options.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from gdws_onnx.core import allocate, decompose
-from gdws_onnx.pipeline import latency
-from gdws_onnx.graph.convs import ConvSite, find_convs, node_label
+from gdws_onnx.core import decompose
 from gdws_onnx.data import DataError, load_dataset
-from gdws_onnx.errors import GDWSError
+from gdws_onnx.errors import GDWSError, OptionError, literal
+from gdws_onnx.graph.convs import ConvSite, find_convs, node_label
 from gdws_onnx.graph.fold import FoldGatherPass
-from gdws_onnx.pipeline.candidates import DEFAULT_ERROR_BUDGET, Candidate
-from gdws_onnx.pipeline.latency import Probe
 from gdws_onnx.graph.model_io import LoadedModel, load_model
-from gdws_onnx.pipeline.report import BudgetReport, LayerReport, OptimizeReport, VerificationReport
+from gdws_onnx.graph.pattern import layer_of
+from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
+from gdws_onnx.pipeline.budgets import planner_for
+from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate, skip_reason
+from gdws_onnx.pipeline.options import (
+    BudgetOptions,
+    CalibrationOptions,
+    OptimizeOptions,
+    RunOptions,
+    SelectionOptions,
+    VerifyOptions,
+)
+from gdws_onnx.pipeline.report import FCSummary, LayerReport, OptimizeReport, VerificationReport
 from gdws_onnx.provenance import versions
-from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite, layer_of
 from gdws_onnx.runtime.session import (
     data_feeds,
     input_insensitive_outputs,
@@ -33,94 +48,11 @@ from gdws_onnx.runtime.session import (
     run_and_compare,
 )
 
-VERIFY_SAMPLES = 256  # samples of a --data set spec used for verification
-CALIBRATION_SAMPLES = 1000  # samples of a --data set spec used by --bias-correction and --data-aware
+if TYPE_CHECKING:
+    from gdws_onnx.calibrate.bias_correction import BiasCorrectionReport
 
-
-@dataclass
-class OptimizeOptions:
-    """The options of `onnx-gdws optimize` (CLI flags in kebab-case, same meaning)."""
-
-    error_budget: float | None = None  # per-layer relative weighted error, 0 <= eps < 1
-    mac_reduction: float | None = None  # whole-model conv MACs / R
-    mismatch_budget: float | None = None  # predicted top-1 mismatch sum alpha * e <= P (needs alphas)
-    uniform_rank: int | None = None  # every channel of every candidate keeps min(g, max rank) terms (g=1: DWS)
-    alphas: str | dict | None = None  # per-layer, per-channel weights (file or dict)
-    skip_first: bool = True
-    include: str | None = None  # regex on conv names
-    exclude: str | None = None
-    force: bool = False  # rewrite even when GDWS is not cheaper
-    verify: bool = True
-    data: str | None = None  # .npz with `x` (or arrays named after the inputs), or a data set spec
-    input_shapes: dict[str, list[int]] = field(default_factory=dict)
-    max_error: float | None = None  # gate on the relative output error
-    seed: int = 0
-    bias_correction: bool = False  # shift rewritten convs' biases by their mean output error on --data
-    data_aware: float | None = None  # lam: truncate in the metric (1 - lam) I + lam S_c / s from --data
-    width_multiple: int = 1  # round each layer's GDWS width G to a multiple (8: ORT CPU's fast conv widths)
-    # hardware-aware allocation (target="latency")
-    target: str = "macs"  # "macs": decide by MACs; "latency": by measured latency on `ep`
-    ep: str = "cpu"
-    batches: list[int] = field(default_factory=lambda: [1])
-    threads: int | None = None
-    latency_reduction: float | None = None  # whole-model latency / R
-    cache: str | None = None  # latency-table JSON; None = the user cache, "" = no cache
-    runs: int = 20  # timed runs per measurement (the first look; more are added until decided)
-    max_rounds: int = 320  # cap on the interleaved rounds of one latency comparison
-    measure_seconds: float = 10.0  # cap on the timing of one latency comparison
-    probe_factory: Callable[[int, str], Probe] | None = None  # (batch, "layer"|"model") -> Probe
-
-    def validate(self) -> None:
-        budgets = [b for b in (self.error_budget, self.mac_reduction, self.latency_reduction, self.mismatch_budget,
-                               self.uniform_rank) if b is not None]
-        if len(budgets) > 1:
-            raise GDWSError("give one of --error-budget, --mac-reduction, --latency-reduction, "
-                            "--mismatch-budget, --uniform-rank, not several")
-        if self.uniform_rank is not None:
-            if self.uniform_rank < 1:
-                raise GDWSError(f"--uniform-rank must be >= 1, got {self.uniform_rank}")
-            if self.target != "macs":
-                raise GDWSError("--uniform-rank fixes the ranks; it cannot be used with --target latency")
-        if self.mismatch_budget is not None:
-            if not 0 < self.mismatch_budget < 1:
-                raise GDWSError(f"--mismatch-budget must be in (0, 1), got {self.mismatch_budget}")
-            if self.alphas is None:
-                raise GDWSError("--mismatch-budget needs --alphas (noise-gain weights from `onnx-gdws sensitivity`)")
-            if self.target != "macs":
-                raise GDWSError("--mismatch-budget decides by MACs; it cannot be used with --target latency")
-        if self.bias_correction and not self.data:
-            raise GDWSError("--bias-correction needs --data (calibration inputs)")
-        if self.width_multiple < 1:
-            raise GDWSError(f"--width-multiple must be >= 1, got {self.width_multiple}")
-        if self.data_aware is not None:
-            if not 0 < self.data_aware <= 1:
-                raise GDWSError(f"--data-aware must be in (0, 1], got {self.data_aware}")
-            if not self.data:
-                raise GDWSError("--data-aware needs --data (calibration inputs)")
-        if self.target not in ("macs", "latency"):
-            raise GDWSError(f"--target must be 'macs' or 'latency', got {self.target!r}")
-        if self.latency_reduction is not None and self.target != "latency":
-            raise GDWSError("--latency-reduction needs --target latency")
-        if self.mac_reduction is not None and self.target == "latency":
-            raise GDWSError("--mac-reduction decides by MACs; with --target latency use --latency-reduction")
-        if self.latency_reduction is not None and not self.latency_reduction >= 1:
-            raise GDWSError(f"--latency-reduction must be >= 1, got {self.latency_reduction}")
-        if not self.batches or any(b < 1 for b in self.batches) or self.runs < 3:
-            raise GDWSError("--batch needs positive sizes and --runs at least 3")
-        if self.max_rounds < 1 or not self.measure_seconds > 0:
-            raise GDWSError("--max-rounds must be >= 1 and --measure-seconds > 0")
-        if self.error_budget is not None and not 0 <= self.error_budget < 1:
-            raise GDWSError(f"--error-budget must be in [0, 1), got {self.error_budget}")
-        if self.mac_reduction is not None and not self.mac_reduction >= 1:
-            raise GDWSError(f"--mac-reduction must be >= 1, got {self.mac_reduction}")
-        if self.max_error is not None and not self.max_error >= 0:
-            raise GDWSError(f"--max-error must be >= 0, got {self.max_error}")
-        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise GDWSError(f"{flag} is not a valid regular expression: {e}") from None
+VERIFY_SAMPLES = 256  # samples of a data set spec used for verification
+CALIBRATION_SAMPLES = 1000  # samples of a data set spec used by bias correction and data-aware truncation
 
 
 def load_alphas(source: str | dict | None) -> dict[str, np.ndarray]:
@@ -130,7 +62,7 @@ def load_alphas(source: str | dict | None) -> dict[str, np.ndarray]:
     if isinstance(source, dict):
         return {k: np.asarray(v, dtype=np.float64) for k, v in source.items()}
     if not os.path.isfile(source):
-        raise GDWSError(f"--alphas file not found: {source}")
+        raise OptionError(f"{{0}} file not found: {literal(source)}", "alphas")
     try:
         if source.endswith(".npz"):
             with np.load(source) as z:
@@ -138,7 +70,7 @@ def load_alphas(source: str | dict | None) -> dict[str, np.ndarray]:
         with open(source) as f:
             return {k: np.asarray(v, dtype=np.float64) for k, v in json.load(f).items()}
     except (ValueError, OSError) as e:
-        raise GDWSError(f"cannot read --alphas {source}: {e}") from None
+        raise OptionError(f"cannot read {{0}} {literal(source)}: {literal(e)}", "alphas") from None
 
 
 def _alpha_for(site: ConvSite, alphas: dict[str, np.ndarray]) -> np.ndarray:
@@ -147,89 +79,6 @@ def _alpha_for(site: ConvSite, alphas: dict[str, np.ndarray]) -> np.ndarray:
         raise GDWSError(f"alphas for '{site.name}' must be 1 or {site.in_channels} non-negative "
                         f"finite values, got {a.size}")
     return np.broadcast_to(a.ravel(), (site.in_channels,)).astype(np.float64)
-
-
-def skip_reason(site: ConvSite, first: bool, opts: OptimizeOptions) -> str:
-    """Why a conv is not a candidate ('' if it is)."""
-    if site.weight is None:
-        return site.weight_source
-    if site.kernel_size == 1:
-        return "1x1 conv (already pointwise)"
-    if site.in_channels // site.group == 1 and site.out_channels // site.group == 1:
-        return "depthwise conv (nothing to gain)"
-    if first and opts.skip_first:
-        return "first conv (--no-skip-first to include)"
-    if opts.include is not None and not re.search(opts.include, site.name):
-        return "not matched by --include"
-    if opts.exclude is not None and re.search(opts.exclude, site.name):
-        return "matched by --exclude"
-    return ""
-
-
-def _allocate(cands: list[Candidate], sites: list[ConvSite], opts: OptimizeOptions) -> BudgetReport:
-    """Choose ranks for every candidate by error, MAC or mismatch budget; set `reason` on those left alone."""
-    if opts.mismatch_budget is not None:
-        return _allocate_mismatch(cands, sites, opts.mismatch_budget)
-    if opts.uniform_rank is not None:
-        for c in cands:
-            c.ranks = np.full(c.spec.in_channels, min(opts.uniform_rank, c.spec.max_rank), dtype=np.int64)
-        return BudgetReport(mode="uniform", target=opts.uniform_rank, achieved=None)
-    if opts.mac_reduction is None:
-        eps = DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget
-        for c in cands:
-            c.ranks, _ = allocate.relative_lego(decompose.scores(c.spec, c.alpha), eps, c.site.weight.dtype)
-        return BudgetReport(mode="error", target=eps, achieved=None)
-
-    _require_sizes([s for s in sites if s.weight is not None], "--mac-reduction", "every conv's")
-    cand_names = {c.site.name for c in cands}
-    fixed = sum(s.pixels * s.macs_per_pixel for s in sites if s.weight is not None and s.name not in cand_names)
-    total = fixed + sum(c.site.pixels * c.site.macs_per_pixel for c in cands)
-    layers = [allocate.LayerCost(
-        scores=decompose.scores(c.spec, c.alpha),
-        term_cost=c.site.pixels * (c.spec.kernel_size + c.spec.out_channels / c.spec.groups),
-        original_cost=c.site.pixels * c.site.macs_per_pixel) for c in cands]
-    result = allocate.allocate_macs(layers, total / opts.mac_reduction - fixed)
-    for c, r in zip(cands, result.ranks):
-        c.ranks = r
-        if r is None:
-            c.reason = "not chosen by the MAC budget (GDWS would not be cheaper)"
-    return BudgetReport(mode="macs", target=opts.mac_reduction, achieved=None, met=result.feasible,
-                        message="" if result.feasible else
-                        "budget cannot be met with the eligible layers: every rewritten layer keeps one term")
-
-
-def _require_sizes(sites: list[ConvSite], flag: str, which: str) -> None:
-    """Raise GDWSError unless every site's output size is known, saying why it is not."""
-    unknown = [s for s in sites if s.pixels is None]
-    if unknown:
-        names = [s.name for s in unknown]
-        why = unknown[0].shape_note or "shape inference cannot see it"
-        raise GDWSError(f"{flag} needs {which} output size; it is unknown for {names[:3]}"
-                        f"{'...' if len(names) > 3 else ''}: {why}")
-
-
-def _round_widths(cands: list[Candidate], multiple: int, down: bool) -> None:
-    """Round every chosen layer's GDWS width to a multiple: up (extra terms, less error) except
-    under a MAC budget, where the lowest-value terms go instead so the budget stays met."""
-    for c in cands:
-        if c.ranks is not None:
-            c.ranks = allocate.round_width(decompose.scores(c.spec, c.alpha), c.ranks, c.spec.channel_group(),
-                                           multiple, down=down)
-
-
-def _allocate_mismatch(cands: list[Candidate], sites: list[ConvSite], budget: float) -> BudgetReport:
-    """One global greedy over all candidates' alpha s^2 / cost terms (allocate.allocate_mismatch)."""
-    _require_sizes([c.site for c in cands], "--mismatch-budget", "every candidate conv's")
-    layers = [allocate.LayerCost(
-        scores=decompose.scores(c.spec, c.alpha),
-        term_cost=c.site.pixels * (c.spec.kernel_size + c.spec.out_channels / c.spec.groups),
-        original_cost=c.site.pixels * c.site.macs_per_pixel) for c in cands]
-    result = allocate.allocate_mismatch(layers, budget)
-    for c, r in zip(cands, result.ranks):
-        c.ranks = r
-        if r is None:
-            c.reason = "not chosen by the mismatch budget (no term fits that makes GDWS cheaper)"
-    return BudgetReport(mode="mismatch", target=budget, achieved=None)
 
 
 def predicted_mismatch(cands: list, alphas: dict[str, np.ndarray]) -> float | None:
@@ -289,153 +138,264 @@ def _account_folds(layers: list[LayerReport], model: onnx.ModelProto, folded: di
 
 
 def data_arrays(data: str, n: int) -> tuple[dict[str, np.ndarray], str]:
-    """Arrays of a --data value (an .npz: all of it; a data set spec: its first n samples) and a
-    description of them."""
+    """Arrays of a `data` option value (an .npz: all of it; a data set spec: its first n samples)
+    and a description of them."""
     if data.lower().endswith(".npz"):
         if not os.path.isfile(data):
-            raise GDWSError(f"--data file not found: {data}")
+            raise OptionError(f"{{0}} file not found: {literal(data)}", "data")
         try:
             with np.load(data) as z:
                 return {k: z[k] for k in z.files}, f"data file {data}"
         except (ValueError, OSError) as e:
-            raise GDWSError(f"cannot read --data {data}: {e}") from None
+            raise OptionError(f"cannot read {{0}} {literal(data)}: {literal(e)}", "data") from None
     try:  # a data set spec shared with validate: fashion-mnist:test, an image folder
         ds = load_dataset(data, n=n)
     except (DataError, ValueError, OSError) as e:
-        raise GDWSError(f"--data {data}: {e}") from None
+        raise OptionError(f"{{0}} {literal(data)}: {literal(e)}", "data") from None
     return {"x": ds.x}, f"the first {len(ds.x)} samples of {ds.name}"
 
 
-def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, opts: OptimizeOptions
-           ) -> VerificationReport:
-    """Run both models in ONNX Runtime on the same inputs and compare every output; flag the outputs
-    that do not depend on the input (the original on a second, different input gives the same values),
-    and call the verification vacuous when that holds for all of them."""
+def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, verification: VerifyOptions,
+           run: RunOptions) -> VerificationReport:
+    """Run both models in ONNX Runtime on the same inputs (`run.data`, else random inputs) and
+    compare every output; flag the outputs that do not depend on the input (the original on a
+    second, different input gives the same values), and call the verification vacuous when that
+    holds for all of them. Inputs whose shape is not known skip it, with the reason."""
     ref = make_session(original)
     new = make_session(optimized)
-    if opts.data:
-        arrays, desc = data_arrays(opts.data, VERIFY_SAMPLES)
+    if run.data:
+        arrays, desc = data_arrays(run.data, VERIFY_SAMPLES)
         feeds = data_feeds(ref, arrays)
     else:
         try:
-            feeds = random_feeds(ref, opts.input_shapes, seed=opts.seed)
+            feeds = random_feeds(ref, run.input_shapes, seed=run.seed)
         except GDWSError as e:
-            return VerificationReport(ran=False, message=str(e))
+            return VerificationReport(ran=False, message=str(e), error=e if isinstance(e, OptionError) else None)
         desc = "random inputs in [0,1) (seed {}, shapes {})".format(
-            opts.seed, ", ".join(f"{k}:{','.join(map(str, v.shape))}" for k, v in feeds.items()))
+            run.seed, ", ".join(f"{k}:{','.join(map(str, v.shape))}" for k, v in feeds.items()))
     names = [o.name for o in ref.get_outputs()]
     reference = dict(zip(names, ref.run(names, feeds)))
     outputs = run_and_compare(ref, new, feeds, reference)
-    passed = opts.max_error is None or all(o.relative <= opts.max_error for o in outputs)
-    constant = input_insensitive_outputs(ref, feeds, reference, seed=opts.seed + 1) or []
-    return VerificationReport(ran=True, inputs=desc, outputs=outputs, max_error=opts.max_error, passed=passed,
+    gate = verification.max_error
+    passed = gate is None or all(o.relative <= gate for o in outputs)
+    constant = input_insensitive_outputs(ref, feeds, reference, seed=run.seed + 1) or []
+    return VerificationReport(ran=True, inputs=desc, outputs=outputs, max_error=gate, passed=passed,
                               constant_outputs=constant, vacuous=bool(outputs) and len(constant) == len(outputs))
 
 
-def _spectra(model: onnx.ModelProto, sites: list[ConvSite], opts: OptimizeOptions) -> list[decompose.Spectrum]:
-    """Each site's per-channel spectrum: weight-space SVD, or with --data-aware the SVD in the
+def spectra(model: onnx.ModelProto, sites: list[ConvSite], calibration: CalibrationOptions,
+            run: RunOptions) -> list[decompose.Spectrum]:
+    """Each site's per-channel spectrum: weight-space SVD, or with data_aware the SVD in the
     metric blended from the channel's input second moments on the calibration data."""
-    if opts.data_aware is None or not sites:
+    if calibration.data_aware is None or not sites:
         return [decompose.spectrum(s.weight, s.group) for s in sites]
     from gdws_onnx.calibrate.data_aware import blended_metric, channel_second_moments  # loads the attack code: only when asked
 
-    arrays, _ = data_arrays(opts.data, CALIBRATION_SAMPLES)
-    second = channel_second_moments(model, _named_inputs(model, arrays), sites, threads=opts.threads)
-    return [decompose.metric_spectrum(s.weight, s.group, blended_metric(second[s.name], opts.data_aware))
+    arrays, _ = data_arrays(run.data, CALIBRATION_SAMPLES)
+    second = channel_second_moments(model, named_inputs(model, arrays), sites, threads=run.threads)
+    return [decompose.metric_spectrum(s.weight, s.group, blended_metric(second[s.name], calibration.data_aware))
             for s in sites]
+
+
+class Stopwatch:
+    """Wall time of named steps: `with clock("rewrite"): ...` sets timings["rewrite"]."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.timings[step] = time.perf_counter() - t0
+
+
+@dataclass
+class Analysis:
+    """The model's convs and the per-channel error weights given for them."""
+
+    sites: list[ConvSite]
+    alphas: dict[str, np.ndarray]
+
+
+@dataclass
+class Selection:
+    """The candidates with their spectra, and why each other conv is left alone (conv -> reason, '' for candidates)."""
+
+    cands: list[Candidate]
+    reasons: dict[str, str]
 
 
 def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.ModelProto, OptimizeReport]:
     """The pipeline on a loaded model; the model object is rewritten in place."""
     opts.validate()
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    clock, model = Stopwatch(), loaded.model
+    with clock("analyze"):
+        analysis = analyze(loaded, opts.run, opts.budget)
+    if not analysis.sites and opts.selection.fc == "off":  # nothing to rewrite: returned as it is, not an error
+        return model, unchanged_report(opts, NO_CONV, clock.timings)
+    with clock("decompose"):
+        selection = select(model, analysis, opts.selection, opts.calibration, opts.run)
+        plan = plan_convs(selection, analysis, model, opts)
+        chosen = settle(selection, opts.budget)
+        rewrites = decompose_chosen(chosen)
+    with clock("rewrite"):
+        original = keep_original(loaded) if opts.verification.verify else None
+        rewrite(model, rewrites)
+    correction = None
+    if opts.calibration.bias_correction and rewrites:
+        with clock("bias_correction"):
+            correction = calibrate(model, rewrites, opts.run)
+    folded = fold(model, chosen)
+    with clock("fc"):
+        fc = rewrite_fc_layers(model, loaded.base_dir, opts)
+    report = build_report(model, analysis, selection, rewrites, folded, plan, opts)
+    report.bias_correction = None if correction is None else correction.to_dict()
+    report.fc = fc
+    with clock("verify"):
+        changed = bool(rewrites) or bool(fc is not None and fc.layers)
+        report.verification = verification(original, model, changed, opts.verification, opts.run,
+                                           opts.selection.fc)
+    report.timings = clock.timings
+    return model, report
+
+
+def analyze(loaded: LoadedModel, run: RunOptions, budget: BudgetOptions) -> Analysis:
+    """Find the model's convs (output sizes from shape inference, else one ONNX Runtime run at
+    `run.input_shapes`) and load the alphas, which must name convs of the model."""
     model = loaded.model
-    sites = find_convs(model, loaded.base_dir, opts.input_shapes,
-                       shape_probe=lambda names: probe_shapes(model, names, opts.input_shapes, opts.threads))
-    alphas = load_alphas(opts.alphas)
+    sites = find_convs(model, loaded.base_dir, run.input_shapes,
+                       shape_probe=lambda names: probe_shapes(model, names, run.input_shapes, run.threads))
+    alphas = load_alphas(budget.alphas)
     unknown = sorted(set(alphas) - {s.name for s in sites})
     if unknown:
-        raise GDWSError(f"--alphas names convs that are not in the model: {unknown[:5]}")
-    if not sites:  # a valid model with nothing to rewrite: returned as it is, not an error
-        timings["analyze"] = time.perf_counter() - t0
-        return model, unchanged_report(opts, NO_CONV, timings)
-    if opts.mismatch_budget is not None and not alphas:
-        raise GDWSError("--mismatch-budget needs non-empty --alphas")
-    timings["analyze"] = time.perf_counter() - t0
+        raise OptionError(f"{{0}} names convs that are not in the model: {literal(unknown[:5])}", "alphas")
+    if sites and budget.mismatch_budget is not None and not alphas:
+        raise OptionError("{0} needs non-empty {1}", "mismatch_budget", "alphas")
+    return Analysis(sites, alphas)
 
-    t0 = time.perf_counter()
-    reasons = {s.name: skip_reason(s, i == 0, opts) for i, s in enumerate(sites)}
+
+def select(model: onnx.ModelProto, analysis: Analysis, selection: SelectionOptions,
+           calibration: CalibrationOptions, run: RunOptions) -> Selection:
+    """The convs that may be rewritten (`skip_reason`), each with its spectrum and alphas."""
+    sites = analysis.sites
+    reasons = {s.name: skip_reason(s, i == 0, selection) for i, s in enumerate(sites)}
     eligible = [s for s in sites if not reasons[s.name]]
-    cands = [Candidate(s, spec, _alpha_for(s, alphas)) for s, spec in zip(eligible, _spectra(model, eligible, opts))]
-    missing = [c.site.name for c in cands if c.site.name not in alphas]
-    if opts.mismatch_budget is not None and missing:
-        raise GDWSError("--mismatch-budget needs alphas for every rewritable conv; --alphas has none "
-                        f"for {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    latency_report = None
-    if opts.target == "latency":
-        budget, latency_report = latency.plan(cands, model, opts)
-    else:
-        budget = _allocate(cands, sites, opts)
-        if opts.width_multiple > 1 and budget.mode != "uniform":
-            _round_widths(cands, opts.width_multiple, down=budget.mode == "macs")
-    for c in cands:
-        if c.ranks is not None and not opts.force and opts.target == "macs" and \
+    cands = [Candidate(s, spec, _alpha_for(s, analysis.alphas), weighted=s.name in analysis.alphas)
+             for s, spec in zip(eligible, spectra(model, eligible, calibration, run))]
+    return Selection(cands, reasons)
+
+
+def plan_convs(selection: Selection, analysis: Analysis, model: onnx.ModelProto, opts: OptimizeOptions) -> BudgetPlan:
+    """The budget's planner fills in the candidates' ranks; with the conv pass off there is nothing
+    to plan and the budget applies to the FC layers alone."""
+    if opts.selection.conv == "off":
+        budget = opts.budget.requested()
+        budget.message = "the conv pass is off: the budget applies to the FC layers"
+        return BudgetPlan(budget)
+    return planner_for(opts).plan(selection.cands, analysis.sites, model)
+
+
+def settle(selection: Selection, budget: BudgetOptions) -> list[Candidate]:
+    """After planning: leave alone a candidate whose GDWS form would not cut MACs (unless `force`
+    or decided by latency), record every candidate's reason, and return those to rewrite."""
+    for c in selection.cands:
+        if c.ranks is not None and not budget.force and budget.target == "macs" and \
                 decompose.gdws_cost_per_pixel(c.spec, c.ranks) >= decompose.original_cost_per_pixel(c.spec):
             c.reason = (f"GDWS would not reduce MACs at the chosen ranks (G={int(c.ranks.sum())}); "
                         "--force to rewrite anyway")
-        reasons[c.site.name] = reasons[c.site.name] or c.reason
-    chosen = [c for c in cands if not c.reason]
-    rewrites = [LayerRewrite(c.site, decompose.factors(c.spec, c.ranks, c.site.weight.dtype, c.multiplier))
-                for c in chosen]
-    timings["decompose"] = time.perf_counter() - t0
+        selection.reasons[c.site.name] = selection.reasons[c.site.name] or c.reason
+    return [c for c in selection.cands if not c.reason]
 
-    t0 = time.perf_counter()
-    original_src: onnx.ModelProto | str | None = None
-    if opts.verify:  # keep the original for the comparison before it is rewritten in place
-        original_src = loaded.path or model.SerializeToString()
+
+def decompose_chosen(chosen: list[Candidate]) -> list[LayerRewrite]:
+    """Each chosen candidate's GDWS factors at its planned ranks and realization."""
+    return [LayerRewrite(c.site, decompose.factors(c.spec, c.ranks, c.site.weight.dtype, c.multiplier))
+            for c in chosen]
+
+
+def keep_original(loaded: LoadedModel) -> str | bytes:
+    """The original for the verification, taken before the model is rewritten in place: its path, or its bytes."""
+    return loaded.path or loaded.model.SerializeToString()
+
+
+def rewrite(model: onnx.ModelProto, rewrites: list[LayerRewrite]) -> None:
+    """Replace each planned conv by its GDWS subgraph, in place."""
     GDWSRewritePass(rewrites).call(model)
-    timings["rewrite"] = time.perf_counter() - t0
-    correction = None
-    if opts.bias_correction and rewrites:
-        t0 = time.perf_counter()
-        from gdws_onnx.calibrate.bias_correction import correct_biases  # loads the attack code: only when asked
 
-        arrays, desc = data_arrays(opts.data, CALIBRATION_SAMPLES)
-        correction = correct_biases(model, rewrites, _named_inputs(model, arrays), threads=opts.threads)
-        correction.inputs += f"; {desc}"
-        timings["bias_correction"] = time.perf_counter() - t0
 
-    folds = FoldGatherPass([c.site.name for c in chosen if c.fold])
-    folds.call(model)
+def calibrate(model: onnx.ModelProto, rewrites: list[LayerRewrite], run: RunOptions) -> BiasCorrectionReport:
+    """Bias correction of the rewritten convs on the calibration data (`run.data`), in place;
+    returns its BiasCorrectionReport."""
+    from gdws_onnx.calibrate.bias_correction import BiasCorrectionPass  # loads the attack code: only when asked
 
-    by_name = {c.site.name: c for c in cands}
+    arrays, desc = data_arrays(run.data, CALIBRATION_SAMPLES)
+    correction = BiasCorrectionPass(rewrites, named_inputs(model, arrays), threads=run.threads).call(model).report
+    correction.inputs += f"; {desc}"
+    return correction
+
+
+def fold(model: onnx.ModelProto, chosen: list[Candidate]) -> dict[str, str]:
+    """Fold the Gathers the plan chose to fold into their producers, in place; folded layer -> producer."""
+    return FoldGatherPass([c.site.name for c in chosen if c.fold]).call(model).report.folded
+
+
+def rewrite_fc_layers(model: onnx.ModelProto, base_dir: str, opts: OptimizeOptions) -> FCSummary | None:
+    """With fc != "off": rewrite the Gemm/MatMul layers by that scheme (graph.fc), in place, at the
+    error budget (each weight's relative squared error) or the MAC reduction (each layer's MACs / R);
+    a layer whose factors would not cut MACs is left alone unless `force`."""
+    if opts.selection.fc == "off":
+        return None
+    from gdws_onnx.graph.fc import rewrite_fc
+
+    result = rewrite_fc(model, opts.selection.fc, opts.budget.error_budget, opts.budget.mac_reduction,
+                        only_if_cheaper=not opts.budget.force, base_dir=base_dir,
+                        input_shapes=opts.run.input_shapes)
+    return FCSummary(opts.selection.fc, result.report.layers, result.report.skipped)
+
+
+def build_report(model: onnx.ModelProto, analysis: Analysis, selection: Selection, rewrites: list[LayerRewrite],
+                 folded: dict[str, str], plan: BudgetPlan, opts: OptimizeOptions) -> OptimizeReport:
+    """Every conv's report row (folds accounted), the budget with what it achieved, the options;
+    the verification is not run yet."""
+    by_name = {c.site.name: c for c in selection.cands}
     factors = {r.site.name: r.factors for r in rewrites}
-    layers = [_layer_report(s, reasons[s.name], by_name.get(s.name), factors.get(s.name)) for s in sites]
-    _account_folds(layers, model, folds.folded)
-    report = OptimizeReport(layers=layers, budget=budget, verification=VerificationReport(ran=False),
-                            options=_options_dict(opts), versions=versions(), latency=latency_report,
-                            predicted_mismatch=predicted_mismatch(cands, alphas),
-                            bias_correction=None if correction is None else correction.to_dict())
-    if budget.mode != "latency":  # latency: the measured speed-up, set by latency.plan
-        report.budget.achieved = achieved(report)
+    layers = [_layer_report(s, selection.reasons[s.name], by_name.get(s.name), factors.get(s.name))
+              for s in analysis.sites]
+    _account_folds(layers, model, folded)
+    report = OptimizeReport(layers=layers, budget=plan.budget, verification=VerificationReport(ran=False),
+                            options=opts.to_dict(), versions=versions(),
+                            latency=None if plan.latency is None else plan.latency.to_dict(),
+                            predicted_mismatch=predicted_mismatch(selection.cands, analysis.alphas))
+    settle_budget(report, convs_planned=opts.selection.conv != "off")
+    return report
+
+
+def settle_budget(report: OptimizeReport, convs_planned: bool = True) -> None:
+    """Set what the budget achieved (a latency budget's measured speed-up is set by its planner)
+    and whether a MAC budget was met by the model as rewritten (when convs were planned)."""
+    budget = report.budget
+    if not convs_planned:
+        return
+    if budget.mode != "latency":
+        budget.achieved = achieved(report)
     if budget.mode == "macs" and budget.met and report.mac_reduction is not None \
             and report.mac_reduction < budget.target * (1 - 1e-3):
         budget.met = False
         budget.message = (f"reached conv MACs / {report.mac_reduction:.3f}, short of / {budget.target:g}: "
                           "the eligible layers cannot give more")
 
-    t0 = time.perf_counter()
-    if not opts.verify:
-        report.verification.message = "--no-verify"
-    elif not rewrites:
-        report.verification.message = "no conv was rewritten"
-    else:
-        src = original_src if isinstance(original_src, str) else onnx.ModelProto.FromString(original_src)
-        report.verification = verify(src, model, opts)
-    timings["verify"] = time.perf_counter() - t0
-    report.timings = timings
-    return model, report
+
+def verification(original: str | bytes | None, model: onnx.ModelProto, changed: bool,
+                 verify_opts: VerifyOptions, run: RunOptions, run_fc: str = "off") -> VerificationReport:
+    """`verify` the rewritten model against the original, or say why it is not run."""
+    if not verify_opts.verify:
+        return VerificationReport(ran=False, message="turned off")
+    if not changed:
+        return VerificationReport(ran=False, message="no conv was rewritten" if run_fc == "off"
+                                  else "no conv or FC layer was rewritten")
+    src = original if isinstance(original, str) else onnx.ModelProto.FromString(original)
+    return verify(src, model, verify_opts, run)
 
 
 def achieved(report: OptimizeReport) -> float | None:
@@ -451,27 +411,18 @@ def achieved(report: OptimizeReport) -> float | None:
 NO_CONV = "the model has no Conv node (in its top-level graph): nothing to rewrite, the model is unchanged"
 
 
-def requested_budget(opts: OptimizeOptions) -> BudgetReport:
-    """The budget the options ask for (mode and target), before anything is allocated."""
-    for mode, target in (("macs", opts.mac_reduction), ("mismatch", opts.mismatch_budget),
-                         ("uniform", opts.uniform_rank), ("latency", opts.latency_reduction)):
-        if target is not None:
-            return BudgetReport(mode=mode, target=target, achieved=None)
-    return BudgetReport(mode="error", target=DEFAULT_ERROR_BUDGET if opts.error_budget is None else opts.error_budget,
-                        achieved=None)
-
-
 def unchanged_report(opts: OptimizeOptions, message: str, timings: dict[str, float]) -> OptimizeReport:
     """The report of a run that rewrote nothing because there was nothing to rewrite (`message` says why)."""
-    budget = requested_budget(opts)
+    budget = opts.budget.requested()
     budget.message = message
     return OptimizeReport(layers=[], budget=budget,
-                          verification=VerificationReport(ran=False, message="--no-verify" if not opts.verify
+                          verification=VerificationReport(ran=False, message="turned off"
+                                                          if not opts.verification.verify
                                                           else "no conv was rewritten"),
-                          options=_options_dict(opts), versions=versions(), timings=timings)
+                          options=opts.to_dict(), versions=versions(), timings=timings)
 
 
-def _named_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def named_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Calibration arrays keyed by graph input: by name, or `x` for a single-input model."""
     inits = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
@@ -479,25 +430,18 @@ def _named_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> dict
         arrays = {names[0]: arrays["x"]}
     missing = [k for k in names if k not in arrays]
     if missing:
-        raise GDWSError(f"--data has no array for input(s) {missing}; give 'x' or arrays named after inputs")
+        raise OptionError(f"{{0}} has no array for input(s) {literal(missing)}; give 'x' or arrays named after "
+                          "inputs", "data")
     return {k: arrays[k] for k in names}
-
-
-def _options_dict(opts: OptimizeOptions) -> dict:
-    d = asdict(opts)
-    d.pop("probe_factory")
-    if isinstance(opts.alphas, dict):
-        d["alphas"] = "<dict>"
-    return d
 
 
 def optimize(model_or_path: onnx.ModelProto | str, **options) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Rewrite eligible convs of a model (object or path) into GDWS form.
 
-    Keyword options are the fields of OptimizeOptions. Returns (optimized model, report);
-    a model object passed in is not modified.
+    Keyword options are the flat options of OptimizeOptions (`error_budget=0.1, skip_first=False,
+    ...`). Returns (optimized model, report); a model object passed in is not modified.
     """
-    opts = OptimizeOptions(**options)
+    opts = OptimizeOptions.from_kwargs(**options)
     if isinstance(model_or_path, str):
         loaded = load_model(model_or_path)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from gdws_onnx.errors import OptionError
 from gdws_onnx.runtime.session import OutputComparison
 
 
@@ -69,6 +70,61 @@ class VerificationReport:
     # they do not depend on the input, so agreeing on them does not show the rewrite right on real inputs
     constant_outputs: list[str] = field(default_factory=list)
     vacuous: bool = False  # every compared output is such (e.g. onnx's light-zoo models)
+    # the OptionError that skipped it (`message` is its text), for a caller to name the option in
+    # its own terms (the CLI: as a flag); not part of to_dict
+    error: OptionError | None = None
+
+
+@dataclass
+class LatencyReport:
+    """What the latency planner measured and decided (target="latency"); `OptimizeReport.latency`
+    holds it as a dict (`to_dict`)."""
+
+    ep: str
+    batches: list[int]
+    threads: int | None
+    environment: dict  # what cached layer latencies depend on besides the layer (latency.environment_key)
+    cache: dict  # path, hits, misses
+    model_baseline_ms: float | None  # latency budget: the original's whole-model time
+    budget_search: list[dict]  # latency budget: the bisection over required layer savings
+    faster: bool  # the never-slower check found a measurably faster model
+    final_ratios: dict  # batch -> bench.Ratio dict of the returned model vs the original
+    speedup: float | None  # original / optimized latency, worst batch's median
+    layer_threshold: float  # a layer is kept only if measurably below this ratio (latency.FASTER)
+    confidence: float  # of every interval a decision rests on
+    layers: dict[str, dict]  # layer -> measured options and the index of the chosen one
+    checks: list  # latency.FallbackStep of the never-slower check
+    fold_trials: list  # latency.FoldTrial
+    folded: list[str]
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FCSummary:
+    """The FC (Gemm/MatMul) rewrite's part of the report, kept apart from the conv savings."""
+
+    scheme: str
+    layers: list = field(default_factory=list)  # graph.fc.FCLayerReport rows
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (layer, why not)
+
+    @property
+    def params_before(self) -> int:
+        return sum(layer.dense_params for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "rewritten": len(self.layers),
+                "params_before": self.params_before, "params_after": self.params_after,
+                "macs_per_row_before": sum(layer.dense_macs for layer in self.layers),
+                "macs_per_row_after": sum(layer.macs for layer in self.layers),
+                "layers": [asdict(layer) for layer in self.layers],
+                "skipped": [{"layer": name, "reason": why} for name, why in self.skipped]}
 
 
 @dataclass
@@ -87,6 +143,8 @@ class OptimizeReport:
     predicted_mismatch: float | None = None
     # --bias-correction: bias_correction.BiasCorrectionReport.to_dict() (per layer shifts)
     bias_correction: dict | None = None
+    # fc != "off": the Gemm/MatMul rewrite (graph.fc.FCReport): rewritten layers and skip reasons
+    fc: FCSummary | None = None
 
     def _total(self, attr: str) -> int | None:
         vals = [getattr(layer, attr) for layer in self.layers]
@@ -124,10 +182,11 @@ class OptimizeReport:
                 "params_after": sum(layer.params_after for layer in self.layers),
             },
             "budget": asdict(self.budget),
-            "verification": {**asdict(self.verification),
+            "verification": {**{k: v for k, v in asdict(self.verification).items() if k != "error"},
                              "outputs": [o.to_dict() for o in self.verification.outputs]},
             "layers": layers, "latency": self.latency, "options": self.options, "timings": self.timings,
             "versions": self.versions, "bias_correction": self.bias_correction,
+            "fc": None if self.fc is None else self.fc.to_dict(),
         }
 
     def to_json(self) -> str:

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from gdws_onnx.runtime import providers
 from gdws_onnx.errors import GDWSError
-from gdws_onnx.graph.rewrite import layer_of
+from gdws_onnx.graph.pattern import layer_of
 from gdws_onnx.runtime.session import random_feeds, session_options
 
 Timer = Callable[[Callable[[], object]], float]
@@ -313,9 +313,9 @@ FUSED_SUFFIXES = ("_nchwc", "_fused", "_token")
 
 
 def per_conv_times(model: onnx.ModelProto, node_times: dict[str, float]) -> dict[str, float]:
-    """Profiled node times summed per original conv: '<conv>/gdws/*' nodes, and nodes ORT fused
-    or renamed after a conv or after an activation fed by one (e.g. 'relu_out_nchwc'), count
-    for that conv; layout reorders and all other nodes go under 'other'."""
+    """Profiled node times summed per original conv (`pattern.layer_of`): the rewrite's nodes, and
+    nodes ORT fused or renamed after a conv or after an activation fed by one (e.g. 'relu_out_nchwc'),
+    count for that conv; layout reorders and all other nodes go under 'other'."""
     nodes = {n.name: n for n in model.graph.node if n.name}
     producer = {o: n for n in model.graph.node for o in n.output}
     out: dict[str, float] = {}

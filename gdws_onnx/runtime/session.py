@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from gdws_onnx.errors import GDWSError
+from gdws_onnx.errors import GDWSError, OptionError
 
 ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -59,17 +59,20 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int
     for spec in specs:
         m = re.fullmatch(r"(.+):(\d+(?:,\d+)*)", spec.strip())
         if not m:
-            raise GDWSError(f"bad --input-shape '{spec}': expected NAME:D1,D2,... e.g. input:1,3,224,224")
+            raise OptionError(f"bad {{0}} '{spec}': expected NAME:D1,D2,... e.g. input:1,3,224,224",
+                              "input_shapes")
         shapes[m.group(1)] = [int(d) for d in m.group(2).split(",")]
     return shapes
 
 
 def resolve_shape(name: str, dims: list, given: dict[str, list[int]], batch: int) -> list[int]:
     """Concrete dims for an input: the user's, else the model's with a dynamic leading
-    (batch) dimension set to `batch`. Raises GDWSError naming any other unknown dimension."""
+    (batch) dimension set to `batch`. Raises OptionError (on `input_shapes`) naming any other
+    unknown dimension."""
     if name in given:
         if len(given[name]) != len(dims):
-            raise GDWSError(f"--input-shape {name} has {len(given[name])} dims, the model has {len(dims)}")
+            raise OptionError(f"{{0}} gives input '{name}' {len(given[name])} dims, "
+                              f"the model has {len(dims)}", "input_shapes")
         return given[name]
     out = []
     for i, d in enumerate(dims):
@@ -78,9 +81,9 @@ def resolve_shape(name: str, dims: list, given: dict[str, list[int]], batch: int
         elif i == 0:
             out.append(batch)
         else:
-            raise GDWSError(f"input '{name}' has unknown dimension {i} ({d!r}); "
-                            f"give it with --input-shape {name}:" + ",".join(
-                                str(x) if isinstance(x, int) and x > 0 else "?" for x in dims))
+            known = ",".join(str(x) if isinstance(x, int) and x > 0 else "?" for x in dims)
+            raise OptionError(f"input '{name}' has unknown dimension {i} ({d!r}); give it with {{0}} {name}:{known}",
+                              "input_shapes")
     return out
 
 
@@ -112,18 +115,35 @@ def probe_shapes(model: onnx.ModelProto, names: list[str], given: dict[str, list
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                     for d in vi.type.tensor_type.shape.dim]
             resolve_shape(vi.name, dims, given or {}, 1)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
-    sess = make_session(copy, threads)
+    sess = make_session(with_outputs(model, names), threads)
+    feeds = random_feeds(sess, given, batch=1)
+    run = [n for n in names if n not in feeds]  # a graph input's dims are its feed's
     try:
-        values = sess.run(names, random_feeds(sess, given, batch=1))
+        values = dict(zip(run, sess.run(run, feeds))) if run else {}
     except GDWSError:
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises several types for models it cannot run
         raise GDWSError(f"ONNX Runtime cannot run the model: {e}") from None
-    return {n: list(v.shape) for n, v in zip(names, values)}
+    return {n: list((feeds[n] if n in feeds else values[n]).shape) for n in names}
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the tensors `names` (those that are not graph inputs or
+    outputs already), to read intermediate values from one ONNX Runtime run. `model` is not modified."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    skip = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
+    for name in dict.fromkeys(names):
+        if name not in skip:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    return probe
+
+
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """`x` (samples on axis 0) with its last sample repeated up to `size` samples, for an input with a
+    fixed batch dimension (the extra rows' outputs are to be dropped); `x` itself when it has `size` or more."""
+    k = len(x)
+    return x if k >= size else np.concatenate([x, np.repeat(x[-1:], size - k, 0)])
 
 
 def data_feeds(sess: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,7 +153,8 @@ def data_feeds(sess: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> dic
         arrays = {inputs[0].name: arrays["x"]}
     missing = [i.name for i in inputs if i.name not in arrays]
     if missing:
-        raise GDWSError(f"--data has no array for input(s) {missing}; give 'x' or arrays named after inputs")
+        raise OptionError(f"{{0}} has no array for input(s) {missing}; give 'x' or arrays named after inputs",
+                          "data")
     return {i.name: np.asarray(arrays[i.name], dtype=ORT_TYPES.get(i.type, np.float32)) for i in inputs}
 
 
@@ -172,8 +193,8 @@ def run_batches(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], fetch:
     for s in range(0, n, step):
         batch = {k: np.asarray(feeds[k][s:s + step], ORT_TYPES.get(i.type, np.float32)) for k, i in inputs.items()}
         k = len(next(iter(batch.values())))
-        if fixed and k < step:
-            batch = {key: np.concatenate([v, np.repeat(v[-1:], step - k, 0)]) for key, v in batch.items()}
+        if fixed:
+            batch = {key: pad_batch(v, step) for key, v in batch.items()}
         values = dict(zip(run, sess.run(run, {**batch, **extra}))) if run else {}
         values.update({t: batch[t] for t in fetch if t in batch})
         yield {t: v[:k] for t, v in values.items()}

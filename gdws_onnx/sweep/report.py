@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from gdws_onnx.errors import GDWSError
+from gdws_onnx.files import write_text_atomic
 from gdws_onnx.sweep.run import PointResult, SweepResult
 
 METHOD_NAMES = {
@@ -333,8 +334,5 @@ def write_report(sweep: SweepResult, out_dir: str) -> ReportFiles:
     md = os.path.join(out_dir, "report.md")
     page = os.path.join(out_dir, "report.html")
     for path, text in ((md, markdown(sweep, images)), (page, html_report(sweep, images))):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return ReportFiles(md, page, images)

@@ -28,7 +28,8 @@ import onnx
 from gdws_onnx import peers
 from gdws_onnx.runtime.bench import BenchConfig, compare_models, conv_macs, environment
 from gdws_onnx.data import DataError, load_dataset
-from gdws_onnx.errors import GateFailed, GDWSError
+from gdws_onnx.errors import GateFailed, GDWSError, OptionError, literal
+from gdws_onnx.files import write_json_atomic
 from gdws_onnx.graph.model_io import file_sha256, load_model, save_model
 from gdws_onnx.pipeline.optimize import optimize
 from gdws_onnx.provenance import json_default, versions
@@ -76,10 +77,10 @@ class SweepOptions:
         for p in self.peers:
             parse_peer(p)
         if self.n < 1 or self.runs < 3 or not self.batches or min(self.batches) < 1:
-            raise GDWSError("--n must be >= 1, --runs >= 3 and --batch positive")
+            raise OptionError("{0} must be >= 1, {1} >= 3 and {2} positive", "n", "runs", "batches")
 
     def calibration_spec(self) -> str:
-        """The INT8 calibration set: --calibration, else fashion-mnist:train for Fashion-MNIST,
+        """The INT8 calibration set: `calibration`, else fashion-mnist:train for Fashion-MNIST,
         else the evaluation data itself (flagged in the report as in-sample)."""
         if self.calibration:
             return self.calibration
@@ -179,7 +180,7 @@ def parse_budget(spec: str) -> dict:
     except ValueError:
         v = None
     if kind not in BUDGET_KINDS or v is None:
-        raise GDWSError(f"--budget {spec!r}: expected error:EPS, mac:R or latency:R")
+        raise OptionError(f"{{0}} {literal(repr(spec))}: expected error:EPS, mac:R or latency:R", "budgets")
     opts = {BUDGET_KINDS[kind]: v}
     if kind == "latency":
         opts["target"] = "latency"
@@ -190,10 +191,11 @@ def parse_peer(spec: str) -> tuple[str, int | None]:
     """'dws' | 'uniform:G' | 'ssvd' | 'prune' | 'int8' | 'gdws+int8' -> (peer, G or None)."""
     name, _, arg = spec.partition(":")
     if name not in PEERS or (name == "uniform") != bool(arg):
-        raise GDWSError(f"--peer {spec!r}: expected one of {', '.join(PEERS).replace('uniform', 'uniform:G')}")
+        raise OptionError(f"{{0}} {literal(repr(spec))}: expected one of {', '.join(PEERS).replace('uniform', 'uniform:G')}",
+                          "peers")
     if arg:
         if not arg.isdigit() or int(arg) < 1:
-            raise GDWSError(f"--peer {spec!r}: G must be a positive integer")
+            raise OptionError(f"{{0}} {literal(repr(spec))}: G must be a positive integer", "peers")
         return name, int(arg)
     return name, None
 
@@ -282,7 +284,7 @@ class Sweep:
         self.log = log or (lambda s: None)
         self.original = load_model(model_path).model
         self.sha = file_sha256(model_path)
-        self.x, self.y = self._samples(opts.data, opts.n, labels=True)
+        self.x, self.y = self._samples("data", opts.data, opts.n, labels=True)
         self._calibration: np.ndarray | None = None
         self._baselines: dict[bool, object] = {}  # with Square added? -> ModelResult of the original
         self.original_macs = total_conv_macs(self.original)
@@ -290,18 +292,20 @@ class Sweep:
             os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
 
     @staticmethod
-    def _samples(spec: str, n: int, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _samples(param: str, spec: str, n: int, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The first n samples of the data set `spec` given as option `param` (and its labels)."""
         try:
             ds = load_dataset(spec, n=n)
         except (DataError, ValueError, OSError) as e:
-            raise GDWSError(f"--data {spec}: {e}") from None
+            raise OptionError(f"{{0}} {literal(spec)}: {literal(e)}", param) from None
         if labels and ds.y is None:
-            raise GDWSError(f"--data {spec} has no labels; the sweep measures accuracy")
+            raise OptionError(f"{{0}} {literal(spec)} has no labels; the sweep measures accuracy", param)
         return np.ascontiguousarray(ds.x, np.float32), None if ds.y is None else np.asarray(ds.y, np.int64)
 
     def calibration(self) -> np.ndarray:
         if self._calibration is None:
-            self._calibration, _ = self._samples(self.opts.calibration_spec(), self.opts.calibration_n, False)
+            self._calibration, _ = self._samples("calibration", self.opts.calibration_spec(),
+                                                 self.opts.calibration_n, False)
         return self._calibration
 
     # -- building ------------------------------------------------------------------------
@@ -316,16 +320,18 @@ class Sweep:
                                 **spec.params)
             return model, {}
         if spec.method in ("ssvd", "prune"):
-            build = peers.spatial_svd if spec.method == "ssvd" else peers.prune_channels
-            model, _ = build(self.original, skip_first=self.opts.skip_first, **spec.params)
-            return model, {}
+            peer = peers.SpatialSVDPass if spec.method == "ssvd" else peers.PruneChannelsPass
+            copy = onnx.ModelProto()
+            copy.CopyFrom(self.original)  # the pass edits in place
+            return peer(skip_first=self.opts.skip_first, **spec.params).call(copy).model, {}
         if spec.method == "int8":
-            return peers.quantize_int8(self.original, self.calibration()), {"float_parent": "original"}
+            return peers.QuantizeInt8Pass(self.calibration()).call(self.original).model, {"float_parent": "original"}
         if spec.method == "gdws+int8":
             parent = os.path.join(self.out, "models", spec.params["from"] + ".onnx")
             if not os.path.isfile(parent):
                 raise GDWSError(f"the GDWS point {spec.params['from']} has no saved model")
-            return peers.quantize_int8(onnx.load(parent), self.calibration()), {"float_parent": spec.params["from"]}
+            return (peers.QuantizeInt8Pass(self.calibration()).call(onnx.load(parent)).model,
+                    {"float_parent": spec.params["from"]})
         raise GDWSError(f"unknown sweep method {spec.method!r}")
 
     # -- measuring -----------------------------------------------------------------------
@@ -481,10 +487,7 @@ def format_phases(phases: dict[str, float]) -> str:
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=json_default)
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1, default=json_default)
 
 
 def sweep(model_path: str, out_dir: str, opts: SweepOptions | None = None, *, command: str = "",

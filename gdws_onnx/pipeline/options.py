@@ -1,0 +1,240 @@
+"""The options of `optimize`, in groups; each step and budget planner receives only its group.
+
+`OptimizeOptions(error_budget=0.1, skip_first=False, ...)` takes the flat keyword options of
+`gdws_onnx.optimize` (each goes to the group with a field of that name) or whole groups
+(`OptimizeOptions(budget=BudgetOptions(mac_reduction=2))`). Errors name the parameters
+(`OptionError`), never CLI flags.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+
+from gdws_onnx.errors import OptionError, literal
+from gdws_onnx.pipeline.report import BudgetReport
+
+DEFAULT_ERROR_BUDGET = 0.1  # per-layer relative weighted error when no budget is given
+FC_SCHEMES = ("off", "kronecker", "lowrank")  # Gemm/MatMul rewrites (graph.fc)
+BUDGETS = ("error_budget", "mac_reduction", "latency_reduction", "mismatch_budget", "uniform_rank")
+
+
+@dataclass
+class BudgetOptions:
+    """How ranks are chosen: at most one budget (none: the error budget DEFAULT_ERROR_BUDGET),
+    what decides (MACs or measured latency) and the per-channel error weights."""
+
+    error_budget: float | None = None  # per-layer relative weighted error, 0 <= eps < 1
+    mac_reduction: float | None = None  # whole-model conv MACs / R
+    mismatch_budget: float | None = None  # predicted top-1 mismatch sum alpha * e <= P (needs alphas)
+    uniform_rank: int | None = None  # every channel of every candidate keeps min(g, max rank) terms (g=1: DWS)
+    latency_reduction: float | None = None  # whole-model latency / R (target="latency")
+    target: str = "macs"  # "macs": decide by MACs; "latency": by measured latency (TimingOptions)
+    alphas: str | dict | None = None  # per-layer, per-channel weights (file or dict)
+    width_multiple: int = 1  # round each layer's GDWS width G to a multiple (8: ORT CPU's fast conv widths)
+    force: bool = False  # rewrite even when GDWS is not cheaper
+
+    @property
+    def planner(self) -> str:
+        """The planner that fills this budget in: 'latency' (target latency, under an error or a
+        latency budget), else 'mismatch', 'uniform', 'macs' or 'error'."""
+        if self.target == "latency":
+            return "latency"
+        for name, value in (("mismatch", self.mismatch_budget), ("uniform", self.uniform_rank),
+                            ("macs", self.mac_reduction)):
+            if value is not None:
+                return name
+        return "error"
+
+    @property
+    def error(self) -> float:
+        """The per-layer error budget: error_budget, or DEFAULT_ERROR_BUDGET when not given."""
+        return DEFAULT_ERROR_BUDGET if self.error_budget is None else self.error_budget
+
+    def requested(self) -> BudgetReport:
+        """The budget asked for (mode and target), before anything is allocated."""
+        for mode, target in (("macs", self.mac_reduction), ("mismatch", self.mismatch_budget),
+                             ("uniform", self.uniform_rank), ("latency", self.latency_reduction)):
+            if target is not None:
+                return BudgetReport(mode=mode, target=target, achieved=None)
+        return BudgetReport(mode="error", target=self.error, achieved=None)
+
+    def validate(self) -> None:
+        """Raise OptionError for a value out of range or budgets that do not go together."""
+        if sum(getattr(self, b) is not None for b in BUDGETS) > 1:
+            raise OptionError("give one of {0}, {1}, {2}, {3}, {4}, not several", *BUDGETS)
+        if self.uniform_rank is not None:
+            _check(self.uniform_rank >= 1, f"{{0}} must be >= 1, got {self.uniform_rank}", "uniform_rank")
+            _check(self.target == "macs", "{0} fixes the ranks; it cannot be used with {1} latency",
+                   "uniform_rank", "target")
+        if self.mismatch_budget is not None:
+            _check(0 < self.mismatch_budget < 1, f"{{0}} must be in (0, 1), got {self.mismatch_budget}",
+                   "mismatch_budget")
+            _check(self.alphas is not None, "{0} needs {1} (noise-gain weights from `onnx-gdws sensitivity`)",
+                   "mismatch_budget", "alphas")
+            _check(self.target == "macs", "{0} decides by MACs; it cannot be used with {1} latency",
+                   "mismatch_budget", "target")
+        _check(self.width_multiple >= 1, f"{{0}} must be >= 1, got {self.width_multiple}", "width_multiple")
+        _check(self.target in ("macs", "latency"),
+               f"{{0}} must be 'macs' or 'latency', got {literal(repr(self.target))}", "target")
+        if self.latency_reduction is not None:
+            _check(self.target == "latency", "{0} needs {1} latency", "latency_reduction", "target")
+        if self.mac_reduction is not None:
+            _check(self.target != "latency", "{0} decides by MACs; with {1} latency use {2}",
+                   "mac_reduction", "target", "latency_reduction")
+        if self.latency_reduction is not None:
+            _check(self.latency_reduction >= 1, f"{{0}} must be >= 1, got {self.latency_reduction}",
+                   "latency_reduction")
+        if self.error_budget is not None:
+            _check(0 <= self.error_budget < 1, f"{{0}} must be in [0, 1), got {self.error_budget}", "error_budget")
+        if self.mac_reduction is not None:
+            _check(self.mac_reduction >= 1, f"{{0}} must be >= 1, got {self.mac_reduction}", "mac_reduction")
+
+
+@dataclass
+class SelectionOptions:
+    """Which convs are candidates for a rewrite."""
+
+    skip_first: bool = True  # leave the first conv as it is
+    include: str | None = None  # regex on conv names
+    exclude: str | None = None
+    fc: str = "off"  # Gemm/MatMul layers: "kronecker", "lowrank" (graph.fc) or "off"
+    conv: str = "gdws"  # Conv layers: "gdws" (the GDWS rewrite) or "off" (leave every conv alone)
+
+    def validate(self) -> None:
+        _check(self.conv in ("gdws", "off"), f"{{0}} must be 'gdws' or 'off', got {literal(repr(self.conv))}", "conv")
+        _check(self.fc in FC_SCHEMES, f"{{0}} must be one of {', '.join(FC_SCHEMES)}, got {literal(repr(self.fc))}",
+               "fc")
+        for param in ("include", "exclude"):
+            pattern = getattr(self, param)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise OptionError(f"{{0}} is not a valid regular expression: {literal(e)}", param) from None
+
+
+@dataclass
+class CalibrationOptions:
+    """What is learned from calibration inputs (RunOptions.data)."""
+
+    bias_correction: bool = False  # shift rewritten convs' biases by their mean output error on the data
+    data_aware: float | None = None  # lam: truncate in the metric (1 - lam) I + lam S_c / s from the data
+
+    def validate(self) -> None:
+        if self.data_aware is not None:
+            _check(0 < self.data_aware <= 1, f"{{0}} must be in (0, 1], got {self.data_aware}", "data_aware")
+
+
+@dataclass
+class VerifyOptions:
+    """The comparison of original and optimized outputs in ONNX Runtime, and its gate."""
+
+    verify: bool = True
+    max_error: float | None = None  # gate on the relative output error
+
+    def validate(self) -> None:
+        if self.max_error is not None:
+            _check(self.max_error >= 0, f"{{0}} must be >= 0, got {self.max_error}", "max_error")
+
+
+@dataclass
+class TimingOptions:
+    """How latency is measured under target="latency"."""
+
+    ep: str = "cpu"
+    batches: list[int] = field(default_factory=lambda: [1])
+    runs: int = 20  # timed runs per measurement (the first look; more are added until decided)
+    max_rounds: int = 320  # cap on the interleaved rounds of one latency comparison
+    measure_seconds: float = 10.0  # cap on the timing of one latency comparison
+    cache: str | None = None  # latency-table JSON; None = the user cache, "" = no cache
+    probe_factory: Callable[[int, str], object] | None = None  # (batch, "layer"|"model") -> latency.Probe
+
+    def validate(self) -> None:
+        _check(bool(self.batches) and all(b >= 1 for b in self.batches) and self.runs >= 3,
+               "{0} needs positive sizes and {1} at least 3", "batches", "runs")
+        _check(self.max_rounds >= 1 and self.measure_seconds > 0, "{0} must be >= 1 and {1} > 0",
+               "max_rounds", "measure_seconds")
+
+
+@dataclass
+class RunOptions:
+    """How the model is run in ONNX Runtime (shape probing, calibration, verification, timing):
+    on what inputs and with how many intra-op threads."""
+
+    data: str | None = None  # .npz with `x` (or arrays named after the inputs), or a data set spec
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    seed: int = 0  # of random inputs
+    threads: int | None = None
+
+
+GROUPS: dict[str, type] = {  # OptimizeOptions attribute -> its group's class
+    "budget": BudgetOptions, "selection": SelectionOptions, "calibration": CalibrationOptions,
+    "verification": VerifyOptions, "timing": TimingOptions, "run": RunOptions,
+}
+GROUP_OF: dict[str, str] = {f.name: group for group, cls in GROUPS.items() for f in fields(cls)}
+FLAT = ("error_budget", "mac_reduction", "mismatch_budget", "uniform_rank", "alphas", "skip_first", "include",
+        "exclude", "force", "verify", "data", "input_shapes", "max_error", "seed", "bias_correction", "data_aware",
+        "width_multiple", "target", "ep", "batches", "threads", "latency_reduction", "cache", "runs", "max_rounds",
+        "measure_seconds", "fc", "conv", "probe_factory")  # the flat options, in the order reports list them
+
+
+@dataclass(init=False)
+class OptimizeOptions:
+    """All options of `optimize`, in groups (the CLI flags of `onnx-gdws optimize` are the flat
+    names in kebab-case, same meaning)."""
+
+    budget: BudgetOptions
+    selection: SelectionOptions
+    calibration: CalibrationOptions
+    verification: VerifyOptions
+    timing: TimingOptions
+    run: RunOptions
+
+    def __init__(self, *, budget: BudgetOptions | None = None, selection: SelectionOptions | None = None,
+                 calibration: CalibrationOptions | None = None, verification: VerifyOptions | None = None,
+                 timing: TimingOptions | None = None, run: RunOptions | None = None, **flat):
+        """Groups as given (default: their defaults), then each flat keyword set on its group."""
+        given = dict(budget=budget, selection=selection, calibration=calibration, verification=verification,
+                     timing=timing, run=run)
+        for name, cls in GROUPS.items():
+            setattr(self, name, given[name] if given[name] is not None else cls())
+        for key, value in flat.items():
+            if key not in GROUP_OF:
+                raise TypeError(f"OptimizeOptions got an unexpected keyword argument {key!r}")
+            setattr(getattr(self, GROUP_OF[key]), key, value)
+
+    @classmethod
+    def from_kwargs(cls, **flat) -> OptimizeOptions:
+        """The options from the flat keywords of `gdws_onnx.optimize`."""
+        return cls(**flat)
+
+    def validate(self) -> None:
+        """Check every group, then what ties groups together; raise OptionError."""
+        for name in GROUPS:
+            check = getattr(getattr(self, name), "validate", None)
+            if check is not None:
+                check()
+        if self.selection.fc != "off":
+            _check(self.budget.target == "macs", "{0} layers are chosen by error or MAC budget; "
+                   "{1} latency does not time them yet", "fc", "target")
+            _check(self.budget.mismatch_budget is None and self.budget.uniform_rank is None,
+                   "{0} layers take an error or MAC budget, not {1} or {2}", "fc", "mismatch_budget", "uniform_rank")
+        for param, on in (("bias_correction", self.calibration.bias_correction),
+                          ("data_aware", self.calibration.data_aware is not None)):
+            _check(not on or bool(self.run.data), "{0} needs {1} (calibration inputs)", param, "data")
+
+    def to_dict(self) -> dict:
+        """The flat options as a report lists them (an alphas dict as '<dict>', no probe factory)."""
+        merged = {k: v for name in GROUPS for k, v in asdict(getattr(self, name)).items()}
+        d = {k: merged[k] for k in FLAT if k != "probe_factory"}
+        if isinstance(self.budget.alphas, dict):
+            d["alphas"] = "<dict>"
+        return d
+
+
+def _check(ok: bool, message: str, *params: str) -> None:
+    """Raise OptionError(message, *params) unless ok."""
+    if not ok:
+        raise OptionError(message, *params)

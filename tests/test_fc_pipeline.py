@@ -1,0 +1,96 @@
+"""`optimize --fc kronecker|lowrank`: the FC rewrite inside the pipeline (report, verification, CLI)."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gdws_onnx import optimize
+from gdws_onnx.cli import main
+
+
+def mlp(seed: int = 0, widths=(64, 96, 48, 10)) -> onnx.ModelProto:
+    """A Conv-free MLP: Gemm (transB) -> Relu -> MatMul + Add -> Relu -> Gemm, weights of rank >= 8."""
+    rng = np.random.default_rng(seed)
+    w = [(rng.standard_normal((widths[i + 1], widths[i])) / np.sqrt(widths[i])).astype(np.float32)
+         for i in range(3)]
+    inits = [numpy_helper.from_array(w[0], "w0"), numpy_helper.from_array(np.zeros(widths[1], np.float32), "b0"),
+             numpy_helper.from_array(w[1].T.copy(), "w1"), numpy_helper.from_array(np.ones(widths[2], np.float32), "b1"),
+             numpy_helper.from_array(w[2], "w2"), numpy_helper.from_array(np.zeros(widths[3], np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["h0"], name="fc0", transB=1),
+             helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
+             helper.make_node("MatMul", ["r0", "w1"], ["m1"], name="fc1"),
+             helper.make_node("Add", ["m1", "b1"], ["h1"], name="bias1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("Gemm", ["r1", "w2", "b2"], ["y"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", widths[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", widths[3]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("scheme", ["kronecker", "lowrank"])
+def test_conv_free_model_is_a_target_and_exact_at_zero_error(scheme):
+    model = mlp()
+    out, report = optimize(model, fc=scheme, error_budget=0.0, force=True, input_shapes={"x": [4, 64]})
+    assert report.fc is not None and report.fc.layers, report.fc
+    assert report.layers == []  # no conv
+    assert {name for name, _ in report.fc.skipped} == {"fc2"}  # under min_weight; the others are forced
+    assert report.verification.ran and report.verification.outputs[0].relative < 1e-5
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    np.testing.assert_allclose(logits(out, x), logits(model, x), rtol=1e-4, atol=1e-5)
+    assert out.ir_version == model.ir_version and out.opset_import == model.opset_import
+
+
+def test_budget_cuts_parameters_and_error_is_reported():
+    out, report = optimize(mlp(), fc="lowrank", error_budget=0.3, input_shapes={"x": [4, 64]})
+    fc = report.fc
+    assert fc.params_after < fc.params_before
+    assert all(layer.error <= 0.3 + 1e-9 for layer in fc.layers)
+    d = report.to_dict()["fc"]
+    assert d["scheme"] == "lowrank" and d["params_after"] == fc.params_after
+    assert report.verification.ran  # the rewritten model was compared in ORT
+    assert report.verification.outputs[0].relative > 1e-4  # truncation shows at the output
+
+
+def test_fc_off_leaves_gemm_alone_and_no_conv_model_is_unchanged(runner, tmp_path):
+    src, dst = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
+    onnx.save(mlp(), src)
+    r = runner.invoke(main, ["optimize", str(src), "-o", str(dst)])
+    assert r.exit_code == 0, r.output
+    assert onnx.load(str(dst)).graph.node == onnx.load(str(src)).graph.node
+
+
+def test_cli_fc_rows_report_and_bad_combinations(runner, tmp_path):
+    src, dst, rep = tmp_path / "mlp.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(mlp(), src)
+    r = runner.invoke(main, ["optimize", str(src), "-o", str(dst), "--fc", "kronecker", "--error-budget", "0.2",
+                             "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    assert "fc fc0:" in r.output and "layers rewritten" in r.output
+    assert json.loads(rep.read_text())["fc"]["scheme"] == "kronecker"
+    bad = runner.invoke(main, ["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--fc", "lowrank",
+                               "--target", "latency"])
+    assert bad.exit_code == 2 and "--fc" in bad.output and "--target" in bad.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_conv_off_rewrites_fc_only_and_says_the_budget_went_to_fc(cnn_path):
+    from builders import small_cnn
+
+    model = small_cnn(seed=0)
+    out, report = optimize(model, conv="off", fc="lowrank", error_budget=0.2, force=True, verify=False)
+    assert not report.rewritten and all("conv pass is off" in layer.reason for layer in report.layers)
+    assert sum(n.op_type == "Conv" for n in out.graph.node) == sum(n.op_type == "Conv" for n in model.graph.node)
+    assert "FC layers" in report.budget.message
+    with pytest.raises(Exception, match="conv must be 'gdws' or 'off'"):
+        optimize(model, conv="dense")
