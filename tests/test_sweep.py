@@ -14,13 +14,16 @@ from click.testing import CliRunner
 from gdws_onnx import GDWSError, optimize
 from gdws_onnx.cli import main
 from gdws_onnx.sweep.run import (
+    DEFAULT_PEERS,
     PointResult,
     Sweep,
     SweepOptions,
     SweepResult,
     load_sweep,
     parse_budget,
+    parse_fc_budget,
     parse_peer,
+    plan_points,
     sweep,
 )
 from gdws_onnx.sweep.report import best_within, pareto, write_report
@@ -305,3 +308,103 @@ def test_new_timing_settings_retime_without_rebuilding(files, tmp_path, monkeypa
     for a, b in zip(first.points, again.points):
         assert (a.clean, a.robust, a.fingerprint) == (b.clean, b.robust, b.fingerprint)
         assert b.timing["runs"] == 4 and set(b.latency) == {"b1", "b2"}
+
+
+# -- the FC peers (issue 18) -----------------------------------------------------------------
+
+FC_BUDGETS = ("error:0.1", "mac:2")
+
+
+def test_fc_peer_specs():
+    assert parse_peer("fc-kronecker") == ("fc-kronecker", None) and parse_peer("fc-lowrank") == ("fc-lowrank", None)
+    assert parse_fc_budget("mac:2") == {"mac_reduction": 2.0}
+    for bad in ("latency:1.2", "error:x", "mac"):
+        with pytest.raises(GDWSError):
+            parse_fc_budget(bad)
+    with pytest.raises(GDWSError):
+        parse_peer("fc-kronecker:2")
+    assert not any(p.startswith("fc-") for p in DEFAULT_PEERS)  # not on by default
+    opts = SweepOptions(budgets=(), peers=("fc-kronecker", "fc-lowrank"), fc_budgets=FC_BUDGETS)
+    specs = [(s.method, s.params, s.label) for s in plan_points(opts)]
+    assert specs == [("original", {}, "original"),
+                     ("fc-kronecker", {"error_budget": 0.1}, "fc-kronecker error:0.1"),
+                     ("fc-kronecker", {"mac_reduction": 2.0}, "fc-kronecker mac:2"),
+                     ("fc-lowrank", {"error_budget": 0.1}, "fc-lowrank error:0.1"),
+                     ("fc-lowrank", {"mac_reduction": 2.0}, "fc-lowrank mac:2")]
+
+
+@pytest.fixture(scope="module")
+def fc_done(files, tmp_path_factory):
+    model, data = files
+    out = str(tmp_path_factory.mktemp("sweep_fc"))
+    opts = small_options(data, budgets=(), peers=("fc-kronecker", "fc-lowrank"), fc_budgets=FC_BUDGETS)
+    return out, sweep(model, out, opts, command="test")
+
+
+@pytest.mark.slow
+def test_fc_points_measured_like_the_others(fc_done, files):
+    """FC points: their saved models reproduce clean accuracy and agreement, the convs are untouched
+    (conv MACs are the original's), the FC MACs counted on the graph are the original's minus what
+    the rewrite's report says it saved, a MAC budget is met, and each point was attacked and timed."""
+    out, result = fc_done
+    model_path, data = files
+    x, y = np.load(data)["x"], np.load(data)["y"]
+    original = _predictions(model_path, x)
+    orig = result.points[0]
+    assert orig.method == "original" and orig.fc_macs == 10 * 144  # fm_cnn: one Gemm, 144 -> 10
+    fc_points = [p for p in result.points if p.method in ("fc-kronecker", "fc-lowrank")]
+    assert len(fc_points) == 4
+    for p in fc_points:
+        assert p.status == "ok", (p.label, p.error)
+        saved = onnx.load(os.path.join(out, p.model_file))
+        pred = _predictions(os.path.join(out, p.model_file), x)
+        assert p.clean == pytest.approx(np.mean(pred == y)) and p.agreement == pytest.approx(np.mean(pred == original))
+        assert p.conv_macs == orig.conv_macs == _conv_macs(saved) and p.conv_mac_reduction == pytest.approx(1.0)
+        rw = p.fc_rewrite
+        assert rw is not None and rw["scheme"] == p.method[3:] and rw["rewritten"] == 1, (p.label, rw)
+        scope = "/kron/" if p.method == "fc-kronecker" else "/lowrank/"
+        assert any(scope in n.name for n in saved.graph.node) and not any(n.op_type == "Gemm" for n in saved.graph.node)
+        assert p.fc_macs == orig.fc_macs - rw["macs_per_row_before"] + rw["macs_per_row_after"], p.label
+        assert p.fc_mac_reduction == pytest.approx(orig.fc_macs / p.fc_macs)
+        assert p.parameters == orig.parameters - rw["params_before"] + rw["params_after"], p.label
+        if "mac_reduction" in p.params:
+            assert p.fc_mac_reduction >= 2
+        assert p.robust is not None and "attack pgd" in p.phases and set(p.latency) == {"b1"}
+
+
+@pytest.mark.slow
+def test_fc_report_columns(fc_done):
+    """The table has an FC-MAC column beside (not inside) the conv-MAC one, read from the JSON."""
+    out, _ = fc_done
+    files = write_report(load_sweep(out), out)
+    text = open(files.markdown).read()
+    head = next(line for line in text.split("## Points")[1].splitlines() if line.startswith("| point"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols[2:4] == ["conv MACs /", "FC MACs /"]
+    rows = _md_rows(text)
+    for p in json.load(open(os.path.join(out, "sweep.json")))["points"]:
+        cells = dict(zip(cols, rows[p["label"]]))
+        assert float(cells["conv MACs /"]) == pytest.approx(1.0)
+        assert float(cells["FC MACs /"]) == pytest.approx(p["fc_mac_reduction"], abs=0.006)
+        assert float(cells["robust %"]) == pytest.approx(100 * p["robust"], abs=0.051)
+    assert "FC: Kronecker sums" in text and "FC: low rank" in text and "Gemm/MatMul layers" in text
+
+
+def test_cli_fc_peers(files, tmp_path):
+    """--budget none leaves only the original and the FC points; a budget FC layers cannot take is bad input."""
+    model, data = files
+    out = str(tmp_path / "s")
+    r = CliRunner().invoke(main, ["sweep", model, "--data", data, "--n", "16", "--steps", "1", "--budget", "none",
+                                  "--peer", "fc-lowrank", "--fc-budget", "mac:2", "--batch", "1", "--runs", "3",
+                                  "--out", out, "-q"])
+    assert r.exit_code == 0, r.output
+    points = json.load(open(os.path.join(out, "sweep.json")))["points"]
+    assert [(p["label"], p["status"]) for p in points] == [("original", "ok"), ("fc-lowrank mac:2", "ok")]
+    assert points[1]["fc_mac_reduction"] >= 2 and points[1]["conv_macs"] == points[0]["conv_macs"]
+    assert "| FC MACs / |" in open(os.path.join(out, "report.md")).read()
+    tmp_path = tmp_path / "bad"
+    tmp_path.mkdir()
+    bad = CliRunner().invoke(main, ["sweep", model, "--data", data, "--budget", "none", "--peer", "fc-lowrank",
+                                    "--fc-budget", "latency:2", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--fc-budget" in bad.output and "error:EPS or mac:R" in bad.output
+    assert not os.listdir(tmp_path)

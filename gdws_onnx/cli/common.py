@@ -27,6 +27,7 @@ FLAGS: dict[str, str] = {  # library parameter -> CLI flag, where the flag is no
     "attacks": "--attack",
     "batches": "--batch",
     "budgets": "--budget",
+    "fc_budgets": "--fc-budget",
     "input_shapes": "--input-shape",
     "peers": "--peer",
 }

@@ -11,7 +11,7 @@ from gdws_onnx.cli import args
 from gdws_onnx.cli.common import handle_errors, progress_reporter, stdout_console
 from gdws_onnx.eval.attacks import ATTACKS
 from gdws_onnx.sweep.report import require_matplotlib, summary, time_lines, write_report
-from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
+from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_FC_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
 
 
 @click.command("sweep")
@@ -24,10 +24,16 @@ from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_PEERS, SweepOptions, sw
                        "help": "Attack(s) for robust accuracy (repeatable; default pgd)."})
 @args.ATTACK()
 @click.option("--budget", "budgets", multiple=True, metavar="KIND:VALUE",
-              help=f"GDWS budget (repeatable): error:EPS, mac:R or latency:R. Default: {' '.join(DEFAULT_BUDGETS)}.")
+              help="GDWS budget (repeatable): error:EPS, mac:R or latency:R, or none (no GDWS point). "
+                   f"Default: {' '.join(DEFAULT_BUDGETS)}.")
 @click.option("--peer", "peers", multiple=True, metavar="PEER",
-              help="Peer (repeatable): dws, uniform:G, ssvd, prune (these two at each GDWS point's MACs), int8, gdws+int8, or none. "
-                   f"Default: {' '.join(DEFAULT_PEERS)}.")
+              help="Peer (repeatable): dws, uniform:G, ssvd, prune (these two at each GDWS point's MACs), int8, "
+                   "gdws+int8, fc-kronecker, fc-lowrank (Gemm/MatMul layers as Kronecker sums or low rank, convs "
+                   f"untouched, at each --fc-budget; not by default), or none. Default: {' '.join(DEFAULT_PEERS)}.")
+@click.option("--fc-budget", "fc_budgets", multiple=True, metavar="KIND:VALUE",
+              help="Budget of the fc-kronecker / fc-lowrank peers (repeatable), per FC layer: error:EPS (each "
+                   "weight's relative squared Frobenius error) or mac:R (each layer's MACs / R). "
+                   f"Default: {' '.join(DEFAULT_FC_BUDGETS)}.")
 @click.option("--calibration", default=None,
               help="INT8 calibration data (default: fashion-mnist:train for Fashion-MNIST, else --data).")
 @args.TIMING(ep={"help": "Execution provider for latency."},
@@ -39,8 +45,8 @@ from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_PEERS, SweepOptions, sw
               help="Re-measure the latency of finished points (keeps their accuracy), e.g. on a quieter machine.")
 @click.option("--out", "out_dir", required=True, help="Folder for points/, models/, sweep.json and the report.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, peers, timing: args.TimingArgs,
-              out_dir, quiet, **options) -> None:
+def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, peers, fc_budgets,
+              timing: args.TimingArgs, out_dir, quiet, **options) -> None:
     """Optimize MODEL at a ladder of budgets, build the peers, measure every point the same way
     (clean and robust accuracy, MACs, size, interleaved latency ratio) and write a report.
 
@@ -48,8 +54,9 @@ def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, peer
     (and only re-times them when the latency settings changed or --retime is given)."""
     require_matplotlib()  # fail before hours of measuring, not after
     opts = SweepOptions(data=data.spec, n=data.n, eps=attack.eps, steps=attack.steps, seed=attack.seed,
-                        budgets=tuple(budgets) or DEFAULT_BUDGETS,
+                        budgets=tuple(b for b in (budgets or DEFAULT_BUDGETS) if b != "none"),
                         peers=tuple(p for p in (peers or DEFAULT_PEERS) if p != "none"),
+                        fc_budgets=tuple(fc_budgets) or DEFAULT_FC_BUDGETS,
                         ep=timing.ep, batches=tuple(timing.batches), runs=timing.runs, threads=timing.threads,
                         **options)
     log = None if quiet else (lambda s: click.echo(f"[sweep] {s}", err=True))  # plain text: no markup, no wrapping

@@ -16,10 +16,13 @@ from gdws_onnx.sweep.run import PointResult, SweepResult
 METHOD_NAMES = {
     "original": "original", "gdws": "GDWS", "dws": "DWS (g=1)", "uniform": "uniform-rank GDWS",
     "ssvd": "spatial SVD", "prune": "filter pruning (L1)", "int8": "INT8 (ORT static, QDQ)", "gdws+int8": "GDWS + INT8",
+    "fc-kronecker": "FC: Kronecker sums", "fc-lowrank": "FC: low rank",
 }
 MARKERS = {"original": "*", "gdws": "o", "dws": "v", "uniform": "^", "ssvd": "s", "prune": "X", "int8": "D",
-           "gdws+int8": "P"}
+           "gdws+int8": "P", "fc-kronecker": "<", "fc-lowrank": ">"}
+FC_METHODS = ("fc-kronecker", "fc-lowrank")  # rewrite Gemm/MatMul layers only: their conv MACs are the original's
 COLUMNS = ("point", "method", "conv MACs /", "params", "file KB", "clean %", "robust %", "agreement %")
+FC_COLUMN = "FC MACs /"  # after "conv MACs /", only in a sweep with FC points
 
 
 def ok_points(sweep: SweepResult) -> list[PointResult]:
@@ -72,22 +75,32 @@ def _pct(v: float | None) -> str:
 
 
 def ordered(points: list[PointResult]) -> list[PointResult]:
-    """Grouped by method (original first), each method by increasing conv-MAC reduction."""
+    """Grouped by method (original first), each method by increasing conv-MAC, then FC-MAC, reduction."""
     order = list(METHOD_NAMES)
     return sorted(points, key=lambda p: (order.index(p.method) if p.method in order else len(order),
-                                         p.conv_mac_reduction or 1.0))
+                                         p.conv_mac_reduction or 1.0, p.fc_mac_reduction or 1.0))
+
+
+def has_fc(sweep: SweepResult) -> bool:
+    """Whether the sweep has FC points (and so its table an FC-MAC column)."""
+    return any(p.method in FC_METHODS for p in sweep.points)
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def table_rows(sweep: SweepResult) -> list[list[str]]:
     """The table behind the plots, one row per point (failed points say why)."""
     rows = []
+    fc = has_fc(sweep)
     for p in ordered(sweep.points):
         name = METHOD_NAMES.get(p.method, p.method)
         if p.status != "ok":
             rows.append([p.label, name, "failed: " + p.error.replace("|", "/")[:120]] +
-                        [""] * (len(COLUMNS) - 3 + len(batches(sweep))))
+                        [""] * (len(table_header(sweep)) - 3))
             continue
-        cells = [p.label, name, "-" if p.conv_mac_reduction is None else f"{p.conv_mac_reduction:.2f}",
+        cells = [p.label, name, _ratio(p.conv_mac_reduction), *([_ratio(p.fc_mac_reduction)] if fc else []),
                  f"{p.parameters}", f"{p.file_bytes / 1024:.0f}", _pct(p.clean), _pct(p.robust), _pct(p.agreement)]
         for b in batches(sweep):
             m, lo, hi = p.latency.get(b, [None] * 3)
@@ -97,7 +110,8 @@ def table_rows(sweep: SweepResult) -> list[list[str]]:
 
 
 def table_header(sweep: SweepResult) -> list[str]:
-    return [*COLUMNS, *[f"latency ratio {b} [p10-p90]" for b in batches(sweep)]]
+    cols = [*COLUMNS[:3], *([FC_COLUMN] if has_fc(sweep) else []), *COLUMNS[3:]]
+    return [*cols, *[f"latency ratio {b} [p10-p90]" for b in batches(sweep)]]
 
 
 def _md(head: list[str], rows: list[list[str]]) -> str:
@@ -224,6 +238,8 @@ def plot(sweep: SweepResult, out_dir: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for m in METHOD_NAMES:
+        if m in FC_METHODS:  # convs untouched: all at 1, their FC MACs are in the table
+            continue
         sel = [p for p in pts if p.method == m and p.conv_mac_reduction]
         if sel:
             ax.scatter([p.conv_mac_reduction for p in sel], [100 * p.clean for p in sel], marker=MARKERS[m],
@@ -258,6 +274,13 @@ def notes(sweep: SweepResult) -> list[str]:
         out.append("INT8 models are attacked with straight-through (BPDA) gradients through "
                    "QuantizeLinear/DequantizeLinear, plus the Square attack on ONNX Runtime; their robust "
                    "accuracy is the per-sample worst case of both.")
+    if has_fc(sweep):
+        out.append("FC points (fc-kronecker, fc-lowrank) rewrite only the Gemm/MatMul layers, as sums of Kronecker "
+                   "products or plain low rank (`optimize --conv off --fc SCHEME`), and leave the convs as they are "
+                   "(conv MACs / 1.00). Their budgets are per FC layer: error:E = each weight's relative squared "
+                   "Frobenius error, mac:R = each layer's MACs / R; a layer whose factors would not cut its MACs "
+                   "is left dense. 'FC MACs /' = the original's Gemm/MatMul MACs per sample / the point's, "
+                   "counted on the graph; 'params' counts the whole model.")
     if any(p.method == "prune" for p in sweep.points):
         out.append("Filter pruning drops the smallest-L1 filters with no fine-tuning and keeps every pruned width "
                    "a multiple of 8 (ORT's CPU convs are much slower at other widths), so its MAC reductions "

@@ -1,13 +1,15 @@
 """The trade-off sweep: GDWS at a ladder of budgets and its peers, each measured the same way.
 
 Every point is one model built from the original (GDWS at a budget, plain DWS, uniform-rank
-GDWS, spatial SVD at the MACs of a GDWS point, ONNX Runtime static INT8, GDWS then INT8) and is
-measured on the same samples as the original: clean accuracy, white-box robust accuracy
+GDWS, spatial SVD at the MACs of a GDWS point, ONNX Runtime static INT8, GDWS then INT8, and the
+FC rewrites `fc-kronecker` / `fc-lowrank` at each budget of their own ladder, convs untouched)
+and is measured on the same samples as the original: clean accuracy, white-box robust accuracy
 (`validation.evaluate_model`: each model attacked with its own gradients, ONNX Runtime judging),
-agreement with the original, conv MACs, parameters, file size, and the latency ratio to the
-original timed interleaved on the chosen EP, and the wall time of each phase (rewrite, each
-attack, timing). Each point is written to `points/<key>.json` as soon as it is measured; a rerun
-skips every point whose JSON matches the current settings. Attacks run beyond the ones asked for
+agreement with the original, conv MACs and, apart from them, Gemm/MatMul (FC) MACs, parameters,
+file size, and the latency ratio to the original timed interleaved on the chosen EP, and the
+wall time of each phase (rewrite, each attack, timing). Each point is written to
+`points/<key>.json` as soon as it is measured; a rerun skips every point whose JSON matches the
+current settings. Attacks run beyond the ones asked for
 (Square beside the BPDA gradients of quantized points) are announced before any work
 (`extra_attacks`) and kept in the result.
 """
@@ -30,6 +32,7 @@ from gdws_onnx.runtime.bench import BenchConfig, compare_models, conv_macs, envi
 from gdws_onnx.data import DataError, load_dataset
 from gdws_onnx.errors import GateFailed, GDWSError, OptionError, literal
 from gdws_onnx.files import write_json_atomic
+from gdws_onnx.graph.convs import infer_shapes
 from gdws_onnx.graph.model_io import file_sha256, load_model, save_model
 from gdws_onnx.pipeline.optimize import optimize
 from gdws_onnx.provenance import json_default, versions
@@ -43,9 +46,14 @@ from gdws_onnx.eval.validation import (
 )
 
 BUDGET_KINDS = {"error": "error_budget", "mac": "mac_reduction", "latency": "latency_reduction"}
-PEERS = ("dws", "uniform", "ssvd", "prune", "int8", "gdws+int8")
+FC_PEERS = {"fc-kronecker": "kronecker", "fc-lowrank": "lowrank"}  # peer -> optimize(fc=...), convs off
+PEERS = ("dws", "uniform", "ssvd", "prune", "int8", "gdws+int8", *FC_PEERS)
 QUANTIZED = ("int8", "gdws+int8")  # attacked with BPDA gradients plus Square, like their reference
 DEFAULT_BUDGETS = ("error:0.02", "error:0.05", "error:0.1", "error:0.2", "mac:1.5", "mac:2", "mac:3", "mac:4")
+# the FC peers' own ladder: error:E = each FC weight's relative squared Frobenius error,
+# mac:R = each FC layer's MACs / R (no latency budget: the FC rewrite does not measure layers)
+FC_BUDGET_KINDS = ("error", "mac")
+DEFAULT_FC_BUDGETS = ("error:0.02", "error:0.05", "error:0.1", "error:0.2", "mac:2", "mac:4")
 DEFAULT_PEERS = ("dws", "uniform:2", "uniform:4", "ssvd", "prune", "int8", "gdws+int8")
 PRUNE_MULTIPLE = 8  # pruned widths stay multiples of 8: odd widths lose ORT's fast CPU conv kernels
 
@@ -62,6 +70,7 @@ class SweepOptions:
     seed: int = 0
     budgets: tuple[str, ...] = DEFAULT_BUDGETS
     peers: tuple[str, ...] = DEFAULT_PEERS
+    fc_budgets: tuple[str, ...] = DEFAULT_FC_BUDGETS  # the ladder of the fc-kronecker / fc-lowrank peers
     calibration: str | None = None  # INT8 calibration data spec (default: the training split)
     calibration_n: int = 256
     ep: str = "cpu"
@@ -74,6 +83,8 @@ class SweepOptions:
     def check(self) -> None:
         for b in self.budgets:
             parse_budget(b)
+        for b in self.fc_budgets:
+            parse_fc_budget(b)
         for p in self.peers:
             parse_peer(p)
         if self.n < 1 or self.runs < 3 or not self.batches or min(self.batches) < 1:
@@ -91,7 +102,7 @@ class SweepOptions:
     def measurement(self) -> dict:
         """The settings a point's model and accuracy depend on (its fingerprint; latency apart)."""
         d = asdict(self)
-        for k in ("budgets", "peers", "retime", *self.LATENCY_FIELDS):
+        for k in ("budgets", "peers", "fc_budgets", "retime", *self.LATENCY_FIELDS):
             d.pop(k)
         return d
 
@@ -105,7 +116,7 @@ class SweepOptions:
 class PointSpec:
     """One model to build: a method and its parameters."""
 
-    method: str  # original | gdws | dws | uniform | ssvd | prune | int8 | gdws+int8
+    method: str  # original | gdws | dws | uniform | ssvd | prune | int8 | gdws+int8 | fc-kronecker | fc-lowrank
     params: dict = field(default_factory=dict)
     label: str = ""
 
@@ -134,6 +145,9 @@ class PointResult:
     parameters: int = 0
     conv_macs: int = 0
     conv_mac_reduction: float | None = None
+    fc_macs: int | None = None  # Gemm/MatMul MACs per sample (None: a shape unknown, or a point from before)
+    fc_mac_reduction: float | None = None  # the original's fc_macs / this point's
+    fc_rewrite: dict | None = None  # FC points: pipeline.report.FCSummary.to_dict() of the rewrite
     clean: float | None = None
     clean_interval: list[float] | None = None
     robust: float | None = None
@@ -187,8 +201,20 @@ def parse_budget(spec: str) -> dict:
     return opts
 
 
+def parse_fc_budget(spec: str) -> dict:
+    """An FC peer's budget, 'error:0.05' | 'mac:2' -> optimize() keyword options (per FC layer)."""
+    kind = spec.partition(":")[0]
+    if kind not in FC_BUDGET_KINDS:
+        raise OptionError(f"{{0}} {literal(repr(spec))}: expected error:EPS or mac:R", "fc_budgets")
+    try:
+        return parse_budget(spec)
+    except OptionError:
+        raise OptionError(f"{{0}} {literal(repr(spec))}: expected error:EPS or mac:R", "fc_budgets") from None
+
+
 def parse_peer(spec: str) -> tuple[str, int | None]:
-    """'dws' | 'uniform:G' | 'ssvd' | 'prune' | 'int8' | 'gdws+int8' -> (peer, G or None)."""
+    """'dws' | 'uniform:G' | 'ssvd' | 'prune' | 'int8' | 'gdws+int8' | 'fc-kronecker' | 'fc-lowrank'
+    -> (peer, G or None)."""
     name, _, arg = spec.partition(":")
     if name not in PEERS or (name == "uniform") != bool(arg):
         raise OptionError(f"{{0}} {literal(repr(spec))}: expected one of {', '.join(PEERS).replace('uniform', 'uniform:G')}",
@@ -216,6 +242,8 @@ def plan_points(opts: SweepOptions) -> list[PointSpec]:
             pts.append(PointSpec("uniform", {"uniform_rank": g}, f"uniform g={g}"))
         elif name == "int8":
             pts.append(PointSpec("int8", {}, "int8"))
+        elif name in FC_PEERS:
+            pts += [PointSpec(name, parse_fc_budget(b), f"{name} {b}") for b in opts.fc_budgets]
     return pts
 
 
@@ -263,6 +291,27 @@ def total_conv_macs(model: onnx.ModelProto) -> int:
     return int(sum(conv_macs(model).values()))
 
 
+def total_fc_macs(model: onnx.ModelProto) -> int | None:
+    """Gemm and MatMul MACs per sample (output elements x inner dimension, shapes by ONNX shape
+    inference, unknown leading dims counted as 1), the FC rewrites' factor MatMuls included;
+    None when a Gemm/MatMul's shapes are unknown."""
+    shapes = infer_shapes(model)
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+            continue
+        a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if not a or not out:
+            return None
+        trans_a = node.op_type == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute)
+        inner = a[0] if trans_a else a[-1]
+        if inner is None or any(d is None for d in out[1:]):
+            return None
+        total += int(np.prod([d or 1 for d in out], dtype=np.int64)) * int(inner)
+    return total
+
+
 
 def fingerprint(model_sha: str, spec: PointSpec, opts: SweepOptions) -> str:
     """What a point's numbers depend on; a stored point with another fingerprint is redone."""
@@ -288,6 +337,7 @@ class Sweep:
         self._calibration: np.ndarray | None = None
         self._baselines: dict[bool, object] = {}  # with Square added? -> ModelResult of the original
         self.original_macs = total_conv_macs(self.original)
+        self.original_fc_macs = total_fc_macs(self.original)
         for sub in ("points", "models"):
             os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
 
@@ -319,6 +369,10 @@ class Sweep:
                                 ep=self.opts.ep, batches=list(self.opts.batches), threads=self.opts.threads,
                                 **spec.params)
             return model, {}
+        if spec.method in FC_PEERS:
+            model, report = optimize(self.original, conv="off", fc=FC_PEERS[spec.method], verify=False,
+                                     **spec.params)
+            return model, {"fc_rewrite": report.fc.to_dict() if report.fc is not None else None}
         if spec.method in ("ssvd", "prune"):
             peer = peers.SpatialSVDPass if spec.method == "ssvd" else peers.PruneChannelsPass
             copy = onnx.ModelProto()
@@ -360,13 +414,18 @@ class Sweep:
                           file_bytes=os.path.getsize(path), parameters=count_parameters(model))
         parent = facts.get("float_parent")
         if parent == "original":
-            res.conv_macs = self.original_macs
+            res.conv_macs, res.fc_macs = self.original_macs, self.original_fc_macs
         elif parent:
-            res.conv_macs = done[parent].conv_macs
+            res.conv_macs, res.fc_macs = done[parent].conv_macs, done[parent].fc_macs
         else:
-            res.conv_macs = total_conv_macs(model)
+            res.conv_macs, res.fc_macs = total_conv_macs(model), total_fc_macs(model)
         res.conv_mac_reduction = self.original_macs / res.conv_macs if res.conv_macs else None
+        if res.fc_macs and self.original_fc_macs:
+            res.fc_mac_reduction = self.original_fc_macs / res.fc_macs
         warnings: list[str] = []
+        res.fc_rewrite = facts.get("fc_rewrite")
+        if spec.method in FC_PEERS:
+            warnings += fc_warnings(res.fc_rewrite)
         t0, fresh = time.perf_counter(), spec.quantized not in self._baselines
         base = self.baseline(spec.quantized)
         if fresh and spec.method != "original":  # e.g. a resumed sweep: the reference is re-evaluated here
@@ -479,6 +538,14 @@ class Sweep:
                              seconds=time.perf_counter() - start)
         _write_json_atomic(os.path.join(self.out, "sweep.json"), result.to_dict())
         return result
+
+
+def fc_warnings(fc_rewrite: dict | None) -> list[str]:
+    """What an FC point should say about its rewrite: no Gemm/MatMul rewritten, and why not."""
+    if fc_rewrite and fc_rewrite["rewritten"]:
+        return []
+    why = "; ".join(f"{s['layer']}: {s['reason']}" for s in (fc_rewrite or {}).get("skipped", []))
+    return ["no Gemm/MatMul layer was rewritten, the point is the original" + (f" ({why})" if why else "")]
 
 
 def format_phases(phases: dict[str, float]) -> str:
