@@ -48,8 +48,8 @@ from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET
               help="Latency-table cache file (default ~/.cache/onnx-gdws/latency.json; '' disables).")
 @click.option("--skip-first/--no-skip-first", default=True, show_default=True,
               help="Leave the first conv as it is.")
-@click.option("--include", default=None, metavar="REGEX", help="Only convs whose name matches.")
-@click.option("--exclude", default=None, metavar="REGEX", help="Skip convs whose name matches.")
+@click.option("--include", default=None, metavar="REGEX", help="Only convs (and, with --fc, FC layers) whose name matches.")
+@click.option("--exclude", default=None, metavar="REGEX", help="Skip convs (and, with --fc, FC layers) whose name matches.")
 @click.option("--force", is_flag=True, help="Rewrite eligible convs even where GDWS is not cheaper.")
 @click.option("--conv", type=click.Choice(["gdws", "off"]), default="gdws", show_default=True,
               help="The Conv rewrite; 'off' leaves every conv alone (with --fc: FC layers only).")

@@ -21,6 +21,7 @@ IR version, opsets, metadata and graph I/O are left as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -339,16 +340,21 @@ def plan_fc(sites: list[FCSite], scheme: str, error_budget: float | None = None,
 def rewrite_fc(model: onnx.ModelProto, scheme: str = "kronecker", error_budget: float | None = None,
                mac_reduction: float | None = None, *, min_weight: int = MIN_WEIGHT, only_if_cheaper: bool = True,
                max_shapes: int | None = 32, base_dir: str = "",
-               input_shapes: dict[str, list[int]] | None = None) -> PassResult:
+               input_shapes: dict[str, list[int]] | None = None,
+               exclude: Callable[[str], str | None] | None = None) -> PassResult:
     """Rewrite the model's FC layers (in place) by `scheme` ("kronecker" or "lowrank") at one budget:
     error_budget (relative squared Frobenius error of each weight, default DEFAULT_ERROR_BUDGET) or
     mac_reduction (each layer's MACs at most dense / R). The report (FCReport) has a row per
     rewritten layer, with the scheme that wins on error per MAC, and the reason for every other
-    Gemm/MatMul. Nothing here runs the model: verify the result in ONNX Runtime."""
+    Gemm/MatMul. `exclude(name)` may return a reason to leave a layer alone (a selection by name).
+    Nothing here runs the model: verify the result in ONNX Runtime."""
     if error_budget is None and mac_reduction is None:
         error_budget = DEFAULT_ERROR_BUDGET
     sites = find_fc_sites(model, base_dir, input_shapes)
+    excluded = [(s.name, why) for s in sites if exclude is not None and (why := exclude(s.name))]
+    sites = [s for s in sites if s.name not in dict(excluded)]
     plans, skipped = plan_fc(sites, scheme, error_budget, mac_reduction, min_weight, only_if_cheaper, max_shapes)
+    skipped = excluded + skipped
     result = FCRewritePass(plans, min_weight).call(model)
     result.report.skipped[:0] = skipped
     return result

@@ -52,8 +52,13 @@ def skip_reason(site: ConvSite, first: bool, selection: SelectionOptions) -> str
         return "depthwise conv (nothing to gain)"
     if first and selection.skip_first:
         return "first conv (--no-skip-first to include)"
-    if selection.include is not None and not re.search(selection.include, site.name):
+    return name_filter(site.name, selection) or ""
+
+
+def name_filter(name: str, selection: SelectionOptions) -> str | None:
+    """Why the include/exclude patterns leave the layer `name` alone (None: they select it)."""
+    if selection.include is not None and not re.search(selection.include, name):
         return "not matched by --include"
-    if selection.exclude is not None and re.search(selection.exclude, site.name):
+    if selection.exclude is not None and re.search(selection.exclude, name):
         return "matched by --exclude"
-    return ""
+    return None

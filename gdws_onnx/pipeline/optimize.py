@@ -28,7 +28,7 @@ from gdws_onnx.graph.model_io import LoadedModel, load_model
 from gdws_onnx.graph.pattern import layer_of
 from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
 from gdws_onnx.pipeline.budgets import planner_for
-from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate, skip_reason
+from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate, name_filter, skip_reason
 from gdws_onnx.pipeline.options import (
     BudgetOptions,
     CalibrationOptions,
@@ -343,14 +343,15 @@ def fold(model: onnx.ModelProto, chosen: list[Candidate]) -> dict[str, str]:
 def rewrite_fc_layers(model: onnx.ModelProto, base_dir: str, opts: OptimizeOptions) -> FCSummary | None:
     """With fc != "off": rewrite the Gemm/MatMul layers by that scheme (graph.fc), in place, at the
     error budget (each weight's relative squared error) or the MAC reduction (each layer's MACs / R);
-    a layer whose factors would not cut MACs is left alone unless `force`."""
+    a layer whose factors would not cut MACs is left alone unless `force`; include/exclude select
+    FC layers by name as they select convs."""
     if opts.selection.fc == "off":
         return None
     from gdws_onnx.graph.fc import rewrite_fc
 
     result = rewrite_fc(model, opts.selection.fc, opts.budget.error_budget, opts.budget.mac_reduction,
                         only_if_cheaper=not opts.budget.force, base_dir=base_dir,
-                        input_shapes=opts.run.input_shapes)
+                        input_shapes=opts.run.input_shapes, exclude=lambda name: name_filter(name, opts.selection))
     return FCSummary(opts.selection.fc, result.report.layers, result.report.skipped)
 
 
