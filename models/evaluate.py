@@ -5,13 +5,15 @@ example is checked to lie in the eps ball and in [0, 1], then RE-SCORED in onnxr
 exported file, and that score is the reported accuracy.
 
     python -m models.evaluate --onnx models/vgg_small_fgsm.onnx --arch vgg_small \
-        --weights out/checkpoints/vgg_small_fgsm.pt [--n 10000] [--eps 0.1] [--steps 20]
+        --weights out/checkpoints/vgg_small_fgsm.pt [--n 10000] [--eps 0.1] [--steps 20] \
+        [--log models/logs/vgg_small_fgsm.json]   # write the result into the training log
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -106,14 +108,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log", default=None,
+                   help="training log (models/logs/NAME.json) whose `test` entry the result replaces "
+                        "(the former entry is kept as `test_previous`)")
     a = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     model, _ = build(a.arch)
-    model.load_state_dict(torch.load(a.weights, map_location="cpu"))
+    state = torch.load(a.weights, map_location="cpu", weights_only=False)
+    if "best_state" in state:  # a training checkpoint (models.train --ckpt): the exported epoch's weights
+        state = state["best_state"]
+    model.load_state_dict(state)
     x, y = load_fashion_mnist("test")
     if a.n:
         x, y = x[:a.n], y[:a.n]
-    print(json.dumps(evaluate(a.onnx, model, x, y, a.eps, a.steps, seed=a.seed), indent=2))
+    result = evaluate(a.onnx, model, x, y, a.eps, a.steps, seed=a.seed)
+    print(json.dumps(result, indent=2))
+    if a.log:
+        from pathlib import Path
+
+        log = json.loads(Path(a.log).read_text())
+        log["test_previous"], log["test"] = log.get("test"), result
+        log["test_command"] = "python -m models.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(a.log).write_text(json.dumps(log, indent=1) + "\n")
 
 
 if __name__ == "__main__":

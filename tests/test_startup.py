@@ -40,6 +40,20 @@ def test_help_imports_no_subcommand():
     assert _loaded_after(code, names) == []
 
 
+def test_profile_runs_on_onnxruntime_and_numpy_alone(tmp_path):
+    """`profile` runs on the device: neither torch nor scipy is imported, even while it measures."""
+    from builders import small_cnn
+    import onnx
+
+    onnx.save(small_cnn(channels=(8, 16), size=6), tmp_path / "m.onnx")
+    code = ("from gdws_onnx.cli import main\n"
+            f"try:\n    main(['profile', {str(tmp_path / 'm.onnx')!r}, '-o', {str(tmp_path / 't.json')!r}, "
+            "'--runs', '3', '--max-rounds', '3', '--threads', '1', '-q'])\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code")
+    assert _loaded_after(code, ("scipy", "torch", "matplotlib", "onnx_ad")) == []
+    assert (tmp_path / "t.json").exists()
+
+
 def test_optimize_command_loads_no_attack_code():
     names = ("gdws_onnx.eval.attacks", "gdws_onnx.eval.gradients", *HEAVY)
     assert _loaded_after("import gdws_onnx.cli.optimize", names) == []

@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
               "Time MODELS interleaved (A B, B A, ...; spinning off) and report each vs the first."),
     "sensitivity": ("gdws_onnx.cli.sensitivity", "sensitivity_cmd",
                     "Noise-gain weights alpha_{l,c} of every conv (GDWS paper eq."),
+    "profile": ("gdws_onnx.cli.profile", "profile_cmd",
+                "Time each eligible conv's candidate GDWS forms on this device and write the layer latency table."),
     "sweep": ("gdws_onnx.cli.sweep", "sweep_cmd",
               "Optimize MODEL at a ladder of budgets, build the peers, measure every point the same way "
               "(clean and robust accuracy, MACs, size, interleaved latency ratio) and write a report."),

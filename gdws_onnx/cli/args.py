@@ -118,6 +118,11 @@ EP = Option("--ep", default="cpu", show_default=True)
 BATCH = Option("--batch", "batches", default="1", show_default=True)
 THREADS = Option("--threads", type=int, default=None)
 RUNS = Option("--runs", type=int, show_default=True)
+MAX_ROUNDS = Option("--max-rounds", type=int, default=320, show_default=True,
+                    help="Rounds are doubled until the 95% interval of the median ratio decides 'faster' or not; "
+                         "at most this many (then: not measurably faster).")
+MEASURE_SECONDS = Option("--measure-seconds", type=float, default=10.0, show_default=True,
+                         help="Time limit of one latency comparison while adding rounds.")
 EPS = Option("--eps", type=float, default=0.1, show_default=True, help="Perturbation budget in pixel units.")
 STEPS = Option("--steps", type=int, default=20, show_default=True, help="PGD steps.")
 STEP_SIZE = Option("--step-size", type=float, default=None, help="PGD step size (default eps/4).")

@@ -39,13 +39,13 @@ from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET
              batches={"help": "Batch size(s) to measure at, comma-separated; a layer must win at all of them."},
              threads={"help": "Intra-op threads for measurements (default: ORT's)."},
              runs={"default": 20, "help": "Interleaved rounds a latency comparison starts with (--target latency)."})
-@click.option("--max-rounds", type=int, default=320, show_default=True,
-              help="Rounds are doubled until the 95% interval of the median ratio decides 'faster' or not; "
-                   "at most this many (then: not measurably faster).")
-@click.option("--measure-seconds", type=float, default=10.0, show_default=True,
-              help="Time limit of one latency comparison while adding rounds.")
+@args.MAX_ROUNDS()
+@args.MEASURE_SECONDS()
 @click.option("--cache", "cache", default=None,
               help="Latency-table cache file (default ~/.cache/onnx-gdws/latency.json; '' disables).")
+@click.option("--latency-table", default=None, metavar="TABLE",
+              help="With --target latency: layer latencies from `onnx-gdws profile` run on the device, nothing "
+                   "timed here (the whole-model check is skipped: run `onnx-gdws bench` there).")
 @click.option("--skip-first/--no-skip-first", default=True, show_default=True,
               help="Leave the first conv as it is.")
 @click.option("--include", default=None, metavar="REGEX", help="Only convs (and, with --fc, FC layers) whose name matches.")

@@ -28,6 +28,7 @@ from gdws_onnx.graph.convs import ConvSite
 from gdws_onnx.graph.fold import FoldGatherPass
 from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite, layer_model
 from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate
+from gdws_onnx.pipeline.latency_table import LatencyTable
 from gdws_onnx.pipeline.options import BudgetOptions, RunOptions, TimingOptions
 from gdws_onnx.pipeline.report import BudgetReport, LatencyReport
 from gdws_onnx.runtime.bench import Ratio, format_ratio, ratio_of, verdict
@@ -195,10 +196,37 @@ def measure_layer(site: ConvSite, spec: decompose.Spectrum, alpha: np.ndarray,
                 hit = asdict(probe.compare(originals[batch], layer_model(site, batch, f), threshold=FASTER))
                 cache.put(key, hit)
             measured[batch] = asdict(ratio_of(hit))
-        first = measured[next(iter(probes))]
-        options.append(LayerOption(ranks, mult, decompose.weighted_error(spec, ranks, alpha),
-                                   {b: r["median"] for b, r in measured.items()},
-                                   first["baseline_ms"], first["candidate_ms"], measured))
+        options.append(layer_option(spec, alpha, ranks, mult, measured))
+    return options
+
+
+def layer_option(spec: decompose.Spectrum, alpha: np.ndarray, ranks: np.ndarray, mult: bool,
+                 measured: dict[int, dict]) -> LayerOption:
+    """A realization with its error and its measurements (batch -> Ratio dict, first batch first)."""
+    first = measured[next(iter(measured))]
+    return LayerOption(ranks, mult, decompose.weighted_error(spec, ranks, alpha),
+                       {b: r["median"] for b, r in measured.items()}, first["baseline_ms"], first["candidate_ms"],
+                       measured)
+
+
+def table_options(c: Candidate, table: LatencyTable, batches: list[int]) -> list[LayerOption]:
+    """`measure_layer` from a profiled table instead of a probe: every realization (total rank G,
+    form) the table holds at each batch for this layer's geometry (looked up by `LatencyCache.key`
+    under the table's environment), as the ranks optimize would build at that G: the MEGO ranks
+    of this model's scores (Gather + depthwise), or G / C terms per channel (channel multiplier).
+    A measurement that did not decide FASTER is used as it is (it counts as not faster): the
+    device is not here to measure it again."""
+    entries, sc, n = table.entries(), decompose.scores(c.spec, c.alpha), c.spec.in_channels
+    pairs = sorted({(m.total_rank, m.multiplier) for ms in table.layers.values() for m in ms})
+    options = []
+    for g, mult in pairs:
+        keys = {b: LatencyCache.key(c.site, (g, mult), b, table.key_environment) for b in batches}
+        if not all(k in entries for k in keys.values()) or (mult and g % n):
+            continue
+        ranks = np.full(n, g // n) if mult else allocate.mego(sc, g)
+        if int(ranks.sum()) == g:
+            options.append(layer_option(c.spec, c.alpha, ranks, mult,
+                                        {b: asdict(ratio_of(entries[k])) for b, k in keys.items()}))
     return options
 
 
@@ -354,6 +382,8 @@ def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, 
     latency budget of `budget`, and run the never-slower check. `model` is the unmodified original.
     Returns the BudgetReport and the LatencyReport of what was measured."""
     require_input_shapes(cands)
+    if timing.latency_table is not None:
+        return plan_from_table(cands, budget, timing, LatencyTable.load(timing.latency_table))
     probes, model_probes = layer_probes(timing, run, "layer"), layer_probes(timing, run, "model")
     env = environment_key(timing.ep, run.threads)
     cache = LatencyCache(default_cache_path() if timing.cache is None else (timing.cache or None))
@@ -386,6 +416,63 @@ def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, 
         checks=whole.check.steps, fold_trials=whole.trials, folded=sorted(whole.folded),
         message=outcome_message(bool(chosen), whole.check.faster, timing.ep))
     return BudgetPlan(budget_report(budget, picks, whole), report)
+
+
+def plan_from_table(cands: list[Candidate], budget: BudgetOptions, timing: TimingOptions,
+                    table: LatencyTable) -> BudgetPlan:
+    """`plan` with every layer latency read from a table `onnx-gdws profile` measured on the
+    device, nothing timed here: each layer chooses among the realizations the table holds for its
+    geometry (`table_options`). The whole-model check and the Gather folds need the device: they
+    are skipped, and the report says so. A latency budget is met as far as the table's layer
+    savings predict against its whole-model time. Raises OptionError (on `latency_table`) when
+    the table lacks a batch of `timing.batches` or has no realization of some candidate."""
+    absent = [b for b in timing.batches if b not in table.batches or b not in table.model_ms]
+    if absent:
+        raise OptionError(f"{{0}} was profiled at batch {literal(table.batches)}, not at {literal(absent)}: "
+                          "give {1} from those or profile again", "latency_table", "batches")
+    eps = None if budget.latency_reduction is not None else budget.error
+    measured = {c.site.name: table_options(c, table, timing.batches) for c in cands}
+    unmatched = [c.site.name for c in cands if not measured[c.site.name]]
+    if unmatched:
+        raise OptionError(f"{{0}} has no measurement of {literal(unmatched[:3])} at this geometry: it was profiled "
+                          f"for model {literal(table.model.get('name'))} (other input shapes, or other --skip-first/"
+                          "--include/--exclude?)", "latency_table")
+    if eps is not None:
+        picks = Picks({c.site.name: pick_for_error_budget(measured[c.site.name], error_allowance(c, eps))
+                       for c in cands})
+    else:
+        baseline = table.model_ms[timing.batches[0]]
+        chosen, met = pick_for_latency([measured[c.site.name] for c in cands],
+                                       baseline * (1 - 1 / budget.latency_reduction))
+        picks = Picks({c.site.name: o for c, o in zip(cands, chosen) if o is not None}, met, baseline)
+    ep = table.key_environment.get("ep", timing.ep)  # the device's EP, whatever --ep says here
+    chosen_cands = apply_picks(cands, picks.options, measured, ep)
+    message = table_message(table, timing.latency_table, timing.batches)
+    report = LatencyReport(
+        ep=ep, batches=timing.batches, threads=table.key_environment.get("threads") or None,
+        environment=table.key_environment,
+        cache={"path": timing.latency_table, "hits": sum(len(v) for v in measured.values()), "misses": 0,
+               "table": True},
+        model_baseline_ms=picks.baseline_ms, budget_search=[], faster=False, final_ratios={}, speedup=None,
+        layer_threshold=FASTER, confidence=CONFIDENCE,
+        layers={c.site.name: _layer_entry(measured[c.site.name], picks.options.get(c.site.name)) for c in cands},
+        checks=[], fold_trials=[], folded=[],
+        message=message if chosen_cands else f"{outcome_message(False, False, ep)}; {message}")
+    if eps is not None:
+        return BudgetPlan(BudgetReport(mode="error", target=budget.error, achieved=None), report)
+    return BudgetPlan(BudgetReport(mode="latency", target=budget.latency_reduction, achieved=None, met=picks.met,
+                                   message="predicted from the layer table, not measured on the whole model"
+                                   if picks.met else "the latency budget cannot be met by layers the table shows "
+                                                     "measurably faster; kept every one that is"), report)
+
+
+def table_message(table: LatencyTable, path: str, batches: list[int]) -> str:
+    """Where the layer latencies came from, and that the whole-model check is left to the device."""
+    env, ep = table.environment, table.key_environment.get("ep")
+    where = f"{ep}, {env.get('cpu')}, onnxruntime {env.get('onnxruntime')} {env.get('onnxruntime_package', '')}"
+    return (f"layer latencies from {path} (measured on {where.rstrip()}). The whole-model check was skipped: it "
+            f"needs the device. There, run `onnx-gdws bench ORIGINAL OPTIMIZED --ep {ep} "
+            f"--batch {','.join(map(str, batches))}`")
 
 
 def require_input_shapes(cands: list[Candidate]) -> None:

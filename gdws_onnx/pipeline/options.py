@@ -150,6 +150,7 @@ class TimingOptions:
     measure_seconds: float = 10.0  # cap on the timing of one latency comparison
     cache: str | None = None  # latency-table JSON; None = the user cache, "" = no cache
     probe_factory: Callable[[int, str], object] | None = None  # (batch, "layer"|"model") -> latency.Probe
+    latency_table: str | None = None  # layer latencies from `onnx-gdws profile` on the device: nothing timed here
 
     def validate(self) -> None:
         _check(bool(self.batches) and all(b >= 1 for b in self.batches) and self.runs >= 3,
@@ -177,7 +178,8 @@ GROUP_OF: dict[str, str] = {f.name: group for group, cls in GROUPS.items() for f
 FLAT = ("error_budget", "mac_reduction", "mismatch_budget", "uniform_rank", "alphas", "skip_first", "include",
         "exclude", "force", "verify", "data", "input_shapes", "max_error", "seed", "bias_correction", "data_aware",
         "width_multiple", "target", "ep", "batches", "threads", "latency_reduction", "cache", "runs", "max_rounds",
-        "measure_seconds", "fc", "conv", "probe_factory")  # the flat options, in the order reports list them
+        "measure_seconds", "latency_table", "fc", "conv",
+        "probe_factory")  # the flat options, in the order reports list them
 
 
 @dataclass(init=False)
@@ -221,6 +223,8 @@ class OptimizeOptions:
                    "{1} latency does not time them yet", "fc", "target")
             _check(self.budget.mismatch_budget is None and self.budget.uniform_rank is None,
                    "{0} layers take an error or MAC budget, not {1} or {2}", "fc", "mismatch_budget", "uniform_rank")
+        _check(self.timing.latency_table is None or self.budget.target == "latency",
+               "{0} needs {1} latency", "latency_table", "target")
         for param, on in (("bias_correction", self.calibration.bias_correction),
                           ("data_aware", self.calibration.data_aware is not None)):
             _check(not on or bool(self.run.data), "{0} needs {1} (calibration inputs)", param, "data")

@@ -205,9 +205,12 @@ def make_session(model: onnx.ModelProto | str, config: BenchConfig, profile: boo
     provs = providers.configure(so, config.ep)
     src = model if isinstance(model, str) else model.SerializeToString()
     try:
-        return ort.InferenceSession(src, so, providers=provs) if provs else ort.InferenceSession(src, so)
+        sess = ort.InferenceSession(src, so, providers=provs) if provs else ort.InferenceSession(src, so)
     except Exception as e:  # noqa: BLE001
         raise GDWSError(f"ONNX Runtime cannot create a {config.ep} session: {e}") from None
+    if provs:  # a plugin EP (provs None) is attached to the options, not listed
+        providers.require_active(sess.get_providers(), config.ep)
+    return sess
 
 
 def _runner(sess: ort.InferenceSession, feeds: dict) -> Callable[[], object]:
@@ -305,7 +308,8 @@ def environment(config: BenchConfig) -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cpus": os.cpu_count(), "ep": config.ep, "threads": config.threads or "default",
-            "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
+            "onnxruntime": ort.__version__, "onnxruntime_package": providers.ort_distribution(),
+            "providers": ort.get_available_providers(),
             "spinning": "off", "python": platform.python_version()}
 
 

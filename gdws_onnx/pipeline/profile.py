@@ -1,0 +1,82 @@
+"""`profile`: time every eligible conv's candidate realizations on this machine (the target
+device) and return them as a `LatencyTable` for `optimize --target latency --latency-table` on
+another (the host). Needs ONNX, ONNX Runtime and numpy only: no torch, no scipy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gdws_onnx.graph.model_io import LoadedModel, file_sha256
+from gdws_onnx.pipeline import latency
+from gdws_onnx.pipeline.candidates import Candidate
+from gdws_onnx.pipeline.latency_table import LatencyTable, LayerMeasurement
+from gdws_onnx.pipeline.optimize import analyze, select
+from gdws_onnx.pipeline.options import (BudgetOptions, CalibrationOptions, RunOptions, SelectionOptions,
+                                        TimingOptions)
+
+
+@dataclass
+class ProfileOptions:
+    """What `profile` measures: where (timing: ep, batches, rounds; run: threads, input shapes),
+    which convs (selection, as optimize chooses them), and the ranks: the latency budget's ladder
+    and the error budget's realizations at `budget.error` with `budget.alphas` (those optimize
+    will look up; others it skips)."""
+
+    timing: TimingOptions = field(default_factory=TimingOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+    selection: SelectionOptions = field(default_factory=SelectionOptions)
+    budget: BudgetOptions = field(default_factory=lambda: BudgetOptions(target="latency"))
+
+    def validate(self) -> None:
+        self.timing.validate()
+        self.budget.validate()
+
+
+def profile(loaded: LoadedModel, opts: ProfileOptions) -> LatencyTable:
+    """Measure each eligible conv's realizations against the original conv at every batch (as
+    `--target latency` does, each until its interval decides FASTER or the limits are reached),
+    and the whole original model's time per batch; nothing is cached on disk."""
+    opts.validate()
+    analysis = analyze(loaded, opts.run, opts.budget)
+    cands = select(loaded.model, analysis, opts.selection, CalibrationOptions(), opts.run).cands
+    latency.require_input_shapes(cands)
+    timing, run = opts.timing, opts.run
+    env = latency.environment_key(timing.ep, run.threads)
+    probes = latency.layer_probes(timing, run, "layer")
+    cache = latency.LatencyCache(None)
+    layers = {c.site.name: _measure(c, opts.budget.error, probes, cache, env) for c in cands}
+    model_probes = latency.layer_probes(timing, run, "model")
+    model_ms = {b: p.compare(loaded.model, loaded.model).baseline_ms for b, p in model_probes.items()}
+    return LatencyTable(environment=_environment(timing, run), key_environment=env,
+                        model={"name": loaded.path, "sha256": file_sha256(loaded.path) if loaded.path else None,
+                               "input_shapes": run.input_shapes},
+                        batches=list(timing.batches), model_ms=model_ms, layers=layers)
+
+
+def choices(c: Candidate, eps: float) -> list:
+    """The realizations measured for a candidate: the latency ladder, then the error budget's
+    forms, each (total rank, form) once."""
+    out, seen = [], set()
+    for ranks, mult in latency.layer_choices(c, None) + latency.layer_choices(c, eps):
+        if (int(ranks.sum()), mult) not in seen:
+            seen.add((int(ranks.sum()), mult))
+            out.append((ranks, mult))
+    return out
+
+
+def _measure(c: Candidate, eps: float, probes: dict, cache: latency.LatencyCache, env: dict
+             ) -> list[LayerMeasurement]:
+    options = latency.measure_layer(c.site, c.spec, c.alpha, choices(c, eps), probes, cache, env)
+    return [LayerMeasurement(latency.LatencyCache.key(c.site, (int(o.ranks.sum()), o.multiplier), b, env),
+                             int(o.ranks.sum()), o.multiplier, b, r)
+            for o in options for b, r in o.measured.items()]
+
+
+def _environment(timing: TimingOptions, run: RunOptions) -> dict:
+    """The full environment of the measurements, with the package the EP came from."""
+    from gdws_onnx.runtime.bench import BenchConfig, environment
+    from gdws_onnx.runtime.providers import provider_source
+
+    env = environment(BenchConfig(ep=timing.ep, threads=run.threads))
+    return {**env, "ep_package": provider_source(timing.ep), "batches": list(timing.batches),
+            "runs": timing.runs, "max_rounds": timing.max_rounds, "measure_seconds": timing.measure_seconds}
