@@ -40,7 +40,8 @@ def test_manifest_present_and_lists_every_onnx():
 def test_manifest_entry_matches_file(e):
     path = MODELS / e["file"]
     assert path.is_file(), f"{e['file']} listed in manifest.json but missing"
-    assert path.stat().st_size < 10 * 2**20
+    # the paper-width VGG-16 (14.7M parameters, fp32) is the one large zoo file, committed once
+    assert path.stat().st_size < (64 if e["architecture"] == "vgg16_fmnist" else 10) * 2**20
     assert file_sha256(path) == e["sha256"]
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
