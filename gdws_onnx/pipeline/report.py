@@ -1,4 +1,4 @@
-"""Report dataclasses for `optimize` and their renderings (a rich table, JSON)."""
+"""Report dataclasses for `optimize` and their JSON (the console table is cli/render.py)."""
 
 from __future__ import annotations
 
