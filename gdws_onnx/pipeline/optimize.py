@@ -254,8 +254,8 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     report.fc = fc
     with clock("verify"):
         changed = bool(rewrites) or bool(fc is not None and fc.layers)
-        report.verification = verification(original, model, changed, opts.verification, opts.run,
-                                           opts.selection.fc)
+        idle = None if changed else ("no conv was rewritten" if fc is None else "no conv or FC layer was rewritten")
+        report.verification = verification(original, model, idle, opts.verification, opts.run)
     report.timings = clock.timings
     return model, report
 
@@ -387,14 +387,14 @@ def settle_budget(report: OptimizeReport, convs_planned: bool = True) -> None:
                           "the eligible layers cannot give more")
 
 
-def verification(original: str | bytes | None, model: onnx.ModelProto, changed: bool,
-                 verify_opts: VerifyOptions, run: RunOptions, run_fc: str = "off") -> VerificationReport:
-    """`verify` the rewritten model against the original, or say why it is not run."""
+def verification(original: str | bytes | None, model: onnx.ModelProto | None, idle: str | None,
+                 verify_opts: VerifyOptions, run: RunOptions) -> VerificationReport:
+    """`verify` the rewritten model against the original, or say why it is not run (`idle`: why
+    nothing was rewritten; None when something was)."""
     if not verify_opts.verify:
         return VerificationReport(ran=False, message="turned off")
-    if not changed:
-        return VerificationReport(ran=False, message="no conv was rewritten" if run_fc == "off"
-                                  else "no conv or FC layer was rewritten")
+    if idle is not None:
+        return VerificationReport(ran=False, message=idle)
     src = original if isinstance(original, str) else onnx.ModelProto.FromString(original)
     return verify(src, model, verify_opts, run)
 
@@ -417,9 +417,7 @@ def unchanged_report(opts: OptimizeOptions, message: str, timings: dict[str, flo
     budget = opts.budget.requested()
     budget.message = message
     return OptimizeReport(layers=[], budget=budget,
-                          verification=VerificationReport(ran=False, message="turned off"
-                                                          if not opts.verification.verify
-                                                          else "no conv was rewritten"),
+                          verification=verification(None, None, "no conv was rewritten", opts.verification, opts.run),
                           options=opts.to_dict(), versions=versions(), timings=timings)
 
 
