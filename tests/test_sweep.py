@@ -231,7 +231,7 @@ def test_report_table_matches_json(done):
         assert float(cells[5]) == pytest.approx(100 * p["clean"], abs=0.051)
         assert float(cells[6]) == pytest.approx(100 * p["robust"], abs=0.051)
         med, lo, hi = map(float, re.match(r"([\d.]+) \[([\d.]+)-([\d.]+)\]", cells[8]).groups())
-        assert [med, lo, hi] == pytest.approx(p["latency"]["b1"], abs=0.006)
+        assert [med, lo, hi] == pytest.approx(p["latency"]["b1"][:3], abs=0.006)
     times = _md_rows(open(files.markdown).read(), "## Wall time")
     head = next(line for line in open(files.markdown).read().split("## Wall time")[1].splitlines()
                 if line.startswith("| point"))
@@ -408,3 +408,72 @@ def test_cli_fc_peers(files, tmp_path):
                                     "--fc-budget", "latency:2", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "--fc-budget" in bad.output and "error:EPS or mac:R" in bad.output
     assert not os.listdir(tmp_path)
+
+
+# -- named points, matched-peer placement, fewer samples for quantized points ------------------
+
+
+def test_point_flags_parse_as_optimize_options():
+    from gdws_onnx.cli.sweep import parse_point
+
+    label, params = parse_point("fwd 0.005: --alphas a.npz --mismatch-budget 0.005 --width-multiple 16")
+    assert label == "fwd 0.005" and params == {"alphas": "a.npz", "mismatch_budget": 0.005, "width_multiple": 16}
+    label, params = parse_point("da: --data-aware 1.0 --data fashion-mnist:train --no-skip-first")
+    assert params == {"data_aware": 1.0, "data": "fashion-mnist:train", "skip_first": False}
+    for bad in ("no label here", "x: --batch 4", "x: --threads 2", "x: --no-such-flag", "x: --error-budget abc"):
+        with pytest.raises(GDWSError):
+            parse_point(bad)
+
+
+def test_point_options_checked():
+    with pytest.raises(GDWSError, match="distinct"):
+        SweepOptions(points=(("a", {}), ("a", {"error_budget": 0.1}))).check()
+    with pytest.raises(GDWSError, match="set by the sweep"):
+        SweepOptions(points=(("a", {"ep": "cuda"}),)).check()
+    with pytest.raises(GDWSError, match="not a GDWS point"):
+        SweepOptions(budgets=("error:0.1",), match_at=("gdws error:0.2",)).check()
+    with pytest.raises(GDWSError, match="n_quantized"):
+        SweepOptions(n=10, n_quantized=11).check()
+    SweepOptions(budgets=("error:0.1",), points=(("p", {"width_multiple": 8}),),
+                 match_at=("gdws error:0.1", "gdws p"), n=10, n_quantized=5).check()
+
+
+def test_named_points_matched_peers_and_quantized_samples(files, tmp_path):
+    model, data = files
+    out = str(tmp_path)
+    opts = small_options(data, budgets=("error:0.05",), points=(("w8", {"mac_reduction": 1.5, "width_multiple": 4}),),
+                         peers=("ssvd", "int8", "gdws+int8"), match_at=("gdws w8",), n_quantized=8)
+    res = {p.label: p for p in sweep(model, out, opts).points}
+    assert {"gdws error:0.05", "gdws w8", "int8", "original+square", "gdws w8 + int8"} <= set(res)
+    assert "gdws error:0.05 + int8" not in res  # matched peers only at --match-at points
+    assert [p.params["mac_reduction"] for p in res.values() if p.method == "ssvd"] == \
+        [round(res["gdws w8"].conv_mac_reduction, 4)]
+    direct, _ = optimize(onnx.load(model), mac_reduction=1.5, width_multiple=4, skip_first=False, verify=False)
+    assert res["gdws w8"].conv_macs == _conv_macs(direct)
+    assert res["gdws w8"].params == {"mac_reduction": 1.5, "width_multiple": 4}
+    for label in ("int8", "original+square", "gdws w8 + int8"):
+        assert res[label].samples == 8, label
+    assert res["original"].samples == res["gdws w8"].samples == N
+    assert all(len(v) == 5 for p in res.values() for v in p.latency.values())
+    # n_quantized is part of the quantized points' fingerprints only
+    fp = {p.key: p.fingerprint for p in res.values()}
+    again = {p.key: p.fingerprint for p in sweep(model, out, small_options(
+        data, budgets=("error:0.05",), points=opts.points, peers=opts.peers, match_at=opts.match_at,
+        n_quantized=6)).points}
+    assert fp["original"] == again["original"] and fp["gdws_w8"] == again["gdws_w8"]
+    assert fp["int8"] != again["int8"]
+
+
+def test_within_needs_clean_and_robust_and_verdict_needs_a_bound():
+    from gdws_onnx.sweep.report import speed_verdict, within
+
+    ref = _pt("original", "original", 0.70, 1.0)
+    p = _pt("a", "gdws", 0.70, 0.8)
+    p.clean = 0.60  # robust kept, clean 10 points down
+    s = SweepResult(model="m", model_sha256="0", options={"batches": [1]}, environment={}, points=[ref, p])
+    assert not within(s, p, 1.0)
+    p.clean = 0.695
+    assert within(s, p, 1.0)
+    assert speed_verdict([0.9, 0.8, 1.0, 0.85, 0.95]) == "faster than the original"
+    assert speed_verdict([0.9, 0.8, 1.0, 0.85, 1.01]) == "not measurably faster than the original"
+    assert speed_verdict([1.2, 1.1, 1.3, 1.15, 1.25]) == "slower than the original"

@@ -42,7 +42,7 @@ def _pct(v: float | None) -> str:
 
 
 def _latency(p: PointResult, b: str) -> str:
-    m, lo, hi = p.latency[b]
+    m, lo, hi = p.latency[b][:3]
     return f"{m:.2f} [{lo:.2f}-{hi:.2f}]"
 
 

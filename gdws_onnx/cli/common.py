@@ -30,6 +30,7 @@ FLAGS: dict[str, str] = {  # library parameter -> CLI flag, where the flag is no
     "fc_budgets": "--fc-budget",
     "input_shapes": "--input-shape",
     "peers": "--peer",
+    "points": "--point",
 }
 
 

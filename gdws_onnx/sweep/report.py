@@ -56,16 +56,18 @@ def reference(sweep: SweepResult, p: PointResult) -> PointResult:
 
 
 def within(sweep: SweepResult, p: PointResult, max_drop_pp: float) -> bool:
-    """Robust (or, with no attack, clean) accuracy at most max_drop_pp points below the reference's."""
+    """Clean and robust accuracy (robust: when the reference has it) each at most max_drop_pp points
+    below the reference's."""
     ref = reference(sweep, p)
-    metric = "robust" if ref.robust is not None else "clean"
-    mine = getattr(p, metric)
-    return mine is not None and mine >= getattr(ref, metric) - max_drop_pp / 100 - 1e-12
+    metrics = ("clean", "robust") if ref.robust is not None else ("clean",)
+    return all(getattr(p, m) is not None and getattr(p, m) >= getattr(ref, m) - max_drop_pp / 100 - 1e-12
+               for m in metrics)
 
 
 def best_within(sweep: SweepResult, methods: tuple[str, ...], batch: str, max_drop_pp: float = 1.0
                 ) -> PointResult | None:
-    """The fastest point of `methods` within max_drop_pp points of the original's robust accuracy."""
+    """The fastest point (median ratio at `batch`) of `methods` within max_drop_pp points of the
+    original's clean and robust accuracy."""
     cands = [p for p in ok_points(sweep) if p.method in methods and batch in p.latency and within(sweep, p, max_drop_pp)]
     return min(cands, key=lambda p: p.latency[batch][0]) if cands else None
 
@@ -103,7 +105,7 @@ def table_rows(sweep: SweepResult) -> list[list[str]]:
         cells = [p.label, name, _ratio(p.conv_mac_reduction), *([_ratio(p.fc_mac_reduction)] if fc else []),
                  f"{p.parameters}", f"{p.file_bytes / 1024:.0f}", _pct(p.clean), _pct(p.robust), _pct(p.agreement)]
         for b in batches(sweep):
-            m, lo, hi = p.latency.get(b, [None] * 3)
+            m, lo, hi = p.latency.get(b, [None] * 3)[:3]
             cells.append("-" if m is None else f"{m:.2f} [{lo:.2f}-{hi:.2f}]")
         rows.append(cells)
     return rows
@@ -159,10 +161,11 @@ def time_lines(sweep: SweepResult) -> list[str]:
 
 
 def summary(sweep: SweepResult) -> list[str]:
-    """Plain sentences: the best point of each method within 1 point of the original's robust
-    accuracy, per batch, and which one wins."""
+    """Plain sentences: the best point of each method within 1 point of the original's clean and
+    robust accuracy, per batch, and which one wins (faster only with a confidence bound)."""
     base = baseline(sweep)
     metric = "robust" if base.robust is not None else "clean"
+    criterion = "clean and robust" if base.robust is not None else "clean"
     out = [f"Original: clean {_pct(base.clean)} %, robust {_pct(base.robust)} % "
            f"({', '.join(sweep.options['attacks']) or 'no attack'}, eps {sweep.options['eps']:g}, "
            f"n = {sweep.options['n']})."]
@@ -181,13 +184,24 @@ def summary(sweep: SweepResult) -> list[str]:
                 parts.append(f"{METHOD_NAMES[m]}: {p.latency[b][0]:.2f}x latency ({p.label}, "
                              f"{metric} {_pct(getattr(p, metric))} %)")
         winners = [p for p in best.values() if p is not None]
-        line = f"Batch {b[1:]}, fastest within 1 pt of the original's {metric} accuracy: " + "; ".join(parts) + "."
+        line = f"Batch {b[1:]}, fastest within 1 pt of the original's {criterion} accuracy: " + "; ".join(parts) + "."
         if winners:
             w = min(winners, key=lambda p: p.latency[b][0])
-            verdict = "faster" if w.latency[b][0] < 1 else "not faster"
-            line += f" Best overall: {w.label} ({METHOD_NAMES[w.method]}), {verdict} than the original."
+            line += f" Best overall: {w.label} ({METHOD_NAMES[w.method]}), {speed_verdict(w.latency[b])}."
         out.append(line)
     return out
+
+
+def speed_verdict(latency: list[float]) -> str:
+    """'faster than the original' only when the 95 % CI of the median ratio lies below 1 (points
+    timed before the CI was stored: their 10-90 % spread), 'slower' when it lies above 1, else
+    'not measurably faster'."""
+    lo, hi = latency[3:5] if len(latency) >= 5 else latency[1:3]
+    if hi < 1:
+        return "faster than the original"
+    if lo > 1:
+        return "slower than the original"
+    return "not measurably faster than the original"
 
 
 def require_matplotlib() -> None:

@@ -55,6 +55,8 @@ DEFAULT_BUDGETS = ("error:0.02", "error:0.05", "error:0.1", "error:0.2", "mac:1.
 FC_BUDGET_KINDS = ("error", "mac")
 DEFAULT_FC_BUDGETS = ("error:0.02", "error:0.05", "error:0.1", "error:0.2", "mac:2", "mac:4")
 DEFAULT_PEERS = ("dws", "uniform:2", "uniform:4", "ssvd", "prune", "int8", "gdws+int8")
+# optimize() options a named point may not set: the sweep sets them (timing) or they do not apply
+POINT_FIXED = {"ep", "batches", "threads", "verify", "max_error", "input_shapes", "probe_factory", "conv"}
 PRUNE_MULTIPLE = 8  # pruned widths stay multiples of 8: odd widths lose ORT's fast CPU conv kernels
 
 
@@ -69,10 +71,15 @@ class SweepOptions:
     steps: int = 20
     seed: int = 0
     budgets: tuple[str, ...] = DEFAULT_BUDGETS
+    # named GDWS points beyond the budget ladder: (label, optimize() keyword options), e.g.
+    # ("fwd mismatch 0.005", {"alphas": "alphas.npz", "mismatch_budget": 0.005, "width_multiple": 16})
+    points: tuple[tuple[str, dict], ...] = ()
     peers: tuple[str, ...] = DEFAULT_PEERS
+    match_at: tuple[str, ...] = ()  # labels of the GDWS points ssvd/prune/gdws+int8 are placed at (empty: all)
     fc_budgets: tuple[str, ...] = DEFAULT_FC_BUDGETS  # the ladder of the fc-kronecker / fc-lowrank peers
     calibration: str | None = None  # INT8 calibration data spec (default: the training split)
     calibration_n: int = 256
+    n_quantized: int | None = None  # quantized points (and their reference) on the first N samples only
     ep: str = "cpu"
     batches: tuple[int, ...] = (1, 32)
     runs: int = 50
@@ -87,6 +94,21 @@ class SweepOptions:
             parse_fc_budget(b)
         for p in self.peers:
             parse_peer(p)
+        labels = [label for label, _ in self.points]
+        if len(set(labels)) != len(labels) or not all(labels):
+            raise OptionError("{0} need distinct, non-empty labels", "points")
+        for label, params in self.points:
+            unknown = sorted(set(params) & POINT_FIXED)
+            if unknown:
+                raise OptionError(f"{{0}} {literal(repr(label))}: {literal(', '.join(unknown))} set by the sweep",
+                                  "points")
+        if self.n_quantized is not None and not 1 <= self.n_quantized <= self.n:
+            raise OptionError("{0} must be between 1 and {1}", "n_quantized", "n")
+        known = {f"gdws {b}" for b in self.budgets} | {f"gdws {label}" for label, _ in self.points}
+        missing = [m for m in self.match_at if m not in known]
+        if missing:
+            raise OptionError(f"{{0}} {literal(', '.join(map(repr, missing)))}: not a GDWS point of this sweep "
+                              f"({literal(', '.join(sorted(known)))})", "match_at")
         if self.n < 1 or self.runs < 3 or not self.batches or min(self.batches) < 1:
             raise OptionError("{0} must be >= 1, {1} >= 3 and {2} positive", "n", "runs", "batches")
 
@@ -102,8 +124,9 @@ class SweepOptions:
     def measurement(self) -> dict:
         """The settings a point's model and accuracy depend on (its fingerprint; latency apart)."""
         d = asdict(self)
-        for k in ("budgets", "peers", "fc_budgets", "retime", *self.LATENCY_FIELDS):
+        for k in ("budgets", "points", "match_at", "peers", "fc_budgets", "retime", *self.LATENCY_FIELDS):
             d.pop(k)
+        d.pop("n_quantized")  # only quantized points depend on it (`fingerprint`)
         return d
 
     def timing(self) -> dict:
@@ -157,7 +180,9 @@ class PointResult:
     reference: str = "original"  # key of the original's evaluation this point is compared with
     agreement: float | None = None  # clean top-1 agreement with the original
     robust_mcnemar_p: float | None = None  # reference vs this point, robust correctness
-    latency: dict[str, list[float]] = field(default_factory=dict)  # "b1": [median, p10, p90] ratio
+    samples: int | None = None  # how many of the first samples it was evaluated on
+    # "b1": [median, p10, p90, ci_low, ci_high] ratio (the 95 % CI of the median; older points: 3 values)
+    latency: dict[str, list[float]] = field(default_factory=dict)
     original_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the point's last build-and-measure (or re-timing) run
@@ -231,9 +256,10 @@ def plan_points(opts: SweepOptions) -> list[PointSpec]:
     With quantized peers the original is evaluated a second time with Square added, the
     reference for them (their BPDA gradients are approximate, so Square joins the attacks)."""
     pts = [PointSpec("original", {}, "original")]
-    if {parse_peer(p)[0] for p in opts.peers} & set(QUANTIZED) and opts.attacks and "square" not in opts.attacks:
-        pts.append(PointSpec("original", {"square": True}, "original+square"))
     pts += [PointSpec("gdws", parse_budget(b), f"gdws {b}") for b in opts.budgets]
+    pts += [PointSpec("gdws", dict(params), f"gdws {label}") for label, params in opts.points]
+    if {parse_peer(p)[0] for p in opts.peers} & set(QUANTIZED) and opts.attacks and "square" not in opts.attacks:
+        pts.append(PointSpec("original", {"square": True}, "original+square"))  # after the float points: slow
     for p in opts.peers:
         name, g = parse_peer(p)
         if name == "dws":
@@ -266,7 +292,7 @@ def matched_points(opts: SweepOptions, gdws: list[PointResult]) -> list[PointSpe
     names = {parse_peer(p)[0] for p in opts.peers}
     pts = []
     for r in gdws:
-        if r.status != "ok":
+        if r.status != "ok" or (opts.match_at and r.label not in opts.match_at):
             continue
         for peer in ("ssvd", "prune"):
             if peer in names and r.conv_mac_reduction and r.conv_mac_reduction > 1.0 + 1e-6:
@@ -315,8 +341,11 @@ def total_fc_macs(model: onnx.ModelProto) -> int | None:
 
 def fingerprint(model_sha: str, spec: PointSpec, opts: SweepOptions) -> str:
     """What a point's numbers depend on; a stored point with another fingerprint is redone."""
+    measure = opts.measurement()
+    if spec.quantized and opts.n_quantized:
+        measure["n_quantized"] = opts.n_quantized
     blob = json.dumps({"model": model_sha, "method": spec.method, "params": spec.params,
-                       "measure": opts.measurement()}, sort_keys=True, default=json_default)
+                       "measure": measure}, sort_keys=True, default=json_default)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -365,9 +394,8 @@ class Sweep:
         if spec.method == "original":
             return self.original, {}
         if spec.method in ("gdws", "dws", "uniform"):
-            model, _ = optimize(self.original, skip_first=self.opts.skip_first, verify=False,
-                                ep=self.opts.ep, batches=list(self.opts.batches), threads=self.opts.threads,
-                                **spec.params)
+            model, _ = optimize(self.original, **{"skip_first": self.opts.skip_first, **spec.params}, verify=False,
+                                ep=self.opts.ep, batches=list(self.opts.batches), threads=self.opts.threads)
             return model, {}
         if spec.method in FC_PEERS:
             model, report = optimize(self.original, conv="off", fc=FC_PEERS[spec.method], verify=False,
@@ -395,10 +423,16 @@ class Sweep:
         return ValidateOptions(data=o.data, n=o.n, attacks=tuple(o.attacks), eps=o.eps, steps=o.steps,
                                seed=o.seed, threads=o.threads)
 
+    def samples(self, quantized: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The evaluation samples of a point: all n, or the first n_quantized for quantized points."""
+        n = self.opts.n_quantized if quantized and self.opts.n_quantized else len(self.x)
+        return self.x[:n], self.y[:n]
+
     def baseline(self, square: bool = False):
         """The original's evaluation (`square`: with Square added, the quantized points' reference)."""
         if square not in self._baselines:
-            self._baselines[square] = evaluate_model(self.original, self.path, self.x, self.y,
+            x, y = self.samples(square)
+            self._baselines[square] = evaluate_model(self.original, self.path, x, y,
                                                      self._validate_options(), [], "original", self.progress,
                                                      quantized_pair=square)[0]
         return self._baselines[square]
@@ -434,13 +468,15 @@ class Sweep:
         if spec.method == "original":
             r = base
         else:
-            r, _ = evaluate_model(model, path, self.x, self.y, self._validate_options(), warnings, res.label,
+            x, y = self.samples(spec.quantized)
+            r, _ = evaluate_model(model, path, x, y, self._validate_options(), warnings, res.label,
                                   self.progress, quantized_pair=spec.quantized)
         for name, s in r.timings.items():
             if name in ("clean", "gradient_check"):
                 phases[name] = s
             elif not name.endswith("_model"):
                 phases[f"attack {name}"] = s
+        res.samples = len(r.predictions)
         res.clean, res.clean_interval = r.clean_accuracy, r.clean_accuracy_interval
         res.robust, res.robust_interval = r.robust_accuracy, r.robust_accuracy_interval
         res.robust_by_attack, res.gradient_source = r.robust_accuracy_by_attack, r.gradient_source
@@ -459,11 +495,11 @@ class Sweep:
         res.latency, res.original_ms, res.timing = {}, {}, self.opts.timing()
         for b in self.opts.batches:
             if res.method == "original":
-                res.latency[f"b{b}"] = [1.0, 1.0, 1.0]
+                res.latency[f"b{b}"] = [1.0, 1.0, 1.0, 1.0, 1.0]
                 continue
             cfg = BenchConfig(ep=self.opts.ep, batch=b, threads=self.opts.threads, runs=self.opts.runs)
             _, (ratio,) = compare_models([self.original, model], ["original", res.key], cfg)
-            res.latency[f"b{b}"] = [ratio.median, ratio.p10, ratio.p90]
+            res.latency[f"b{b}"] = [ratio.median, ratio.p10, ratio.p90, *ratio.bounds()]
             res.original_ms[f"b{b}"] = ratio.baseline_ms
 
     # -- the loop ------------------------------------------------------------------------
@@ -521,7 +557,8 @@ class Sweep:
         planned = plan_points(self.opts)
         matched = sorted({parse_peer(p)[0] for p in self.opts.peers} & {"ssvd", "prune", "gdws+int8"})
         self.log(f"{len(planned)} points: {', '.join(s.label for s in planned)}"
-                 + (f"; then {', '.join(matched)} at each GDWS point" if matched else ""))
+                 + (f"; then {', '.join(matched)} at " + (', '.join(self.opts.match_at) if self.opts.match_at
+                                                           else "each GDWS point") if matched else ""))
         extra = extra_attacks(self.opts)
         for line in extra:
             self.log(line)
