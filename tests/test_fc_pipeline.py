@@ -79,8 +79,8 @@ def test_cli_fc_rows_report_and_bad_combinations(runner, tmp_path):
     assert "fc fc0:" in r.output and "layers rewritten" in r.output
     assert json.loads(rep.read_text())["fc"]["scheme"] == "kronecker"
     bad = runner.invoke(main, ["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--fc", "lowrank",
-                               "--target", "latency"])
-    assert bad.exit_code == 2 and "--fc" in bad.output and "--target" in bad.output
+                               "--uniform-rank", "2"])
+    assert bad.exit_code == 2 and "--fc" in bad.output and "--uniform-rank" in bad.output
     assert not (tmp_path / "x.onnx").exists()
 
 

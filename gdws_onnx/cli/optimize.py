@@ -56,7 +56,8 @@ from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET
 @click.option("--fc", type=click.Choice(["off", "kronecker", "lowrank"]), default="off", show_default=True,
               help="Also rewrite Gemm/MatMul layers with constant weights: a sum of Kronecker products (nearest "
                    "by Van Loan-Pitsianis SVD) or plain low rank, at --error-budget (each weight's relative "
-                   "squared error) or --mac-reduction (each layer's MACs / R).")
+                   "squared error) or --mac-reduction (each layer's MACs / R); with --target latency, at the error "
+                   "budget, only where measured faster.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare original and optimized outputs in ONNX Runtime.")
 @args.DATA_SPEC(default=None, help="Verification inputs: .npz with 'x' (or arrays named after inputs), or a data "

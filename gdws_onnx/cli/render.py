@@ -191,6 +191,29 @@ def fc_lines(report: OptimizeReport) -> list[str]:
     if fc.layers:
         lines.append(f"fc ({fc.scheme}): {_plural(len(fc.layers), 'layer')} rewritten, params "
                      f"{human(fc.params_before)} -> {human(fc.params_after)} (x{fc.params_before / max(fc.params_after, 1):.2f})")
+    return lines + fc_latency_lines(fc.latency)
+
+
+def fc_latency_lines(lat: dict | None) -> list[str]:
+    """Under --target latency: each timed FC layer's ratio per scheme (factored / dense layer alone,
+    at the worst batch) and the scheme that won on measured latency; the whole-model checks."""
+    from gdws_onnx.runtime.bench import format_ratio
+
+    if not lat:
+        return []
+    lines = [f"fc latency on {lat['ep']} at batch {','.join(map(str, lat['batches']))}: layer ratio = factored / "
+             f"dense layer alone, median [{lat['confidence']:.0%} interval] at the worst batch; kept only if the "
+             f"whole interval is below {lat['layer_threshold']:g} at every batch"]
+    for name, t in lat["layers"].items():
+        forms = ", ".join(f"{o['scheme']} {format_ratio(_worst(o['measured']))}" for o in t["options"])
+        lines.append(f"  {name}: {forms}; fastest: {t['winner']}" + ("" if t["kept"] else "; left dense"))
+    for step in lat["checks"]:
+        ratios = ", ".join(f"batch {b}: {format_ratio(r, 3)}" for b, r in step["ratios"].items())
+        tail = f" -> not measurably faster, reverting {step['reverted']}" if step["reverted"] else " -> faster"
+        lines.append(f"  {_plural(len(step['rewritten']), 'FC layer')} rewritten: model with / without them "
+                     f"{ratios}{tail}")
+    if lat["message"]:
+        lines.append(f"  {lat['message']}")
     return lines
 
 

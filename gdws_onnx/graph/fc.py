@@ -22,7 +22,7 @@ IR version, opsets, metadata and graph I/O are left as they are.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -302,6 +302,42 @@ class FCRewritePass:
             by_index = {p.site.index: p for p in chosen}
             replace_convs(model, [p.site for p in chosen], lambda site, names: fc_subgraph(by_index[site.index], names))
         return PassResult(model, bool(chosen), report)
+
+
+def fc_layer_model(site: FCSite, input_shape: list[int], factors: FCFactors | None = None,
+                   opset: int = 17) -> onnx.ModelProto:
+    """A model holding just this Gemm/MatMul (or, given `factors`, its fc_subgraph form) at the
+    static `input_shape`, for timing: input `x`, output `y`, the weight as the site stores it,
+    Gemm's attributes as they are, and Gemm's C (when it has one) as zeros of [out_features]
+    (the same Add for every batch; C's values do not change the time)."""
+    if fc_skip_reason(site, min_weight=0) is not None:
+        raise ValueError(f"FC layer '{site.name}' cannot be modelled: {fc_skip_reason(site, min_weight=0)}")
+    if len(input_shape) != site.input_rank or input_shape[-1] != site.in_features:
+        raise ValueError(f"FC layer '{site.name}' takes rank {site.input_rank} inputs of {site.in_features} "
+                         f"features, not shape {input_shape}")
+    dtype = site.weight.dtype
+    elem = helper.np_dtype_to_tensor_dtype(dtype)
+    with_bias = site.op == "Gemm" and bool(site.bias)
+    inits = [numpy_helper.from_array(site.weight, "W")]
+    if with_bias:
+        inits.append(numpy_helper.from_array(np.zeros(site.out_features, dtype), "C"))
+    node = onnx.NodeProto()
+    node.CopyFrom(site.node)
+    del node.input[:]
+    node.input.extend(["x", "W"] + (["C"] if with_bias else []))
+    del node.output[:]
+    node.output.append("y")
+    graph = helper.make_graph([node], "fc_layer", [helper.make_tensor_value_info("x", elem, list(input_shape))],
+                              [helper.make_tensor_value_info("y", elem, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    if factors is not None:
+        local = replace(site, index=0, node=model.graph.node[0], weight_producers=set(),
+                        bias="C" if with_bias else "", opset=opset)
+        result = FCRewritePass([FCPlan(local, factors)], min_weight=0).call(model)
+        if not result.modified:
+            raise ValueError(f"FC layer '{site.name}': {result.report.skipped[0][1]}")
+    return model
 
 
 def _no_choice_reason(scheme: str, error_budget: float | None, mac_reduction: float | None) -> str:

@@ -287,11 +287,13 @@ def select(model: onnx.ModelProto, analysis: Analysis, selection: SelectionOptio
 
 
 def plan_convs(selection: Selection, analysis: Analysis, model: onnx.ModelProto, opts: OptimizeOptions) -> BudgetPlan:
-    """The budget's planner fills in the candidates' ranks; with the conv pass off there is nothing
-    to plan and the budget applies to the FC layers alone."""
-    if opts.selection.conv == "off":
+    """The budget's planner fills in the candidates' ranks; with the conv pass off, or no conv in
+    the model (only FC layers come here then), there is nothing to plan and the budget applies to
+    the FC layers alone."""
+    if opts.selection.conv == "off" or not analysis.sites:
         budget = opts.budget.requested()
-        budget.message = "the conv pass is off: the budget applies to the FC layers"
+        budget.message = (f"{'the conv pass is off' if analysis.sites else 'the model has no Conv node'}: "
+                          "the budget applies to the FC layers")
         return BudgetPlan(budget)
     return planner_for(opts).plan(selection.cands, analysis.sites, model)
 
@@ -344,9 +346,15 @@ def rewrite_fc_layers(model: onnx.ModelProto, base_dir: str, opts: OptimizeOptio
     """With fc != "off": rewrite the Gemm/MatMul layers by that scheme (graph.fc), in place, at the
     error budget (each weight's relative squared error) or the MAC reduction (each layer's MACs / R);
     a layer whose factors would not cut MACs is left alone unless `force`; include/exclude select
-    FC layers by name as they select convs."""
+    FC layers by name as they select convs. Under target="latency", at the error budget, only
+    where measured faster (pipeline.fc_latency)."""
     if opts.selection.fc == "off":
         return None
+    if opts.budget.target == "latency":
+        from gdws_onnx.pipeline.fc_latency import rewrite_fc_by_latency
+
+        report, lat = rewrite_fc_by_latency(model, base_dir, opts.selection, opts.budget, opts.timing, opts.run)
+        return FCSummary(opts.selection.fc, report.layers, report.skipped, lat.to_dict())
     from gdws_onnx.graph.fc import rewrite_fc
 
     result = rewrite_fc(model, opts.selection.fc, opts.budget.error_budget, opts.budget.mac_reduction,

@@ -219,8 +219,8 @@ class OptimizeOptions:
             if check is not None:
                 check()
         if self.selection.fc != "off":
-            _check(self.budget.target == "macs", "{0} layers are chosen by error or MAC budget; "
-                   "{1} latency does not time them yet", "fc", "target")
+            _check(self.timing.latency_table is None, "{0} cannot go with {1}: the table holds conv layers "
+                   "only, and FC layers would be timed on this machine, not on the device", "fc", "latency_table")
             _check(self.budget.mismatch_budget is None and self.budget.uniform_rank is None,
                    "{0} layers take an error or MAC budget, not {1} or {2}", "fc", "mismatch_budget", "uniform_rank")
         _check(self.timing.latency_table is None or self.budget.target == "latency",

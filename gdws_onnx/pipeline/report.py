@@ -109,6 +109,7 @@ class FCSummary:
     scheme: str
     layers: list = field(default_factory=list)  # graph.fc.FCLayerReport rows
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (layer, why not)
+    latency: dict | None = None  # target="latency": pipeline.fc_latency.FCLatencyReport.to_dict()
 
     @property
     def params_before(self) -> int:
@@ -124,7 +125,8 @@ class FCSummary:
                 "macs_per_row_before": sum(layer.dense_macs for layer in self.layers),
                 "macs_per_row_after": sum(layer.macs for layer in self.layers),
                 "layers": [asdict(layer) for layer in self.layers],
-                "skipped": [{"layer": name, "reason": why} for name, why in self.skipped]}
+                "skipped": [{"layer": name, "reason": why} for name, why in self.skipped],
+                "latency": self.latency}
 
 
 @dataclass
