@@ -309,9 +309,10 @@ def test_bench_cli_reports_interleaved_ratios_and_profile(runner, cnn_path, tmp_
     assert {"conv1", "conv2"} <= layers  # GDWS nodes map back to the original conv names
 
 
-def test_realizations_measure_rounded_widths_and_the_multiplier_form():
+def test_realizations_measure_rounded_widths_and_the_padded_forms():
     """Each rank choice is measured at its own width G, at G rounded up to multiples of 8 and 16
-    (more terms, so no more error), and without a Gather; none costs more MACs than the conv."""
+    (more terms, so no more error), and without a Gather (channel multiplier, and stacked for an
+    ungrouped conv); none costs more MACs than the conv."""
     from gdws_onnx.core import decompose
     from gdws_onnx.pipeline import latency
 
@@ -320,14 +321,27 @@ def test_realizations_measure_rounded_widths_and_the_multiplier_form():
     sc = decompose.scores(spec, np.ones(32))
     ranks = allocate.mego(sc, 45)
     forms = latency.realizations(spec, sc, ranks)
-    widths = [int(r.sum()) for r, mult in forms if not mult]
+    widths = [int(r.sum()) for r, form in forms if form == "gather"]
     assert widths == [45, 48]  # 16 rounds 45 to 48 too: measured once
-    assert any(mult for _, mult in forms)
-    errors = [decompose.weighted_error(spec, r, np.ones(32)) for r, mult in forms if not mult]
+    assert [form for _, form in forms if form != "gather"] == ["multiplier", "stacked"]
+    errors = [decompose.weighted_error(spec, r, np.ones(32)) for r, form in forms if form == "gather"]
     assert errors == sorted(errors, reverse=True)
     original = decompose.original_cost_per_pixel(spec)
-    assert all((decompose.multiplier_cost_per_pixel if m else decompose.gdws_cost_per_pixel)(spec, r) < original
-               for r, m in forms)
+    assert all((decompose.gdws_cost_per_pixel if f == "gather" else decompose.multiplier_cost_per_pixel)(spec, r)
+               < original for r, f in forms)
+    grouped = decompose.spectrum(rng.standard_normal((64, 16, 3, 3)).astype(np.float32), 2)
+    assert latency.padded_forms(grouped) == ("multiplier",)  # the stacked form needs an ungrouped conv
+
+
+def test_cache_keys_of_the_older_forms_are_unchanged():
+    from gdws_onnx.graph.convs import find_convs
+    from gdws_onnx.pipeline.latency import LatencyCache
+
+    site = find_convs(_model())[1]
+    env = {"ep": "cpu"}
+    assert LatencyCache.key(site, (8, True), 1, env) == LatencyCache.key(site, (8, "multiplier"), 1, env)
+    assert LatencyCache.key(site, (8, False), 1, env) == LatencyCache.key(site, (8, "gather"), 1, env)
+    assert LatencyCache.key(site, (8, "stacked"), 1, env) != LatencyCache.key(site, (8, "multiplier"), 1, env)
 
 
 def test_openvino_errors_name_the_package_or_the_vendor_filter(monkeypatch):
@@ -383,3 +397,38 @@ def test_latency_plan_returns_the_budget_and_a_typed_latency_report():
     assert report.faster and report.speedup > 1 and report.message == ""
     d = report.to_dict()
     assert d["layers"] == report.layers and isinstance(d["checks"][0], dict) and d["checks"][0]["rewritten"] == ["conv1"]
+
+
+def test_mismatch_budget_under_target_latency_keeps_the_allocated_ranks_where_faster(tmp_path):
+    """--mismatch-budget with --target latency: the mismatch allocation fixes each layer's ranks;
+    only their realizations are timed; a layer is kept in its fastest measured form (never fewer
+    terms than allocated) where measurably faster, else left alone; the budget is still mismatch."""
+    from gdws_onnx.graph.convs import find_convs
+
+    model = small_cnn(channels=(16, 32, 48, 64), size=8)  # distinct geometries: no shared cache entries
+    names = [s.name for s in find_convs(model)][1:]
+    rng = np.random.default_rng(0)
+    alphas = {s.name: 1e-3 * (rng.random(s.in_channels) + 0.5) for s in find_convs(model)[1:]}
+    _, by_macs = optimize(model, mismatch_budget=0.05, alphas=alphas, verify=False)
+    allocated = {layer.name: layer.total_rank for layer in by_macs.rewritten}
+    assert allocated, "the allocation rewrites some layer"
+    slow = names[-1]
+    probes = {"layer_args": {"layer_ratio": {**{n: (0.6, 0.05) for n in names}, slow: (1.3, 0.05)}}}
+    out, report = optimize(model, target="latency", mismatch_budget=0.05, alphas=alphas,
+                           cache=str(tmp_path / "c.json"), probe_factory=_factory(probes))
+    status = {layer.name: layer for layer in report.layers}
+    kept = {n for n in allocated if n != slow}
+    assert {layer.name for layer in report.rewritten} == kept
+    for n in kept:
+        assert status[n].total_rank >= allocated[n] or status[n].realization != "gather+dw+pw"
+        assert max(status[n].measured_ratio.values()) < 0.95
+    if slow in allocated:
+        assert "not measurably faster" in status[slow].reason
+    assert report.budget.mode == "mismatch" and report.budget.target == 0.05
+    assert report.verification.passed
+    assert _gdws_layers(out) == kept
+
+
+def test_mismatch_budget_with_a_latency_table_is_refused(tmp_path):
+    with pytest.raises(GDWSError, match="latency_table"):
+        optimize(_model(), target="latency", mismatch_budget=0.05, alphas={}, latency_table=str(tmp_path / "t.json"))

@@ -26,7 +26,8 @@ from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET
               help="Divide the model's total conv MACs by R, ranks allocated across layers.")
 @click.option("--mismatch-budget", type=float, default=None, metavar="P",
               help="0 < P < 1: fewest MACs with the predicted top-1 mismatch sum alpha * e <= P "
-                   "(one greedy over all layers; needs --alphas from `onnx-gdws sensitivity`).")
+                   "(one greedy over all layers; needs --alphas from `onnx-gdws sensitivity`). With --target "
+                   "latency: those ranks, each layer in its fastest measured form, kept only where faster.")
 @click.option("--uniform-rank", type=int, default=None, metavar="G",
               help="Every input channel keeps G terms (1 = plain depthwise-separable); a baseline, not a budget.")
 @click.option("--alphas", type=str, default=None,

@@ -148,17 +148,31 @@ class GDWSFactors:
     pointwise: np.ndarray
     groups: int
     multiplier: bool = False  # every channel has the same width: no Gather, depthwise group = C
+    # multiplier form as r true depthwise convs (group = C, C -> C each) on the same input, their
+    # outputs concatenated: intermediate channels ordered by term, then channel (t C + c)
+    stacked: bool = False
+
+    @property
+    def terms(self) -> int:
+        """r, the kernels per input channel of the multiplier and stacked forms."""
+        return self.depthwise.shape[0] // len(np.unique(self.gather))
 
 
 def factors(spec: Spectrum, ranks: np.ndarray, dtype: np.dtype = np.float32,
-            multiplier: bool = False) -> GDWSFactors:
+            multiplier: bool = False, stacked: bool = False) -> GDWSFactors:
     """Build the depthwise and pointwise weights for per-channel ranks g.
 
     multiplier=True pads every channel to max(g) kernels (zero kernels) so the depthwise
-    stage is a channel-multiplier conv (group = C) and needs no Gather."""
+    stage is a channel-multiplier conv (group = C) and needs no Gather. stacked=True (implies
+    multiplier; ungrouped convs only) orders those kernels by term, so the depthwise stage is r
+    true depthwise convs whose outputs are concatenated (`stack`)."""
     ranks = np.asarray(ranks, dtype=np.int64)
     if ranks.shape != (spec.in_channels,) or ranks.min() < 0 or ranks.max() > spec.max_rank:
         raise ValueError("ranks must be one integer in [0, max_rank] per input channel")
+    if stacked:
+        if spec.groups != 1:
+            raise ValueError("the stacked form needs an ungrouped conv")
+        return stack(_multiplier_factors(spec, ranks, dtype))
     if multiplier:
         return _multiplier_factors(spec, ranks, dtype)
     groups, kshape = spec.groups, spec.kernel_shape
@@ -204,6 +218,16 @@ def _multiplier_factors(spec: Spectrum, ranks: np.ndarray, dtype: np.dtype) -> G
                        depthwise=dw.reshape(c * r, 1, *spec.kernel_shape).astype(dtype),
                        pointwise=pw.reshape(groups * mg, cg * r, *ones).astype(dtype),
                        groups=groups, multiplier=True)
+
+
+def stack(f: GDWSFactors) -> GDWSFactors:
+    """The multiplier form f (intermediate channel c r + t) reordered by term (t C + c): the same
+    weight, realized as r depthwise convs whose outputs are concatenated."""
+    r = f.terms
+    c = f.depthwise.shape[0] // r
+    perm = (np.arange(c)[None, :] * r + np.arange(r)[:, None]).reshape(-1)  # new position t C + c <- c r + t
+    return GDWSFactors(gather=f.gather[perm], depthwise=f.depthwise[perm], pointwise=f.pointwise[:, perm],
+                       groups=f.groups, multiplier=True, stacked=True)
 
 
 def multiplier_cost_per_pixel(spec: Spectrum, ranks: np.ndarray) -> int:

@@ -1,7 +1,8 @@
 """The GDWS node pattern, known in one place: how the rewrite names its nodes, and how to find them.
 
 A rewritten conv `<conv>` becomes `[<conv>/gdws/gather: Gather] -> <conv>/gdws/dw: Conv (grouped)
--> <conv>/gdws/pw: Conv (1x1)`; the spatial-SVD peer writes `<conv>/ssvd/a|b`. Profiles, the
+-> <conv>/gdws/pw: Conv (1x1)`, or in the stacked form `<conv>/gdws/dw, dw_1, ...: Conv (depthwise)
+-> <conv>/gdws/concat: Concat -> <conv>/gdws/pw`; the spatial-SVD peer writes `<conv>/ssvd/a|b`. Profiles, the
 fold, the torch replica and the tests find layers through these functions, never by strings.
 """
 
@@ -13,6 +14,7 @@ import onnx
 
 SCOPES = ("gdws", "ssvd", "kron", "lowrank")  # the rewrite's, the spatial-SVD peer's, the FC rewrites' (graph/fc.py)
 GATHER, DEPTHWISE, POINTWISE = "gather", "dw", "pw"
+CONCAT = "concat"  # the stacked form: r depthwise convs `dw`, `dw_1`, ... -> Concat -> pw
 
 
 def node_name(layer: str, role: str, scope: str = "gdws") -> str:

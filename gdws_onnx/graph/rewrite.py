@@ -134,13 +134,34 @@ class GDWSRewritePass:
             spatial["pads"] = list(site.pads)
         else:
             spatial["auto_pad"] = site.auto_pad
-        nodes.append(helper.make_node("Conv", [x, dw_w.name], [dw_out],
-                                      name=name(pattern.DEPTHWISE), **spatial))
+        if f.stacked:
+            weights.remove(dw_w)  # the depthwise kernels go in one initializer per term
+            nodes += _stacked_depthwise(x, f, site.in_channels, dw_out, spatial, name, weights)
+        else:
+            nodes.append(helper.make_node("Conv", [x, dw_w.name], [dw_out],
+                                          name=name(pattern.DEPTHWISE), **spatial))
         ones = [1] * len(site.kernel_shape)
         pw_inputs = [dw_out, pw_w.name] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
         nodes.append(helper.make_node("Conv", pw_inputs, [out], name=name(pattern.POINTWISE),
                                       kernel_shape=ones, group=f.groups))
         return weights, nodes
+
+
+def _stacked_depthwise(x: str, f: GDWSFactors, channels: int, out: str, spatial: dict,
+                       name: Callable[[str], str], weights: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """The stacked form's depthwise stage: one depthwise conv (group = C) per term t on x, with the
+    kernels f.depthwise[t C:(t + 1) C], concatenated on the channel axis into `out` (appends the
+    kernels to `weights`)."""
+    nodes, outs = [], []
+    for t in range(f.terms):
+        w = numpy_helper.from_array(f.depthwise[t * channels:(t + 1) * channels], name("dw_weight"))
+        weights.append(w)
+        outs.append(out if f.terms == 1 else name("dw_out"))
+        nodes.append(helper.make_node("Conv", [x, w.name], [outs[-1]], name=name(pattern.DEPTHWISE),
+                                      **{**spatial, "group": channels}))
+    if f.terms > 1:
+        nodes.append(helper.make_node("Concat", outs, [out], name=name(pattern.CONCAT), axis=1))
+    return nodes
 
 
 def layer_model(site: ConvSite, batch: int, factors: GDWSFactors | None = None,

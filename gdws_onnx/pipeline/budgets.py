@@ -110,7 +110,8 @@ PLANNERS: dict[str, Callable[[OptimizeOptions], Planner]] = {  # BudgetOptions.p
     "macs": lambda o: MacPlanner(o.budget.mac_reduction, o.budget.width_multiple),
     "mismatch": lambda o: MismatchPlanner(o.budget.mismatch_budget, o.budget.width_multiple),
     "uniform": lambda o: UniformPlanner(o.budget.uniform_rank),
-    "latency": lambda o: LatencyPlanner(o.budget, o.timing, o.run),
+    "latency": lambda o: LatencyPlanner(o.budget, o.timing, o.run, ranks=None if o.budget.mismatch_budget is None
+                                        else MismatchPlanner(o.budget.mismatch_budget, o.budget.width_multiple)),
 }
 
 

@@ -26,6 +26,7 @@ class Candidate:
     weighted: bool = False  # alphas were given for this conv (`alpha` is not the default all-ones)
     ranks: np.ndarray | None = None  # terms per input channel; None = left alone
     multiplier: bool = False  # realize as a channel-multiplier depthwise conv (uniform ranks)
+    stacked: bool = False  # ... as r true depthwise convs, concatenated (`decompose.stack`)
     measured_ratio: dict[int, float] | None = None  # batch -> layer latency ratio (latency target)
     fold: bool = False  # fold the Gather into the producer (measured faster, latency target)
     reason: str = ""  # why it is left alone ('' = rewrite)

@@ -35,6 +35,7 @@ from gdws_onnx.runtime.bench import Ratio, format_ratio, ratio_of, verdict
 
 LADDER = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # G / C points measured per layer
 FASTER = 0.95  # a layer is kept only if the upper bound of its measured ratio is below this
+FORMS = ("gather", "multiplier", "stacked")  # [Gather ->] grouped dw -> pw; multiplier dw -> pw; r dw -> Concat -> pw
 WIDTH_MULTIPLES = (8, 16)  # GDWS widths also measured rounded up to these
 CONFIDENCE = 0.95  # of the interval every "faster" decision rests on (bench.Rounds, over all its looks)
 
@@ -57,12 +58,17 @@ class LayerOption:
     """One measured GDWS realization of a layer."""
 
     ranks: np.ndarray
-    multiplier: bool
+    form: str  # one of FORMS
     error: float  # sum_c alpha_c ||W_c - Q_c||^2
     ratios: dict[int, float]  # batch -> median(gdws / original) latency
     baseline_ms: float  # original layer at the first batch
     gdws_ms: float
     measured: dict[int, dict] = field(default_factory=dict)  # batch -> bench.Ratio as a dict
+
+    @property
+    def multiplier(self) -> bool:
+        """Every channel padded to the same number of kernels (no Gather)."""
+        return self.form != "gather"
 
     @property
     def worst_ratio(self) -> float:
@@ -98,11 +104,16 @@ class LatencyCache:
                 self.entries = {}  # a corrupt cache is rebuilt, not fatal
 
     @staticmethod
-    def key(site: ConvSite, option: tuple[int, bool], batch: int, env: dict) -> str:
+    def key(site: ConvSite, option: tuple[int, str | bool], batch: int, env: dict) -> str:
+        """The entry of (total rank G, form: one of FORMS, or a bool = multiplier or Gather form)."""
+        g, form = option
+        form = ("multiplier" if form else "gather") if isinstance(form, (bool, np.bool_)) else form
         geometry = dict(C=site.in_channels, M=site.out_channels, groups=site.group, kernel=site.kernel_shape,
                         strides=site.strides, pads=site.pads, dilations=site.dilations, auto_pad=site.auto_pad,
-                        spatial=site.in_spatial, dtype=str(site.weight.dtype), G=option[0], mult=option[1],
+                        spatial=site.in_spatial, dtype=str(site.weight.dtype), G=g, mult=form != "gather",
                         batch=batch)
+        if form == "stacked":  # keys of the older two forms unchanged
+            geometry["stacked"] = True
         blob = json.dumps({"env": env, "layer": geometry}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -130,40 +141,53 @@ def default_cache_path() -> str:
     return os.path.join(root, "onnx-gdws", "latency.json")
 
 
+def padded_forms(spec: decompose.Spectrum) -> tuple[str, ...]:
+    """The forms that pad every channel to r kernels: the channel-multiplier conv, and, for an
+    ungrouped conv, the stacked form (r true depthwise convs, concatenated: ORT's x86 NCHWc
+    transformer blocks a depthwise conv whose channels are a multiple of its block, never a
+    multiplier conv)."""
+    return ("multiplier", "stacked") if spec.groups == 1 else ("multiplier",)
+
+
 def realizations(spec: decompose.Spectrum, scores: np.ndarray, ranks: np.ndarray,
-                 multiplier: bool = True) -> list[tuple[np.ndarray, bool]]:
+                 multiplier: bool = True) -> list[tuple[np.ndarray, str]]:
     """The forms of one rank choice that are measured: Gather + depthwise at its own width G and
     with G rounded up to each of WIDTH_MULTIPLES (the padding filled with the next best terms:
-    less error, and ORT's CPU convs are much faster at such widths), and the channel-multiplier
-    form; only those with fewer MACs than the conv."""
+    less error, and ORT's CPU convs are much faster at such widths), and the `padded_forms`;
+    only those with fewer MACs than the conv."""
     original = decompose.original_cost_per_pixel(spec)
     out, seen = [], set()
     for m in (1, *WIDTH_MULTIPLES):
         r = allocate.round_width(scores, ranks, spec.channel_group(), m)
         if tuple(r) not in seen and decompose.gdws_cost_per_pixel(spec, r) < original:
             seen.add(tuple(r))
-            out.append((r, False))
+            out.append((r, "gather"))
     if multiplier and decompose.multiplier_cost_per_pixel(spec, ranks) < original:
-        out.append((np.asarray(ranks), True))
+        out += [(np.asarray(ranks), form) for form in padded_forms(spec)]
     return out
 
 
-def candidate_ranks(spec: decompose.Spectrum, scores: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+def candidate_ranks(spec: decompose.Spectrum, scores: np.ndarray) -> list[tuple[np.ndarray, str]]:
     """The ladder measured for a layer under a latency budget: MEGO ranks at G = t C (each in
-    its `realizations`), and uniform rank r in channel-multiplier form."""
+    its `realizations`), and uniform rank r in each of the `padded_forms`."""
     out, seen = [], set()
     for t in LADDER:
         ranks = allocate.mego(scores, max(1, int(round(t * spec.in_channels))))
-        for r, mult in realizations(spec, scores, ranks, multiplier=False):
+        for r, form in realizations(spec, scores, ranks, multiplier=False):
             if tuple(r) not in seen:
                 seen.add(tuple(r))
-                out.append((r, mult))
+                out.append((r, form))
     original = decompose.original_cost_per_pixel(spec)
     for r in range(1, spec.max_rank + 1):
         ranks = np.full(spec.in_channels, r)
         if decompose.multiplier_cost_per_pixel(spec, ranks) < original:
-            out.append((ranks, True))
+            out += [(ranks, form) for form in padded_forms(spec)]
     return out
+
+
+def form_factors(spec: decompose.Spectrum, ranks: np.ndarray, dtype: np.dtype, form: str) -> decompose.GDWSFactors:
+    """The GDWS factors of ranks in a form of FORMS."""
+    return decompose.factors(spec, ranks, dtype, multiplier=form != "gather", stacked=form == "stacked")
 
 
 def conclusive(entry: dict) -> bool:
@@ -179,32 +203,32 @@ _CACHED = ("median", "p10", "p90", "baseline_ms", "candidate_ms")
 
 
 def measure_layer(site: ConvSite, spec: decompose.Spectrum, alpha: np.ndarray,
-                  choices: list[tuple[np.ndarray, bool]], probes: dict[int, Probe],
+                  choices: list[tuple[np.ndarray, str]], probes: dict[int, Probe],
                   cache: LatencyCache, env: dict) -> list[LayerOption]:
     """Time each realization against the original layer, at every batch, until its interval
     decides FASTER or the probe's limits are reached. Cached with its spread and interval; a
     cached entry that did not decide is measured again."""
     options = []
     originals = {b: layer_model(site, b) for b in probes}
-    for ranks, mult in choices:
+    for ranks, form in choices:
         measured: dict[int, dict] = {}
         for batch, probe in probes.items():
-            key = LatencyCache.key(site, (int(ranks.sum()), mult), batch, env)
+            key = LatencyCache.key(site, (int(ranks.sum()), form), batch, env)
             hit = cache.get(key, usable=conclusive)
             if hit is None:
-                f = decompose.factors(spec, ranks, site.weight.dtype, multiplier=mult)
+                f = form_factors(spec, ranks, site.weight.dtype, form)
                 hit = asdict(probe.compare(originals[batch], layer_model(site, batch, f), threshold=FASTER))
                 cache.put(key, hit)
             measured[batch] = asdict(ratio_of(hit))
-        options.append(layer_option(spec, alpha, ranks, mult, measured))
+        options.append(layer_option(spec, alpha, ranks, form, measured))
     return options
 
 
-def layer_option(spec: decompose.Spectrum, alpha: np.ndarray, ranks: np.ndarray, mult: bool,
+def layer_option(spec: decompose.Spectrum, alpha: np.ndarray, ranks: np.ndarray, form: str,
                  measured: dict[int, dict]) -> LayerOption:
     """A realization with its error and its measurements (batch -> Ratio dict, first batch first)."""
     first = measured[next(iter(measured))]
-    return LayerOption(ranks, mult, decompose.weighted_error(spec, ranks, alpha),
+    return LayerOption(ranks, form, decompose.weighted_error(spec, ranks, alpha),
                        {b: r["median"] for b, r in measured.items()}, first["baseline_ms"], first["candidate_ms"],
                        measured)
 
@@ -225,7 +249,7 @@ def table_options(c: Candidate, table: LatencyTable, batches: list[int]) -> list
             continue
         ranks = np.full(n, g // n) if mult else allocate.mego(sc, g)
         if int(ranks.sum()) == g:
-            options.append(layer_option(c.spec, c.alpha, ranks, mult,
+            options.append(layer_option(c.spec, c.alpha, ranks, "multiplier" if mult else "gather",
                                         {b: asdict(ratio_of(entries[k])) for b, k in keys.items()}))
     return options
 
@@ -345,9 +369,22 @@ class LatencyPlanner:
     budget: BudgetOptions
     timing: TimingOptions
     run: RunOptions
+    ranks: RanksPlanner | None = None  # fixes the ranks first (a mismatch budget); then only realizations are timed
 
     def plan(self, cands: list[Candidate], sites: list[ConvSite], model: onnx.ModelProto) -> BudgetPlan:
-        return plan(cands, model, self.budget, self.timing, self.run)
+        if self.ranks is None:
+            return plan(cands, model, self.budget, self.timing, self.run)
+        self.ranks.plan(cands, sites, model)
+        allocated = [c for c in cands if c.ranks is not None and not c.reason]
+        result = plan(allocated, model, self.budget, self.timing, self.run, fixed_ranks=True)
+        result.budget = self.budget.requested()  # its achieved mismatch is set by optimize on the final ranks
+        return result
+
+
+class RanksPlanner(Protocol):
+    """A budget planner that sets each candidate's `ranks` (or `reason`), e.g. budgets.MismatchPlanner."""
+
+    def plan(self, cands: list[Candidate], sites: list[ConvSite], model: onnx.ModelProto) -> BudgetPlan: ...
 
 
 @dataclass
@@ -376,10 +413,12 @@ class WholeModel:
 
 
 def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, timing: TimingOptions,
-         run: RunOptions) -> BudgetPlan:
+         run: RunOptions, fixed_ranks: bool = False) -> BudgetPlan:
     """Choose each candidate's ranks and realization by measured latency (sets `ranks`,
     `multiplier`, `measured_ratio`, `fold` or `reason` on each) under the error budget or the
     latency budget of `budget`, and run the never-slower check. `model` is the unmodified original.
+    With `fixed_ranks` each candidate's allocated ranks stay (no less accurate: the measured
+    realizations only pad or add terms) and only their realizations are timed.
     Returns the BudgetReport and the LatencyReport of what was measured."""
     require_input_shapes(cands)
     if timing.latency_table is not None:
@@ -388,10 +427,16 @@ def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, 
     env = environment_key(timing.ep, run.threads)
     cache = LatencyCache(default_cache_path() if timing.cache is None else (timing.cache or None))
     eps = None if budget.latency_reduction is not None else budget.error
-    measured = {c.site.name: measure_layer(c.site, c.spec, c.alpha, layer_choices(c, eps), probes, cache, env)
+    choices = {c.site.name: realizations(c.spec, decompose.scores(c.spec, c.alpha), c.ranks) if fixed_ranks
+               else layer_choices(c, eps) for c in cands}
+    measured = {c.site.name: measure_layer(c.site, c.spec, c.alpha, choices[c.site.name], probes, cache, env)
                 for c in cands}
     build = ModelBuilder(model, cands)
-    if eps is not None:
+    if fixed_ranks:
+        picks = Picks({c.site.name: pick_for_error_budget(
+            measured[c.site.name], decompose.weighted_error(c.spec, c.ranks, c.alpha) * (1 + 1e-9) + 1e-12)
+            for c in cands})
+    elif eps is not None:
         picks = Picks({c.site.name: pick_for_error_budget(measured[c.site.name], error_allowance(c, eps))
                        for c in cands})
     else:
@@ -489,7 +534,7 @@ def error_allowance(c: Candidate, eps: float) -> float:
     return beta
 
 
-def layer_choices(c: Candidate, eps: float | None) -> list[tuple[np.ndarray, bool]]:
+def layer_choices(c: Candidate, eps: float | None) -> list[tuple[np.ndarray, str]]:
     """The forms measured for a candidate: under an error budget eps the `realizations` of its
     error-budget ranks, under a latency budget (eps None) its whole `candidate_ranks` ladder."""
     sc = decompose.scores(c.spec, c.alpha)
@@ -510,8 +555,8 @@ class ModelBuilder:
         """The original with each named layer in its chosen measured form."""
         m = onnx.ModelProto.FromString(self.original)
         rewrites = [LayerRewrite(_site_in(m, self.cands[n].site),
-                                 decompose.factors(self.cands[n].spec, o.ranks, self.cands[n].site.weight.dtype,
-                                                   o.multiplier)) for n, o in chosen.items()]
+                                 form_factors(self.cands[n].spec, o.ranks, self.cands[n].site.weight.dtype, o.form))
+                    for n, o in chosen.items()]
         return GDWSRewritePass(rewrites).call(m).model
 
 
@@ -524,7 +569,7 @@ def apply_picks(cands: list[Candidate], picks: dict[str, LayerOption | None],
         if o is None:
             c.reason = not_picked_reason(measured[c.site.name], ep)
         else:
-            c.ranks, c.multiplier, c.measured_ratio = o.ranks, o.multiplier, o.ratios
+            c.ranks, c.multiplier, c.stacked, c.measured_ratio = o.ranks, o.multiplier, o.form == "stacked", o.ratios
     return sorted([c for c in cands if not c.reason], key=lambda c: -max(c.measured_ratio.values()))
 
 
@@ -583,7 +628,7 @@ def outcome_message(chosen: bool, faster_model: bool, ep: str) -> str:
 
 def _layer_entry(options: list[LayerOption], chosen: LayerOption | None) -> dict:
     """A layer's measured options for the report, and the index of the chosen one (None: none)."""
-    return {"options": [{"total_rank": int(o.ranks.sum()), "multiplier": o.multiplier, "error": o.error,
+    return {"options": [{"total_rank": int(o.ranks.sum()), "multiplier": o.multiplier, "form": o.form, "error": o.error,
                          "ratios": o.measured} for o in options],
             "chosen": next((i for i, o in enumerate(options) if o is chosen), None)}
 

@@ -106,7 +106,7 @@ def _layer_report(site: ConvSite, reason: str, cand: Candidate | None,
         spec, ranks = cand.spec, cand.ranks
         rep.status = "rewritten"
         identity = np.array_equal(factors.gather, np.arange(site.in_channels))
-        rep.realization = ("multiplier dw+pw" if factors.multiplier else
+        rep.realization = ("stacked dw+concat+pw" if factors.stacked else "multiplier dw+pw" if factors.multiplier else
                            "dw+pw" if identity else "gather+dw+pw")
         rep.measured_ratio = cand.measured_ratio
         rep.max_rank, rep.total_rank = spec.max_rank, int(ranks.sum())
@@ -312,7 +312,7 @@ def settle(selection: Selection, budget: BudgetOptions) -> list[Candidate]:
 
 def decompose_chosen(chosen: list[Candidate]) -> list[LayerRewrite]:
     """Each chosen candidate's GDWS factors at its planned ranks and realization."""
-    return [LayerRewrite(c.site, decompose.factors(c.spec, c.ranks, c.site.weight.dtype, c.multiplier))
+    return [LayerRewrite(c.site, decompose.factors(c.spec, c.ranks, c.site.weight.dtype, c.multiplier, c.stacked))
             for c in chosen]
 
 

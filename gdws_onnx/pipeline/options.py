@@ -73,8 +73,7 @@ class BudgetOptions:
                    "mismatch_budget")
             _check(self.alphas is not None, "{0} needs {1} (noise-gain weights from `onnx-gdws sensitivity`)",
                    "mismatch_budget", "alphas")
-            _check(self.target == "macs", "{0} decides by MACs; it cannot be used with {1} latency",
-                   "mismatch_budget", "target")
+            # with target latency the mismatch allocation fixes the ranks and only realizations are timed
         _check(self.width_multiple >= 1, f"{{0}} must be >= 1, got {self.width_multiple}", "width_multiple")
         _check(self.target in ("macs", "latency"),
                f"{{0}} must be 'macs' or 'latency', got {literal(repr(self.target))}", "target")
@@ -223,6 +222,9 @@ class OptimizeOptions:
                    "only, and FC layers would be timed on this machine, not on the device", "fc", "latency_table")
             _check(self.budget.mismatch_budget is None and self.budget.uniform_rank is None,
                    "{0} layers take an error or MAC budget, not {1} or {2}", "fc", "mismatch_budget", "uniform_rank")
+        _check(self.timing.latency_table is None or self.budget.mismatch_budget is None,
+               "{0} cannot go with {1}: a profiled table holds the realizations of its own rank ladder",
+               "mismatch_budget", "latency_table")
         _check(self.timing.latency_table is None or self.budget.target == "latency",
                "{0} needs {1} latency", "latency_table", "target")
         for param, on in (("bias_correction", self.calibration.bias_correction),

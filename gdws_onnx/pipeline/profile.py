@@ -57,17 +57,17 @@ def choices(c: Candidate, eps: float) -> list:
     """The realizations measured for a candidate: the latency ladder, then the error budget's
     forms, each (total rank, form) once."""
     out, seen = [], set()
-    for ranks, mult in latency.layer_choices(c, None) + latency.layer_choices(c, eps):
-        if (int(ranks.sum()), mult) not in seen:
-            seen.add((int(ranks.sum()), mult))
-            out.append((ranks, mult))
+    for ranks, form in latency.layer_choices(c, None) + latency.layer_choices(c, eps):
+        if form != "stacked" and (int(ranks.sum()), form) not in seen:  # tables hold the two older forms
+            seen.add((int(ranks.sum()), form))
+            out.append((ranks, form))
     return out
 
 
 def _measure(c: Candidate, eps: float, probes: dict, cache: latency.LatencyCache, env: dict
              ) -> list[LayerMeasurement]:
     options = latency.measure_layer(c.site, c.spec, c.alpha, choices(c, eps), probes, cache, env)
-    return [LayerMeasurement(latency.LatencyCache.key(c.site, (int(o.ranks.sum()), o.multiplier), b, env),
+    return [LayerMeasurement(latency.LatencyCache.key(c.site, (int(o.ranks.sum()), o.form), b, env),
                              int(o.ranks.sum()), o.multiplier, b, r)
             for o in options for b, r in o.measured.items()]
 
