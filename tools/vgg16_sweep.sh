@@ -1,7 +1,8 @@
 #!/bin/sh
 # The decisive table of the paper-width robust VGG-16 (README, "Paper width"): GDWS plain, with
-# forward alphas (allocated across the network) and data-aware + forward alphas, latency-targeted
-# GDWS, spatial SVD, pruning, INT8 and GDWS + INT8, each attacked white-box (PGD-20, eps 0.1) and
+# forward alphas (allocated across the network; also under --target latency, which keeps a
+# layer only where its measured realization is faster) and data-aware + forward alphas,
+# latency-targeted GDWS, spatial SVD, pruning, INT8 and GDWS + INT8, each attacked white-box (PGD-20, eps 0.1) and
 # timed interleaved with the original. Resumable: rerun the same command after an interruption.
 #   sh tools/vgg16_sweep.sh [OUT] [extra sweep flags, e.g. --retime --threads 2]
 set -e
@@ -20,10 +21,13 @@ onnx-gdws sweep $M --n 1000 --n-quantized 200 --threads 1 --runs 50 --batch 1,32
     --point "fwd mismatch 0.01: $FWD --mismatch-budget 0.01" \
     --point "data-aware+fwd mismatch 0.002: $DA $FWD --mismatch-budget 0.002" \
     --point "data-aware+fwd mismatch 0.005: $DA $FWD --mismatch-budget 0.005" \
+    --point "fwd mismatch 0.005 latency: $FWD --mismatch-budget 0.005 --target latency" \
+    --point "fwd mismatch 0.01 latency: $FWD --mismatch-budget 0.01 --target latency" \
+    --point "fwd mismatch 0.02 latency: $FWD --mismatch-budget 0.02 --target latency" \
     --point "latency error 0.05: --target latency --error-budget 0.05" \
     --point "latency 1.5x: --target latency --latency-reduction 1.5" \
     --point "latency 2x: --target latency --latency-reduction 2" \
     --point "latency 3x: --target latency --latency-reduction 3" \
     --peer ssvd --peer prune --peer int8 --peer gdws+int8 \
-    --match-at "gdws fwd mismatch 0.002" --match-at "gdws fwd mismatch 0.005" --match-at "gdws error:0.1" \
+    --match-at "gdws fwd mismatch 0.005" --match-at "gdws error:0.1" --match-at "gdws fwd mismatch 0.01 latency" \
     "$@"
