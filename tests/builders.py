@@ -133,6 +133,27 @@ def small_cnn(seed: int = 0, channels: tuple[int, ...] = (8, 16, 16), classes: i
     return model
 
 
+
+def annotated_cnn() -> onnx.ModelProto:
+    """small_cnn with what an optimizer must keep: IR 7, a second opset, producer, doc string, metadata."""
+    model = small_cnn()
+    model.ir_version = 7
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    model.producer_name, model.producer_version, model.doc_string = "me", "9.9", "doc"
+    helper.set_model_props(model, {"author": "x", "license": "y"})
+    return model
+
+
+def assert_model_info_kept(out: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """`out` has `model`'s IR version, opsets, producer, doc string, metadata and I/O (names, types, shapes)."""
+    assert out.ir_version == model.ir_version
+    assert [(o.domain, o.version) for o in out.opset_import] == [(o.domain, o.version) for o in model.opset_import]
+    assert (out.producer_name, out.producer_version, out.doc_string) == \
+        (model.producer_name, model.producer_version, model.doc_string)
+    assert {p.key: p.value for p in out.metadata_props} == {p.key: p.value for p in model.metadata_props}
+    assert [i.SerializeToString() for i in out.graph.input] == [i.SerializeToString() for i in model.graph.input]
+    assert [o.SerializeToString() for o in out.graph.output] == [o.SerializeToString() for o in model.graph.output]
+
 # ----------------------------------------------------------------------------- tiny classifier (sensitivity)
 
 TINY_CLASSES = 4

@@ -59,6 +59,10 @@ from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET
                    "by Van Loan-Pitsianis SVD) or plain low rank, at --error-budget (each weight's relative "
                    "squared error) or --mac-reduction (each layer's MACs / R); with --target latency, at the error "
                    "budget, only where measured faster.")
+@click.option("--quantize", type=click.Choice(["off", "int8"]), default="off", show_default=True,
+              help="After the rewrites, quantize to INT8 (ONNX Runtime static QDQ: per-channel int8 weights, uint8 "
+                   "activations, MinMax calibration on the first 256 samples of --data, which it needs); --conv off "
+                   "for INT8 alone. Reports which convs ORT runs as int8 kernels (QLinearConv).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare original and optimized outputs in ONNX Runtime.")
 @args.DATA_SPEC(default=None, help="Verification inputs: .npz with 'x' (or arrays named after inputs), or a data "

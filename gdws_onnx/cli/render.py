@@ -217,13 +217,29 @@ def fc_latency_lines(lat: dict | None) -> list[str]:
     return lines
 
 
+def quantize_lines(report: OptimizeReport) -> list[str]:
+    """One line on the INT8 step: how it was calibrated, how many convs are QDQ-wrapped, how many
+    ORT runs as int8 kernels (of them the GDWS convs); then the convs that stay float, if any."""
+    q = report.quantize
+    if q is None:
+        return []
+    k = q.int8_kernels
+    gdws = f" ({k['gdws_int8']}/{k['gdws_convs']} GDWS convs)" if k["gdws_convs"] else ""
+    transposes = q.op_counts.get("Transpose", 0)
+    line = (f"int8: {q.method} ({q.calibration}); {q.convs_quantized}/{len(q.convs)} convs QDQ-wrapped; ORT CPU runs "
+            f"{k['int8']}/{k['convs']} as int8 kernels{gdws}"
+            + (f"; {transposes} layout Transposes in ORT's graph" if transposes else ""))
+    floats = [f"{c['name']} ({c['kernel']})" for c in k["not_int8"]]
+    return [line] + ([f"  not int8: {', '.join(floats)}"] if floats else [])
+
+
 def optimize_summary(report: OptimizeReport, model: str, output: str, budget: BudgetOptions) -> list:
     """What `optimize` prints before it writes: the table (a rich Table), then plain note lines."""
     lines: list = [optimize_table(report)]
     if report.budget.message:
         lines.append(f"note: {report.budget.message}")
     lines += (fc_lines(report) + latency_lines(report.latency) + verification_lines(report.verification)
-              + mismatch_lines(report) + bias_correction_lines(report))
+              + mismatch_lines(report) + bias_correction_lines(report) + quantize_lines(report))
     if budget.target == "macs" and report.rewritten:
         lines.append("note: ranks were chosen by MAC count, not by time: fewer MACs often run slower "
                      f"(depthwise and Gather are memory-bound). Time it: onnx-gdws bench {model} {output}; "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -64,6 +67,67 @@ def restore_ir_version(model: onnx.ModelProto, original_ir: int) -> None:
         model.ir_version = target
 
 
+@contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """Hold back warnings on the root logger for the duration (ORT's quantizer logs its advice to
+    run pre-processing there, once per call); the level is restored after."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def restore_model_info(quantized: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Give the quantized model the original's producer, version, domain, doc string and metadata
+    (ORT's quantizer writes its own producer and adds a metadata entry)."""
+    quantized.producer_name, quantized.producer_version = original.producer_name, original.producer_version
+    quantized.domain, quantized.model_version, quantized.doc_string = original.domain, original.model_version, \
+        original.doc_string
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(original.metadata_props)
+
+
+def quantizable(model: onnx.ModelProto, per_channel: bool = True) -> str | None:
+    """Why ORT's static quantization cannot quantize this model as asked (None: it can): one
+    graph input is needed (to calibrate), and per-channel weights need default-domain opset >= 13
+    (DequantizeLinear's `axis`; ORT's quantizer writes it anyway, giving an invalid model)."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        return f"INT8 calibration needs a model with one input, this one has {len(inputs)}"
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if per_channel and opset < 13:
+        return (f"per-channel INT8 needs opset >= 13 (DequantizeLinear with an axis); the model has opset {opset}: "
+                "convert it first (onnx.version_converter.convert_version(model, 13))")
+    return None
+
+
+def fixed_batch(inp: onnx.ValueInfoProto) -> int:
+    """The input's fixed leading (batch) dimension, 0 when it is dynamic or absent."""
+    dims = inp.type.tensor_type.shape.dim
+    return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
+
+
+def calibration_set(model: onnx.ModelProto, calibration: np.ndarray, samples: int = CALIBRATION_SAMPLES) -> np.ndarray:
+    """The calibration rows the quantizer uses: the first `samples`, cut to whole batches when the
+    model's input has a fixed batch size. GDWSError when they do not fit the input."""
+    inp = _graph_input(model)
+    dims = inp.type.tensor_type.shape.dim
+    x = np.asarray(calibration)[:samples]
+    if x.ndim != len(dims) or len(x) == 0:
+        raise GDWSError(f"calibration must be N x {len(dims) - 1} dims like input '{inp.name}', got shape {x.shape}")
+    batch = fixed_batch(inp)
+    if batch:  # a fixed batch dimension takes whole batches only
+        x = x[:len(x) - len(x) % batch]
+        if len(x) == 0:
+            raise GDWSError(f"input '{inp.name}' has a fixed batch of {batch}: give at least that many "
+                            "calibration samples")
+    return x
+
+
 class QuantizeInt8Pass:
     """ORT static INT8 quantization: QDQ format, int8 weights (per output channel by default),
     `activation_type` ("int8" or "uint8") activations, MinMax calibration on the first `samples`
@@ -78,7 +142,12 @@ class QuantizeInt8Pass:
 
     Activations default to int8 (S8S8, ORT's recommended QDQ default): on the shipped VGG with
     ORT 1.32's CPU EP (AVX512-VNNI) int8 and uint8 activations, with or without preprocessing,
-    ran within 3 % of each other at batch 1 and 32, with the same accuracy.
+    ran within 3 % of each other at batch 1 and 32, with the same accuracy. But the x86 CPU EP
+    runs QLinearConv on uint8 activations only: it converts an int8 Q -> DQ pair to uint8 only
+    where the Q has one consumer, so where an activation branches (a residual block's input)
+    the convs beside it stay float (ResNet-18-small: 8 of 20 convs as QLinearConv with int8
+    activations, 20 of 20 with uint8, same top-1). `optimize(quantize="int8")` asks for uint8;
+    `graph.qdq.int8_coverage` and `runtime.kernels.conv_kernels` say where the convs stand.
     """
 
     in_place = False
@@ -97,19 +166,12 @@ class QuantizeInt8Pass:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         acts = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        problem = quantizable(model, self.per_channel)
+        if problem:
+            raise GDWSError(problem)
         inp = _graph_input(model)
-        dims = inp.type.tensor_type.shape.dim
-        fixed_batch = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
-        x = np.asarray(self.calibration)[:self.samples]
-        if x.ndim != len(dims) or len(x) == 0:
-            raise GDWSError(f"calibration must be N x {len(dims) - 1} dims like input '{inp.name}', "
-                            f"got shape {x.shape}")
-        batch = fixed_batch or CALIBRATION_BATCH
-        if fixed_batch:  # a fixed batch dimension takes whole batches only
-            x = x[:len(x) - len(x) % fixed_batch]
-            if len(x) == 0:
-                raise GDWSError(f"input '{inp.name}' has a fixed batch of {fixed_batch}: give at least that many "
-                                "calibration samples")
+        x = calibration_set(model, self.calibration, self.samples)
+        batch = fixed_batch(inp) or CALIBRATION_BATCH
         batches = calibration_batches(x, batch)
         original_ir = model.ir_version
         io_names = _io_names(model)
@@ -122,11 +184,13 @@ class QuantizeInt8Pass:
                 pre = os.path.join(tmp, "pre.onnx")
                 quant_pre_process(src, pre)
                 src = pre
-            quantize_static(src, out, _reader(inp.name, batches), quant_format=QuantFormat.QDQ,
-                            per_channel=self.per_channel, activation_type=acts[self.activation_type],
-                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+            with quiet_root_logger():
+                quantize_static(src, out, _reader(inp.name, batches), quant_format=QuantFormat.QDQ,
+                                per_channel=self.per_channel, activation_type=acts[self.activation_type],
+                                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
             quantized = onnx.load_model(out)
         restore_ir_version(quantized, original_ir)
+        restore_model_info(quantized, model)
         if _io_names(quantized) != io_names:
             raise GDWSError("INT8 quantization changed the model's input/output names")
         message = (f"QDQ, {'per-channel' if self.per_channel else 'per-tensor'} int8 weights, "

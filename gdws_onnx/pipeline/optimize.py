@@ -1,7 +1,7 @@
 """`optimize`: a short sequence of named steps, each doing one thing:
 
     analyze -> select -> plan (a budget planner, `budgets.planner_for`) -> settle -> decompose
-    -> rewrite -> calibrate (bias correction) -> fold -> report -> verify
+    -> rewrite -> calibrate (bias correction) -> fold -> fc -> report -> quantize (INT8) -> verify
 
 Each step receives the option groups it needs (`options.py`), not the whole options.
 """
@@ -26,6 +26,7 @@ from gdws_onnx.graph.convs import ConvSite, find_convs, node_label
 from gdws_onnx.graph.fold import FoldGatherPass
 from gdws_onnx.graph.model_io import LoadedModel, load_model
 from gdws_onnx.graph.pattern import layer_of
+from gdws_onnx.graph.qdq import int8_coverage
 from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
 from gdws_onnx.pipeline.budgets import planner_for
 from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate, name_filter, skip_reason
@@ -37,8 +38,9 @@ from gdws_onnx.pipeline.options import (
     SelectionOptions,
     VerifyOptions,
 )
-from gdws_onnx.pipeline.report import FCSummary, LayerReport, OptimizeReport, VerificationReport
+from gdws_onnx.pipeline.report import FCSummary, LayerReport, OptimizeReport, QuantizeSummary, VerificationReport
 from gdws_onnx.provenance import versions
+from gdws_onnx.runtime.kernels import conv_kernels
 from gdws_onnx.runtime.session import (
     data_feeds,
     input_insensitive_outputs,
@@ -53,6 +55,16 @@ if TYPE_CHECKING:
 
 VERIFY_SAMPLES = 256  # samples of a data set spec used for verification
 CALIBRATION_SAMPLES = 1000  # samples of a data set spec used by bias correction and data-aware truncation
+QUANTIZE_SAMPLES = 256  # samples of the data the INT8 step calibrates on (the first ones)
+# uint8 activations (U8S8): ORT's x86 CPU EP runs QLinearConv on uint8 data only and turns an int8
+# Q -> DQ pair into uint8 only where the Q has a single consumer; with int8 activations the convs
+# next to a branching activation stay float (measured: peers.quantize)
+QUANTIZE_ACTIVATIONS = "uint8"
+QUANTIZE_PLACEMENT = ("ORT's QDQ placement (every Conv, and each GDWS Gather, between DequantizeLinear and "
+                      "QuantizeLinear), with uint8 activations so that no int8 pair is left unconverted for "
+                      "the CPU EP's QLinearConv")
+QUANTIZED_VERIFICATION = ("the optimized model is INT8: these errors include the quantization error, on inputs that "
+                          "include the calibration samples")
 
 
 def load_alphas(source: str | dict | None) -> dict[str, np.ndarray]:
@@ -232,7 +244,10 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     clock, model = Stopwatch(), loaded.model
     with clock("analyze"):
         analysis = analyze(loaded, opts.run, opts.budget)
-    if not analysis.sites and opts.selection.fc == "off":  # nothing to rewrite: returned as it is, not an error
+    quantizing = opts.calibration.quantize != "off"
+    if quantizing:  # before any work: the quantizer's own refusals (inputs, opset)
+        require_quantizable(model)
+    if not analysis.sites and opts.selection.fc == "off" and not quantizing:  # nothing to do: not an error
         return model, unchanged_report(opts, NO_CONV, clock.timings)
     with clock("decompose"):
         selection = select(model, analysis, opts.selection, opts.calibration, opts.run)
@@ -252,10 +267,15 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
     report = build_report(model, analysis, selection, rewrites, folded, plan, opts)
     report.bias_correction = None if correction is None else correction.to_dict()
     report.fc = fc
+    if quantizing:
+        with clock("quantize"):
+            model, report.quantize = quantize(model, opts.run)
     with clock("verify"):
-        changed = bool(rewrites) or bool(fc is not None and fc.layers)
+        changed = bool(rewrites) or bool(fc is not None and fc.layers) or quantizing
         idle = None if changed else ("no conv was rewritten" if fc is None else "no conv or FC layer was rewritten")
         report.verification = verification(original, model, idle, opts.verification, opts.run)
+        if quantizing and report.verification.ran:
+            report.verification.message = QUANTIZED_VERIFICATION
     report.timings = clock.timings
     return model, report
 
@@ -293,7 +313,7 @@ def plan_convs(selection: Selection, analysis: Analysis, model: onnx.ModelProto,
     if opts.selection.conv == "off" or not analysis.sites:
         budget = opts.budget.requested()
         budget.message = (f"{'the conv pass is off' if analysis.sites else 'the model has no Conv node'}: "
-                          "the budget applies to the FC layers")
+                          + ("the budget applies to the FC layers" if opts.selection.fc != "off" else "no budget applies"))
         return BudgetPlan(budget)
     return planner_for(opts).plan(selection.cands, analysis.sites, model)
 
@@ -361,6 +381,35 @@ def rewrite_fc_layers(model: onnx.ModelProto, base_dir: str, opts: OptimizeOptio
                         only_if_cheaper=not opts.budget.force, base_dir=base_dir,
                         input_shapes=opts.run.input_shapes, exclude=lambda name: name_filter(name, opts.selection))
     return FCSummary(opts.selection.fc, result.report.layers, result.report.skipped)
+
+
+def require_quantizable(model: onnx.ModelProto) -> None:
+    """GDWSError when the INT8 step could not quantize this model (peers.quantize.quantizable)."""
+    from gdws_onnx.peers.quantize import quantizable
+
+    problem = quantizable(model, per_channel=True)
+    if problem:
+        raise GDWSError(problem)
+
+
+def quantize(model: onnx.ModelProto, run: RunOptions) -> tuple[onnx.ModelProto, QuantizeSummary]:
+    """The rewritten model as INT8 (peers.quantize: ORT static QDQ, per-channel int8 weights,
+    QUANTIZE_ACTIVATIONS activations, MinMax) calibrated on the first QUANTIZE_SAMPLES samples of
+    `run.data`; with where its convs stand: QDQ-wrapped in the graph (graph.qdq.int8_coverage) and
+    the kernel ORT's CPU EP runs each as (runtime.kernels.conv_kernels). Returns a new model."""
+    from gdws_onnx.peers.quantize import QuantizeInt8Pass, calibration_set
+
+    arrays, desc = data_arrays(run.data, QUANTIZE_SAMPLES)
+    x = calibration_set(model, next(iter(named_inputs(model, arrays).values())), QUANTIZE_SAMPLES)
+    result = QuantizeInt8Pass(x, per_channel=True, samples=len(x), activation_type=QUANTIZE_ACTIVATIONS).call(model)
+    quantized = result.model
+    ran = conv_kernels(quantized, run.threads)
+    kernels = {k.name: k for k in ran.convs}
+    convs = [{"name": c.name, "layer": c.layer, "role": c.role, "wrapped": c.wrapped, "missing": c.missing,
+              "kernel": kernels[c.name].op_type, "int8": kernels[c.name].int8}
+             for c in int8_coverage(quantized).convs]
+    return quantized, QuantizeSummary(scheme="int8", method=result.report.message, calibration=desc, samples=len(x),
+                                      placement=QUANTIZE_PLACEMENT, convs=convs, op_counts=ran.op_counts)
 
 
 def build_report(model: onnx.ModelProto, analysis: Analysis, selection: Selection, rewrites: list[LayerRewrite],

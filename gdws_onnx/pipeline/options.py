@@ -17,6 +17,7 @@ from gdws_onnx.pipeline.report import BudgetReport
 
 DEFAULT_ERROR_BUDGET = 0.1  # per-layer relative weighted error when no budget is given
 FC_SCHEMES = ("off", "kronecker", "lowrank")  # Gemm/MatMul rewrites (graph.fc)
+QUANTIZE_SCHEMES = ("off", "int8")  # after the rewrites: ORT static QDQ quantization (peers.quantize)
 BUDGETS = ("error_budget", "mac_reduction", "latency_reduction", "mismatch_budget", "uniform_rank")
 
 
@@ -120,10 +121,13 @@ class CalibrationOptions:
 
     bias_correction: bool = False  # shift rewritten convs' biases by their mean output error on the data
     data_aware: float | None = None  # lam: truncate in the metric (1 - lam) I + lam S_c / s from the data
+    quantize: str = "off"  # "int8": static QDQ INT8 of the rewritten model, calibrated on the data
 
     def validate(self) -> None:
         if self.data_aware is not None:
             _check(0 < self.data_aware <= 1, f"{{0}} must be in (0, 1], got {self.data_aware}", "data_aware")
+        _check(self.quantize in QUANTIZE_SCHEMES, f"{{0}} must be one of {', '.join(QUANTIZE_SCHEMES)}, got "
+               f"{literal(repr(self.quantize))}", "quantize")
 
 
 @dataclass
@@ -177,7 +181,7 @@ GROUP_OF: dict[str, str] = {f.name: group for group, cls in GROUPS.items() for f
 FLAT = ("error_budget", "mac_reduction", "mismatch_budget", "uniform_rank", "alphas", "skip_first", "include",
         "exclude", "force", "verify", "data", "input_shapes", "max_error", "seed", "bias_correction", "data_aware",
         "width_multiple", "target", "ep", "batches", "threads", "latency_reduction", "cache", "runs", "max_rounds",
-        "measure_seconds", "latency_table", "fc", "conv",
+        "measure_seconds", "latency_table", "fc", "conv", "quantize",
         "probe_factory")  # the flat options, in the order reports list them
 
 
@@ -228,8 +232,12 @@ class OptimizeOptions:
         _check(self.timing.latency_table is None or self.budget.target == "latency",
                "{0} needs {1} latency", "latency_table", "target")
         for param, on in (("bias_correction", self.calibration.bias_correction),
-                          ("data_aware", self.calibration.data_aware is not None)):
+                          ("data_aware", self.calibration.data_aware is not None),
+                          ("quantize", self.calibration.quantize != "off")):
             _check(not on or bool(self.run.data), "{0} needs {1} (calibration inputs)", param, "data")
+        # the latency planner times float candidates: quantized ones are not timed yet
+        _check(self.calibration.quantize == "off" or self.budget.target != "latency",
+               "{0} with {1} latency is not timed yet", "quantize", "target")
 
     def to_dict(self) -> dict:
         """The flat options as a report lists them (an alphas dict as '<dict>', no probe factory)."""

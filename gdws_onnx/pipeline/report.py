@@ -130,6 +130,41 @@ class FCSummary:
 
 
 @dataclass
+class QuantizeSummary:
+    """The INT8 step's part of the report (quantize="int8"): how the rewritten model was quantized
+    and calibrated, which convs the graph has QDQ-wrapped (graph.qdq) and which ones ORT's CPU EP
+    runs as int8 kernels (runtime.kernels)."""
+
+    scheme: str  # "int8"
+    method: str  # the quantizer's description: format, weights, activations, calibration method
+    calibration: str  # where the calibration samples came from
+    samples: int  # how many were used
+    placement: str  # what was chosen for the QDQ placement, and why
+    convs: list[dict] = field(default_factory=list)  # per Conv: name, layer, role, wrapped, missing, kernel
+    op_counts: dict[str, int] = field(default_factory=dict)  # op type -> nodes in ORT's optimized graph
+
+    @property
+    def convs_quantized(self) -> int:
+        """Convs with DequantizeLinear on data and weight and a QuantizeLinear on the output."""
+        return sum(c["wrapped"] for c in self.convs)
+
+    @property
+    def int8_kernels(self) -> dict:
+        """How many convs ORT runs as int8 kernels (QLinearConv, ConvInteger): all, and those of the
+        rewritten (GDWS) layers; the ones that stay float, with the op they run as."""
+        gdws = [c for c in self.convs if c["role"] is not None]
+        return {"convs": len(self.convs), "int8": sum(c["int8"] for c in self.convs),
+                "gdws_convs": len(gdws), "gdws_int8": sum(c["int8"] for c in gdws),
+                "not_int8": [{"name": c["name"], "kernel": c["kernel"] or "not found"}
+                             for c in self.convs if not c["int8"]]}
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "method": self.method, "calibration": self.calibration,
+                "samples": self.samples, "placement": self.placement, "convs_quantized": self.convs_quantized,
+                "int8_kernels": self.int8_kernels, "convs": self.convs, "op_counts": self.op_counts}
+
+
+@dataclass
 class OptimizeReport:
     """Everything `optimize` did, for the summary table and `--report FILE.json`."""
 
@@ -147,6 +182,8 @@ class OptimizeReport:
     bias_correction: dict | None = None
     # fc != "off": the Gemm/MatMul rewrite (graph.fc.FCReport): rewritten layers and skip reasons
     fc: FCSummary | None = None
+    # quantize != "off": the INT8 step (QDQ placement, calibration, the kernels ORT runs)
+    quantize: QuantizeSummary | None = None
 
     def _total(self, attr: str) -> int | None:
         vals = [getattr(layer, attr) for layer in self.layers]
@@ -189,6 +226,7 @@ class OptimizeReport:
             "layers": layers, "latency": self.latency, "options": self.options, "timings": self.timings,
             "versions": self.versions, "bias_correction": self.bias_correction,
             "fc": None if self.fc is None else self.fc.to_dict(),
+            "quantize": None if self.quantize is None else self.quantize.to_dict(),
         }
 
     def to_json(self) -> str:
