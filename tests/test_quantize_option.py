@@ -221,13 +221,13 @@ def test_preserves_ir_opsets_metadata_and_io(tmp_path):
     onnx.checker.check_model(out, full_check=True)
 
 
-def test_quantize_needs_data_and_does_not_go_with_target_latency():
+def test_quantize_needs_data_and_no_float_latency_table():
     with pytest.raises(OptionError) as e:
         optimize(small_cnn(), quantize="int8")
     assert e.value.params == ("quantize", "data")
     with pytest.raises(OptionError) as e:
-        optimize(small_cnn(), quantize="int8", data="x.npz", target="latency")
-    assert "not timed yet" in str(e.value)
+        optimize(small_cnn(), quantize="int8", data="x.npz", target="latency", latency_table="t.json")
+    assert e.value.params == ("quantize", "latency_table")
     with pytest.raises(OptionError, match="quantize must be one of off, int8"):
         optimize(small_cnn(), quantize="int4", data="x.npz")
 
@@ -264,3 +264,48 @@ def test_cli_prints_the_int8_line_and_writes_the_report(runner, cnn_path, tmp_pa
     assert q["convs_quantized"] == q["int8_kernels"]["convs"] == q["int8_kernels"]["int8"]
     assert q["int8_kernels"]["gdws_int8"] == q["int8_kernels"]["gdws_convs"] > 0
     assert json.loads(rep.read_text())["options"]["quantize"] == "int8"
+
+
+class Int8Probe:
+    """A fake probe that records what it is asked to compare (every model it sees must be INT8)
+    and calls a layer faster when its name is in `fast`; whole models: faster when any GDWS node."""
+
+    def __init__(self, kind, fast, seen):
+        self.kind, self.fast, self.seen = kind, fast, seen
+
+    def compare(self, baseline, candidate, threshold=None):
+        from gdws_onnx.graph.pattern import is_gdws_node, layer_of
+        from gdws_onnx.runtime.bench import Ratio
+
+        for m in (baseline, candidate):
+            self.seen.append((self.kind, sum(n.op_type == "QuantizeLinear" for n in m.graph.node)))
+        layers = {layer_of(n.name) for n in candidate.graph.node if is_gdws_node(n)}
+        win = bool(layers & self.fast) if self.kind == "layer" else bool(layers)
+        r = 0.6 if win else 1.3
+        return Ratio("b", "c", r, r - 0.01, r + 0.01, 1.0, r, ci_low=r - 0.02, ci_high=r + 0.02, rounds=40,
+                     confidence=0.99)
+
+
+def test_target_latency_with_int8_times_int8_forms_against_int8_alone(tmp_path):
+    """--target latency --quantize int8: every layer and whole-model comparison is between INT8
+    models (the whole-model baseline is the original in INT8), a layer is kept only where its INT8
+    GDWS form is faster, the cache keeps INT8 timings apart, and the result is quantized."""
+    model = small_cnn(channels=(8, 16, 24), size=8)
+    x = np.random.default_rng(0).random((16, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    names = [s.name for s in find_convs(model)]
+    seen = []
+    factory = lambda batch, kind: Int8Probe(kind, {names[1]}, seen)  # noqa: E731
+    cache = str(tmp_path / "c.json")
+    out, report = optimize(model, target="latency", error_budget=0.3, quantize="int8", data=str(tmp_path / "x.npz"),
+                           cache=cache, probe_factory=factory)
+    assert seen and all(q > 0 for _, q in seen)  # never a float model
+    assert {r.name for r in report.rewritten} == {names[1]}
+    assert "QuantizeLinear" in {n.op_type for n in out.graph.node}
+    assert all(k.get("int8") for k in report.quantize.convs if k["layer"] == names[1])
+    entries = json.load(open(cache))
+    float_seen = []
+    optimize(model, target="latency", error_budget=0.3, cache=cache,
+             probe_factory=lambda b, k: Int8Probe(k, {names[1]}, float_seen), verify=False)
+    assert float_seen and any(q == 0 for _, q in float_seen)  # float run: INT8 cache entries not reused
+    assert len(json.load(open(cache))) > len(entries)

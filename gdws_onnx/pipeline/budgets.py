@@ -111,7 +111,8 @@ PLANNERS: dict[str, Callable[[OptimizeOptions], Planner]] = {  # BudgetOptions.p
     "mismatch": lambda o: MismatchPlanner(o.budget.mismatch_budget, o.budget.width_multiple),
     "uniform": lambda o: UniformPlanner(o.budget.uniform_rank),
     "latency": lambda o: LatencyPlanner(o.budget, o.timing, o.run, ranks=None if o.budget.mismatch_budget is None
-                                        else MismatchPlanner(o.budget.mismatch_budget, o.budget.width_multiple)),
+                                        else MismatchPlanner(o.budget.mismatch_budget, o.budget.width_multiple),
+                                        quantize=o.calibration.quantize),
 }
 
 

@@ -370,13 +370,14 @@ class LatencyPlanner:
     timing: TimingOptions
     run: RunOptions
     ranks: RanksPlanner | None = None  # fixes the ranks first (a mismatch budget); then only realizations are timed
+    quantize: str = "off"  # "int8": time the INT8 forms (the whole-model baseline is then INT8 alone)
 
     def plan(self, cands: list[Candidate], sites: list[ConvSite], model: onnx.ModelProto) -> BudgetPlan:
         if self.ranks is None:
-            return plan(cands, model, self.budget, self.timing, self.run)
+            return plan(cands, model, self.budget, self.timing, self.run, quantize=self.quantize)
         self.ranks.plan(cands, sites, model)
         allocated = [c for c in cands if c.ranks is not None and not c.reason]
-        result = plan(allocated, model, self.budget, self.timing, self.run, fixed_ranks=True)
+        result = plan(allocated, model, self.budget, self.timing, self.run, fixed_ranks=True, quantize=self.quantize)
         result.budget = self.budget.requested()  # its achieved mismatch is set by optimize on the final ranks
         return result
 
@@ -413,18 +414,27 @@ class WholeModel:
 
 
 def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, timing: TimingOptions,
-         run: RunOptions, fixed_ranks: bool = False) -> BudgetPlan:
+         run: RunOptions, fixed_ranks: bool = False, quantize: str = "off") -> BudgetPlan:
     """Choose each candidate's ranks and realization by measured latency (sets `ranks`,
     `multiplier`, `measured_ratio`, `fold` or `reason` on each) under the error budget or the
     latency budget of `budget`, and run the never-slower check. `model` is the unmodified original.
     With `fixed_ranks` each candidate's allocated ranks stay (no less accurate: the measured
-    realizations only pad or add terms) and only their realizations are timed.
+    realizations only pad or add terms) and only their realizations are timed. With quantize
+    "int8" every comparison is between INT8 forms (pipeline.int8.QuantizedProbe): a layer's INT8
+    GDWS form against the INT8 layer, the whole model against INT8 alone.
     Returns the BudgetReport and the LatencyReport of what was measured."""
     require_input_shapes(cands)
     if timing.latency_table is not None:
         return plan_from_table(cands, budget, timing, LatencyTable.load(timing.latency_table))
     probes, model_probes = layer_probes(timing, run, "layer"), layer_probes(timing, run, "model")
     env = environment_key(timing.ep, run.threads)
+    if quantize != "off":
+        from gdws_onnx.pipeline.int8 import QuantizedProbe, calibration_inputs
+
+        x, _ = calibration_inputs(model, run)
+        probes = {b: QuantizedProbe(p) for b, p in probes.items()}
+        model_probes = {b: QuantizedProbe(p, x) for b, p in model_probes.items()}
+        env = {**env, "quantize": quantize}  # INT8 timings never answer for float ones
     cache = LatencyCache(default_cache_path() if timing.cache is None else (timing.cache or None))
     eps = None if budget.latency_reduction is not None else budget.error
     choices = {c.site.name: realizations(c.spec, decompose.scores(c.spec, c.alpha), c.ranks) if fixed_ranks
@@ -459,7 +469,7 @@ def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, 
         final_ratios=whole.final, speedup=whole.speedup, layer_threshold=FASTER, confidence=CONFIDENCE,
         layers={c.site.name: _layer_entry(measured[c.site.name], picks.options.get(c.site.name)) for c in cands},
         checks=whole.check.steps, fold_trials=whole.trials, folded=sorted(whole.folded),
-        message=outcome_message(bool(chosen), whole.check.faster, timing.ep))
+        message=outcome_message(bool(chosen), whole.check.faster, timing.ep, quantize))
     return BudgetPlan(budget_report(budget, picks, whole), report)
 
 
@@ -619,8 +629,13 @@ def budget_report(budget: BudgetOptions, picks: Picks, whole: WholeModel) -> Bud
     return report
 
 
-def outcome_message(chosen: bool, faster_model: bool, ep: str) -> str:
-    """'' when a faster model is returned, else why the original is."""
+def outcome_message(chosen: bool, faster_model: bool, ep: str, quantize: str = "off") -> str:
+    """'' when a faster model is returned, else why the original is (the INT8 forms compared, with quantize)."""
+    if quantize != "off":
+        if not chosen:
+            return f"no conv is measurably faster in {quantize.upper()} GDWS form than in {quantize.upper()} on {ep}: " \
+                   "every conv stays as it is"
+        return "" if faster_model else f"no rewrite made the {quantize.upper()} model faster: every conv stays as it is"
     if not chosen:
         return f"no conv is measurably faster in GDWS form on {ep}: the model is unchanged"
     return "" if faster_model else "no rewrite made the whole model faster: the original is returned unchanged"

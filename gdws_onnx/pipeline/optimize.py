@@ -20,16 +20,16 @@ import numpy as np
 import onnx
 
 from gdws_onnx.core import decompose
-from gdws_onnx.data import DataError, load_dataset
 from gdws_onnx.errors import GDWSError, OptionError, literal
 from gdws_onnx.graph.convs import ConvSite, find_convs, node_label
 from gdws_onnx.graph.fold import FoldGatherPass
 from gdws_onnx.graph.model_io import LoadedModel, load_model
 from gdws_onnx.graph.pattern import layer_of
-from gdws_onnx.graph.qdq import int8_coverage
 from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
 from gdws_onnx.pipeline.budgets import planner_for
 from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate, name_filter, skip_reason
+from gdws_onnx.pipeline.inputs import data_arrays, named_inputs
+from gdws_onnx.pipeline.int8 import quantize, require_quantizable
 from gdws_onnx.pipeline.options import (
     BudgetOptions,
     CalibrationOptions,
@@ -38,9 +38,8 @@ from gdws_onnx.pipeline.options import (
     SelectionOptions,
     VerifyOptions,
 )
-from gdws_onnx.pipeline.report import FCSummary, LayerReport, OptimizeReport, QuantizeSummary, VerificationReport
+from gdws_onnx.pipeline.report import FCSummary, LayerReport, OptimizeReport, VerificationReport
 from gdws_onnx.provenance import versions
-from gdws_onnx.runtime.kernels import conv_kernels
 from gdws_onnx.runtime.session import (
     data_feeds,
     input_insensitive_outputs,
@@ -55,14 +54,6 @@ if TYPE_CHECKING:
 
 VERIFY_SAMPLES = 256  # samples of a data set spec used for verification
 CALIBRATION_SAMPLES = 1000  # samples of a data set spec used by bias correction and data-aware truncation
-QUANTIZE_SAMPLES = 256  # samples of the data the INT8 step calibrates on (the first ones)
-# uint8 activations (U8S8): ORT's x86 CPU EP runs QLinearConv on uint8 data only and turns an int8
-# Q -> DQ pair into uint8 only where the Q has a single consumer; with int8 activations the convs
-# next to a branching activation stay float (measured: peers.quantize)
-QUANTIZE_ACTIVATIONS = "uint8"
-QUANTIZE_PLACEMENT = ("ORT's QDQ placement (every Conv, and each GDWS Gather, between DequantizeLinear and "
-                      "QuantizeLinear), with uint8 activations so that no int8 pair is left unconverted for "
-                      "the CPU EP's QLinearConv")
 QUANTIZED_VERIFICATION = ("the optimized model is INT8: these errors include the quantization error, on inputs that "
                           "include the calibration samples")
 
@@ -147,24 +138,6 @@ def _account_folds(layers: list[LayerReport], model: onnx.ModelProto, folded: di
         if owner is not None and owner.macs_per_pixel_after is not None:
             owner.macs_per_pixel_after += (width - rep.in_channels) * per_channel
             owner.params_after += (width - rep.in_channels) * (per_channel + bias)
-
-
-def data_arrays(data: str, n: int) -> tuple[dict[str, np.ndarray], str]:
-    """Arrays of a `data` option value (an .npz: all of it; a data set spec: its first n samples)
-    and a description of them."""
-    if data.lower().endswith(".npz"):
-        if not os.path.isfile(data):
-            raise OptionError(f"{{0}} file not found: {literal(data)}", "data")
-        try:
-            with np.load(data) as z:
-                return {k: z[k] for k in z.files}, f"data file {data}"
-        except (ValueError, OSError) as e:
-            raise OptionError(f"cannot read {{0}} {literal(data)}: {literal(e)}", "data") from None
-    try:  # a data set spec shared with validate: fashion-mnist:test, an image folder
-        ds = load_dataset(data, n=n)
-    except (DataError, ValueError, OSError) as e:
-        raise OptionError(f"{{0}} {literal(data)}: {literal(e)}", "data") from None
-    return {"x": ds.x}, f"the first {len(ds.x)} samples of {ds.name}"
 
 
 def verify(original: onnx.ModelProto | str, optimized: onnx.ModelProto, verification: VerifyOptions,
@@ -383,35 +356,6 @@ def rewrite_fc_layers(model: onnx.ModelProto, base_dir: str, opts: OptimizeOptio
     return FCSummary(opts.selection.fc, result.report.layers, result.report.skipped)
 
 
-def require_quantizable(model: onnx.ModelProto) -> None:
-    """GDWSError when the INT8 step could not quantize this model (peers.quantize.quantizable)."""
-    from gdws_onnx.peers.quantize import quantizable
-
-    problem = quantizable(model, per_channel=True)
-    if problem:
-        raise GDWSError(problem)
-
-
-def quantize(model: onnx.ModelProto, run: RunOptions) -> tuple[onnx.ModelProto, QuantizeSummary]:
-    """The rewritten model as INT8 (peers.quantize: ORT static QDQ, per-channel int8 weights,
-    QUANTIZE_ACTIVATIONS activations, MinMax) calibrated on the first QUANTIZE_SAMPLES samples of
-    `run.data`; with where its convs stand: QDQ-wrapped in the graph (graph.qdq.int8_coverage) and
-    the kernel ORT's CPU EP runs each as (runtime.kernels.conv_kernels). Returns a new model."""
-    from gdws_onnx.peers.quantize import QuantizeInt8Pass, calibration_set
-
-    arrays, desc = data_arrays(run.data, QUANTIZE_SAMPLES)
-    x = calibration_set(model, next(iter(named_inputs(model, arrays).values())), QUANTIZE_SAMPLES)
-    result = QuantizeInt8Pass(x, per_channel=True, samples=len(x), activation_type=QUANTIZE_ACTIVATIONS).call(model)
-    quantized = result.model
-    ran = conv_kernels(quantized, run.threads)
-    kernels = {k.name: k for k in ran.convs}
-    convs = [{"name": c.name, "layer": c.layer, "role": c.role, "wrapped": c.wrapped, "missing": c.missing,
-              "kernel": kernels[c.name].op_type, "int8": kernels[c.name].int8}
-             for c in int8_coverage(quantized).convs]
-    return quantized, QuantizeSummary(scheme="int8", method=result.report.message, calibration=desc, samples=len(x),
-                                      placement=QUANTIZE_PLACEMENT, convs=convs, op_counts=ran.op_counts)
-
-
 def build_report(model: onnx.ModelProto, analysis: Analysis, selection: Selection, rewrites: list[LayerRewrite],
                  folded: dict[str, str], plan: BudgetPlan, opts: OptimizeOptions) -> OptimizeReport:
     """Every conv's report row (folds accounted), the budget with what it achieved, the options;
@@ -476,19 +420,6 @@ def unchanged_report(opts: OptimizeOptions, message: str, timings: dict[str, flo
     return OptimizeReport(layers=[], budget=budget,
                           verification=verification(None, None, "no conv was rewritten", opts.verification, opts.run),
                           options=opts.to_dict(), versions=versions(), timings=timings)
-
-
-def named_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Calibration arrays keyed by graph input: by name, or `x` for a single-input model."""
-    inits = {t.name for t in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits]
-    if len(names) == 1 and names[0] not in arrays and "x" in arrays:
-        arrays = {names[0]: arrays["x"]}
-    missing = [k for k in names if k not in arrays]
-    if missing:
-        raise OptionError(f"{{0}} has no array for input(s) {literal(missing)}; give 'x' or arrays named after "
-                          "inputs", "data")
-    return {k: arrays[k] for k in names}
 
 
 def optimize(model_or_path: onnx.ModelProto | str, **options) -> tuple[onnx.ModelProto, OptimizeReport]:

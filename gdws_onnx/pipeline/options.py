@@ -235,9 +235,8 @@ class OptimizeOptions:
                           ("data_aware", self.calibration.data_aware is not None),
                           ("quantize", self.calibration.quantize != "off")):
             _check(not on or bool(self.run.data), "{0} needs {1} (calibration inputs)", param, "data")
-        # the latency planner times float candidates: quantized ones are not timed yet
-        _check(self.calibration.quantize == "off" or self.budget.target != "latency",
-               "{0} with {1} latency is not timed yet", "quantize", "target")
+        _check(self.calibration.quantize == "off" or self.timing.latency_table is None,
+               "{0} cannot go with {1}: a profiled table holds float layer timings", "quantize", "latency_table")
 
     def to_dict(self) -> dict:
         """The flat options as a report lists them (an alphas dict as '<dict>', no probe factory)."""
