@@ -477,3 +477,19 @@ def test_within_needs_clean_and_robust_and_verdict_needs_a_bound():
     assert speed_verdict([0.9, 0.8, 1.0, 0.85, 0.95]) == "faster than the original"
     assert speed_verdict([0.9, 0.8, 1.0, 0.85, 1.01]) == "not measurably faster than the original"
     assert speed_verdict([1.2, 1.1, 1.3, 1.15, 1.25]) == "slower than the original"
+
+
+def test_a_named_point_that_optimize_quantizes_is_a_quantized_gdws_point(files, tmp_path):
+    model, data = files
+    opts = small_options(data, budgets=(), peers=(), n_quantized=8,
+                         points=(("q", {"error_budget": 0.2, "quantize": "int8", "data": data}),))
+    assert [s.label for s in plan_points(opts)] == ["original", "original+square", "gdws q"]
+    res = {p.label: p for p in sweep(model, str(tmp_path), opts).points}
+    q = res["gdws q"]
+    assert q.status == "ok", q.error
+    assert q.method == "gdws+int8" and q.reference == "original+square" and q.samples == 8
+    assert "square" in q.robust_by_attack
+    direct, _ = optimize(onnx.load(model), error_budget=0.2, skip_first=False, verify=False)
+    assert q.conv_macs == _conv_macs(direct) < res["original"].conv_macs
+    saved = onnx.load(os.path.join(str(tmp_path), q.model_file))
+    assert "QuantizeLinear" in {n.op_type for n in saved.graph.node}

@@ -117,7 +117,11 @@ class ConstantResolver:
         first = g.node[nodes[0]]
         if len(nodes) == 1 and first.op_type == "Constant" and first.attribute[0].name == "value":
             return numpy_helper.to_array(first.attribute[0].t, self.base_dir), nodes, "Constant"
-        return self._evaluate(name, nodes), nodes, "folded subgraph"
+        try:
+            return self._evaluate(name, nodes), nodes, "folded subgraph"
+        except Exception as e:  # noqa: BLE001 - the reference evaluator lacks some ops/versions (e.g. DequantizeLinear-13)
+            ops = sorted({g.node[i].op_type for i in nodes})
+            return None, [], f"weight '{name}' is computed by {'/'.join(ops)}, which could not be folded ({type(e).__name__})"
 
     def _evaluate(self, name: str, nodes: list[int]) -> np.ndarray:
         from onnx.reference import ReferenceEvaluator

@@ -257,9 +257,13 @@ def plan_points(opts: SweepOptions) -> list[PointSpec]:
     reference for them (their BPDA gradients are approximate, so Square joins the attacks)."""
     pts = [PointSpec("original", {}, "original")]
     pts += [PointSpec("gdws", parse_budget(b), f"gdws {b}") for b in opts.budgets]
-    pts += [PointSpec("gdws", dict(params), f"gdws {label}") for label, params in opts.points]
-    if {parse_peer(p)[0] for p in opts.peers} & set(QUANTIZED) and opts.attacks and "square" not in opts.attacks:
+    pts += [PointSpec("gdws", dict(params), f"gdws {label}") for label, params in opts.points
+            if not quantized_point(params)]
+    if quantized_methods(opts) and opts.attacks and "square" not in opts.attacks:
         pts.append(PointSpec("original", {"square": True}, "original+square"))  # after the float points: slow
+    # named points that optimize quantizes (e.g. under --target latency, timed against INT8 alone)
+    pts += [PointSpec("gdws+int8", dict(params), f"gdws {label}") for label, params in opts.points
+            if quantized_point(params)]
     for p in opts.peers:
         name, g = parse_peer(p)
         if name == "dws":
@@ -273,10 +277,23 @@ def plan_points(opts: SweepOptions) -> list[PointSpec]:
     return pts
 
 
+def quantized_point(params: dict) -> bool:
+    """A named point whose optimize options quantize the model (`quantize` set)."""
+    return params.get("quantize", "off") != "off"
+
+
+def quantized_methods(opts: SweepOptions) -> list[str]:
+    """The quantized methods of the sweep: INT8 peers, and GDWS + INT8 for quantized named points."""
+    names = {parse_peer(p)[0] for p in opts.peers} & set(QUANTIZED)
+    if any(quantized_point(params) for _, params in opts.points):
+        names.add("gdws+int8")
+    return sorted(names)
+
+
 def extra_attacks(opts: SweepOptions) -> list[str]:
     """The attacks the sweep runs beyond `opts.attacks`, on which points, and why (said before any
     work starts and kept in the result)."""
-    quantized = sorted({parse_peer(p)[0] for p in opts.peers} & set(QUANTIZED))
+    quantized = quantized_methods(opts)
     if not quantized or not any(a in WHITE_BOX for a in opts.attacks) or "square" in opts.attacks:
         return []
     q = ValidateOptions().queries
@@ -408,6 +425,12 @@ class Sweep:
             return peer(skip_first=self.opts.skip_first, **spec.params).call(copy).model, {}
         if spec.method == "int8":
             return peers.QuantizeInt8Pass(self.calibration()).call(self.original).model, {"float_parent": "original"}
+        if spec.method == "gdws+int8" and "from" not in spec.params:  # a named point optimize quantizes
+            model, report = optimize(self.original, **{"skip_first": self.opts.skip_first, **spec.params},
+                                     verify=False, ep=self.opts.ep, batches=list(self.opts.batches),
+                                     threads=self.opts.threads)
+            # its float GDWS model's conv MACs, from the report (the QDQ model's weights are not folded)
+            return model, {"conv_macs": report.conv_macs_after or 0}
         if spec.method == "gdws+int8":
             parent = os.path.join(self.out, "models", spec.params["from"] + ".onnx")
             if not os.path.isfile(parent):
@@ -447,7 +470,9 @@ class Sweep:
                           status="ok", model_file=os.path.relpath(path, self.out),
                           file_bytes=os.path.getsize(path), parameters=count_parameters(model))
         parent = facts.get("float_parent")
-        if parent == "original":
+        if "conv_macs" in facts:
+            res.conv_macs, res.fc_macs = facts["conv_macs"], None
+        elif parent == "original":
             res.conv_macs, res.fc_macs = self.original_macs, self.original_fc_macs
         elif parent:
             res.conv_macs, res.fc_macs = done[parent].conv_macs, done[parent].fc_macs
