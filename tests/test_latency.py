@@ -432,3 +432,12 @@ def test_mismatch_budget_under_target_latency_keeps_the_allocated_ranks_where_fa
 def test_mismatch_budget_with_a_latency_table_is_refused(tmp_path):
     with pytest.raises(GDWSError, match="latency_table"):
         optimize(_model(), target="latency", mismatch_budget=0.05, alphas={}, latency_table=str(tmp_path / "t.json"))
+
+
+def test_nchwc_block_size_follows_the_cpu_flags():
+    assert bench.nchwc_block_size("fpu sse2 avx avx2 fma avx512f avx512bw") == 16
+    assert bench.nchwc_block_size("fpu sse2 avx avx2 fma") == 8
+    assert bench.nchwc_block_size("fp asimd") is None
+    env = bench.environment(bench.BenchConfig(ep="cpu"))
+    assert env["nchwc_block"] == bench.nchwc_block_size()
+    assert "nchwc_block" not in bench.environment(bench.BenchConfig(ep="cuda"))

@@ -299,18 +299,35 @@ def profile_nodes(model: onnx.ModelProto | str, config: BenchConfig) -> dict[str
     return {k: float(np.median(v[-config.runs:])) for k, v in durations.items()}
 
 
-def environment(config: BenchConfig) -> dict:
-    """What a latency number depends on."""
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field (None where there is no such file or field)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field),
+                        None)
     except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "ep": config.ep, "threads": config.threads or "default",
-            "onnxruntime": ort.__version__, "onnxruntime_package": providers.ort_distribution(),
-            "providers": ort.get_available_providers(),
-            "spinning": "off", "python": platform.python_version()}
+        return None
+
+
+def nchwc_block_size(flags: str | None = None) -> int | None:
+    """The channel block of ONNX Runtime's x86 NCHWc layout on this CPU (MLAS: 16 with AVX-512F,
+    8 with AVX2; None elsewhere). The CPU EP's NCHWc transformer blocks a depthwise conv only when
+    its channel count is a multiple of it, and a 1x1 conv only when its input channels are (or are
+    fewer); `flags` is a /proc/cpuinfo flags line (default: this machine's)."""
+    found = set((flags if flags is not None else _cpuinfo("flags") or "").split())
+    return 16 if "avx512f" in found else 8 if "avx2" in found else None
+
+
+def environment(config: BenchConfig) -> dict:
+    """What a latency number depends on."""
+    cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
+    env = {"cpu": cpu, "cpus": os.cpu_count(), "ep": config.ep, "threads": config.threads or "default",
+           "onnxruntime": ort.__version__, "onnxruntime_package": providers.ort_distribution(),
+           "providers": ort.get_available_providers(),
+           "spinning": "off", "python": platform.python_version()}
+    if config.ep == "cpu":
+        env["nchwc_block"] = nchwc_block_size()
+    return env
 
 
 FUSED_SUFFIXES = ("_nchwc", "_fused", "_token")
