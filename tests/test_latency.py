@@ -441,3 +441,15 @@ def test_nchwc_block_size_follows_the_cpu_flags():
     env = bench.environment(bench.BenchConfig(ep="cpu"))
     assert env["nchwc_block"] == bench.nchwc_block_size()
     assert "nchwc_block" not in bench.environment(bench.BenchConfig(ep="cuda"))
+
+
+def test_speedup_per_mac_cut_of_a_rewritten_layer(tmp_path):
+    probes = {"layer_args": {"layer_ratio": {"conv1": (0.6, 0.05)}}}
+    _, report = optimize(_model(), target="latency", error_budget=0.3, cache=str(tmp_path / "c.json"),
+                         probe_factory=_factory(probes), verify=False)
+    (layer,) = [x for x in report.rewritten if x.name == "conv1"]
+    cut = layer.macs_per_pixel_before / layer.macs_per_pixel_after
+    assert layer.speedup_per_mac_cut == pytest.approx(1 / max(layer.measured_ratio.values()) / cut)
+    assert json.loads(report.to_json())["layers"][[x.name for x in report.layers].index("conv1")][
+        "speedup_per_mac_cut"] == pytest.approx(layer.speedup_per_mac_cut)
+    assert all(x.speedup_per_mac_cut is None for x in report.layers if x.status != "rewritten")

@@ -48,6 +48,8 @@ def _status(layer: LayerReport, lat: dict | None, folded_in: str | None) -> str:
         measured = (lat or {}).get("layers", {}).get(layer.name)
         if measured and measured["chosen"] is not None:
             text += f", layer ratio {format_ratio(_worst(measured['options'][measured['chosen']]['ratios']))}"
+            if layer.speedup_per_mac_cut is not None:
+                text += f", speed-up / MAC cut {layer.speedup_per_mac_cut:.2f}"
     else:
         text = f"skipped: {layer.reason}"
     if folded_in:

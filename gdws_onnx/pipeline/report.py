@@ -40,6 +40,14 @@ class LayerReport:
     def macs_after(self) -> int | None:
         return None if self.pixels is None else self.pixels * self.macs_per_pixel_after
 
+    @property
+    def speedup_per_mac_cut(self) -> float | None:
+        """(original / GDWS layer latency) / (original / GDWS MACs) at the worst measured batch:
+        1 = the layer gets all of its MAC cut as speed; None when not measured."""
+        if not self.measured_ratio or not self.macs_per_pixel_after:
+            return None
+        return (1 / max(self.measured_ratio.values())) / (self.macs_per_pixel_before / self.macs_per_pixel_after)
+
 
 @dataclass
 class BudgetReport:
@@ -211,6 +219,7 @@ class OptimizeReport:
         for layer in self.layers:
             d = asdict(layer)
             d["macs_before"], d["macs_after"] = layer.macs_before, layer.macs_after
+            d["speedup_per_mac_cut"] = layer.speedup_per_mac_cut
             layers.append(d)
         return {
             "summary": {
