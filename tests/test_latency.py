@@ -400,9 +400,9 @@ def test_latency_plan_returns_the_budget_and_a_typed_latency_report():
 
 
 def test_mismatch_budget_under_target_latency_keeps_the_allocated_ranks_where_faster(tmp_path):
-    """--mismatch-budget with --target latency: the mismatch allocation fixes each layer's ranks;
-    only their realizations are timed; a layer is kept in its fastest measured form (never fewer
-    terms than allocated) where measurably faster, else left alone; the budget is still mismatch."""
+    """--mismatch-budget with --target latency: the mismatch allocation fixes the ranks; only their
+    realizations are timed; a layer with no measurably faster form is left dense and the budget is
+    allocated again over the others (fewer terms there); the budget is still mismatch, and met."""
     from gdws_onnx.graph.convs import find_convs
 
     model = small_cnn(channels=(16, 32, 48, 64), size=8)  # distinct geometries: no shared cache entries
@@ -420,11 +420,13 @@ def test_mismatch_budget_under_target_latency_keeps_the_allocated_ranks_where_fa
     kept = {n for n in allocated if n != slow}
     assert {layer.name for layer in report.rewritten} == kept
     for n in kept:
-        assert status[n].total_rank >= allocated[n] or status[n].realization != "gather+dw+pw"
+        assert status[n].total_rank <= allocated[n]  # the slow layer's share of the budget moved here
         assert max(status[n].measured_ratio.values()) < 0.95
-    if slow in allocated:
-        assert "not measurably faster" in status[slow].reason
+    assert slow in allocated and "not measurably faster" in status[slow].reason
+    assert "the accuracy budget went to the other layers" in status[slow].reason
+    assert slow in report.latency["layers"]  # its measurements are reported
     assert report.budget.mode == "mismatch" and report.budget.target == 0.05
+    assert report.budget.achieved <= 0.05
     assert report.verification.passed
     assert _gdws_layers(out) == kept
 

@@ -377,9 +377,75 @@ class LatencyPlanner:
             return plan(cands, model, self.budget, self.timing, self.run, quantize=self.quantize)
         self.ranks.plan(cands, sites, model)
         allocated = [c for c in cands if c.ranks is not None and not c.reason]
-        result = plan(allocated, model, self.budget, self.timing, self.run, fixed_ranks=True, quantize=self.quantize)
+        require_input_shapes(allocated)
+        timers = Timers.create(self.timing, self.run, model, self.quantize)
+        allocated, dropped = self.reallocate(allocated, sites, model, timers)
+        result = plan(allocated, model, self.budget, self.timing, self.run, fixed_ranks=True, quantize=self.quantize,
+                      timers=timers)
         result.budget = self.budget.requested()  # its achieved mismatch is set by optimize on the final ranks
+        result.latency.layers.update(dropped)
         return result
+
+    def reallocate(self, active: list[Candidate], sites: list[ConvSite], model: onnx.ModelProto,
+                   timers: Timers) -> tuple[list[Candidate], dict[str, dict]]:
+        """Give the accuracy budget to the layers that pay off: a layer none of whose realizations
+        of its allocated ranks is measurably faster is left dense (its error leaves the bound), and
+        the ranks planner allocates again over the others (fewer terms each: more speed), until
+        every allocated layer has a faster form or after MAX_REALLOCATIONS rounds. Returns the
+        final allocated candidates and the report entries of the dropped layers."""
+        dropped: dict[str, dict] = {}
+        for _ in range(MAX_REALLOCATIONS):
+            slow = {}
+            for c in active:
+                options = measure_layer(c.site, c.spec, c.alpha, realizations(c.spec, decompose.scores(c.spec, c.alpha),
+                                                                                 c.ranks),
+                                        timers.layer, timers.cache, timers.env)
+                if pick_for_error_budget(options, decompose.weighted_error(c.spec, c.ranks, c.alpha) * (1 + 1e-9)
+                                         + 1e-12) is None:
+                    slow[c.site.name] = options
+            keep = [c for c in active if c.site.name not in slow]
+            if not slow or not keep:
+                break
+            for c in active:
+                if c.site.name in slow:
+                    c.reason = not_picked_reason(slow[c.site.name], self.timing.ep) + \
+                        "; the accuracy budget went to the other layers"
+                    dropped[c.site.name] = _layer_entry(slow[c.site.name], None)
+                else:
+                    c.ranks, c.reason = None, ""
+            self.ranks.plan(keep, sites, model)
+            active = [c for c in keep if c.ranks is not None and not c.reason]
+        timers.cache.save()
+        return active, dropped
+
+
+@dataclass
+class Timers:
+    """What layer and whole-model timings go through: a probe per batch for each, the cache and
+    the environment its keys carry. With quantize "int8" the probes compare INT8 forms
+    (pipeline.int8.QuantizedProbe) and the keys say so, so INT8 timings never answer for float ones."""
+
+    layer: dict[int, Probe]
+    model: dict[int, Probe]
+    env: dict
+    cache: LatencyCache
+
+    @classmethod
+    def create(cls, timing: TimingOptions, run: RunOptions, model: onnx.ModelProto, quantize: str = "off") -> Timers:
+        probes, model_probes = layer_probes(timing, run, "layer"), layer_probes(timing, run, "model")
+        env = environment_key(timing.ep, run.threads)
+        if quantize != "off":
+            from gdws_onnx.pipeline.int8 import QuantizedProbe, calibration_inputs
+
+            x, _ = calibration_inputs(model, run)
+            probes = {b: QuantizedProbe(p) for b, p in probes.items()}
+            model_probes = {b: QuantizedProbe(p, x) for b, p in model_probes.items()}
+            env = {**env, "quantize": quantize}
+        cache = LatencyCache(default_cache_path() if timing.cache is None else (timing.cache or None))
+        return cls(probes, model_probes, env, cache)
+
+
+MAX_REALLOCATIONS = 4  # rounds of `LatencyPlanner.reallocate`
 
 
 class RanksPlanner(Protocol):
@@ -414,7 +480,8 @@ class WholeModel:
 
 
 def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, timing: TimingOptions,
-         run: RunOptions, fixed_ranks: bool = False, quantize: str = "off") -> BudgetPlan:
+         run: RunOptions, fixed_ranks: bool = False, quantize: str = "off",
+         timers: Timers | None = None) -> BudgetPlan:
     """Choose each candidate's ranks and realization by measured latency (sets `ranks`,
     `multiplier`, `measured_ratio`, `fold` or `reason` on each) under the error budget or the
     latency budget of `budget`, and run the never-slower check. `model` is the unmodified original.
@@ -426,16 +493,8 @@ def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, 
     require_input_shapes(cands)
     if timing.latency_table is not None:
         return plan_from_table(cands, budget, timing, LatencyTable.load(timing.latency_table))
-    probes, model_probes = layer_probes(timing, run, "layer"), layer_probes(timing, run, "model")
-    env = environment_key(timing.ep, run.threads)
-    if quantize != "off":
-        from gdws_onnx.pipeline.int8 import QuantizedProbe, calibration_inputs
-
-        x, _ = calibration_inputs(model, run)
-        probes = {b: QuantizedProbe(p) for b, p in probes.items()}
-        model_probes = {b: QuantizedProbe(p, x) for b, p in model_probes.items()}
-        env = {**env, "quantize": quantize}  # INT8 timings never answer for float ones
-    cache = LatencyCache(default_cache_path() if timing.cache is None else (timing.cache or None))
+    timers = timers or Timers.create(timing, run, model, quantize)
+    probes, model_probes, env, cache = timers.layer, timers.model, timers.env, timers.cache
     eps = None if budget.latency_reduction is not None else budget.error
     choices = {c.site.name: realizations(c.spec, decompose.scores(c.spec, c.alpha), c.ranks) if fixed_ranks
                else layer_choices(c, eps) for c in cands}
