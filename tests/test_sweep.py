@@ -291,6 +291,12 @@ def test_paper_table_rows():
     assert rows["GDWS"][2] == "a" and rows["GDWS"][6].startswith("1.30")
     assert rows["INT8 (ORT static, QDQ)"][2] == "q"
     assert rows["spatial SVD"][2].startswith("none within 1 pt (best robust 50.0 %")
+    pts[1].latency["b1"] = [0.8, 0.7, 0.9, 0.75, 0.85]  # a: faster, with a CI below 1
+    pts[3].latency["b1"] = [0.5, 0.4, 1.2, 0.45, 1.01]  # q: its CI reaches above 1
+    answer = {r[0]: r for r in mod.answer_rows(s, 1.0)}
+    assert answer["GDWS"][2:] == ["a", "-", "69.5 (70.0)", "69.5 (70.0)", "0.80 [0.75-0.85]", "faster"]
+    assert answer["INT8 (ORT static, QDQ)"][-1] == "not measurably faster"
+    assert answer["spatial SVD"][2] == "none within 1 pt"
 
 
 def test_new_timing_settings_retime_without_rebuilding(files, tmp_path, monkeypatch):

@@ -17,7 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gdws_onnx.sweep.run import SweepResult, load_sweep  # noqa: E402
-from gdws_onnx.sweep.report import METHOD_NAMES, baseline, batches, best_within, ok_points  # noqa: E402
+from gdws_onnx.sweep.report import (  # noqa: E402
+    METHOD_NAMES, baseline, batches, best_within, ok_points, reference, speed_verdict,
+)
 
 
 def _pct(v: float | None) -> str:
@@ -47,12 +49,50 @@ def rows(sweep: SweepResult, max_drop: float) -> list[list[str]]:
     return out
 
 
+def _ci(lat: list[float]) -> str:
+    """'0.85 [0.82-0.87]': the median with its 95 % CI (older points: their 10-90 % spread)."""
+    lo, hi = lat[3:5] if len(lat) >= 5 else lat[1:3]
+    return f"{lat[0]:.2f} [{lo:.2f}-{hi:.2f}]"
+
+
+def answer_rows(sweep: SweepResult, max_drop: float) -> list[list[str]]:
+    """The plain answer: per method and batch, its fastest point within max_drop points of the
+    original's clean and robust accuracy (each against its reference: the original, or the
+    original with Square added for quantized points), with the 95 % CI of its latency ratio and
+    whether that makes it faster than the original."""
+    out = []
+    methods = sorted({p.method for p in ok_points(sweep)} - {"original"}, key=list(METHOD_NAMES).index)
+    for m in methods:
+        for b in batches(sweep):
+            p = best_within(sweep, (m,), b, max_drop)
+            if p is None:
+                out.append([METHOD_NAMES[m], b, f"none within {max_drop:g} pt", "", "", "", "", ""])
+                continue
+            ref = reference(sweep, p)
+            out.append([METHOD_NAMES[m], b, p.label,
+                        "-" if p.conv_mac_reduction is None else f"{p.conv_mac_reduction:.2f}",
+                        f"{_pct(p.clean)} ({_pct(ref.clean)})", f"{_pct(p.robust)} ({_pct(ref.robust)})",
+                        _ci(p.latency[b]), speed_verdict(p.latency[b]).replace(" than the original", "")])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="+", help="sweep output folders (or their sweep.json)")
     ap.add_argument("--max-drop", type=float, default=1.0, help="robust accuracy points (default 1)")
     ap.add_argument("--md", default=None, help="also write the table here")
+    ap.add_argument("--answer", action="store_true",
+                    help="per method and batch: the fastest point within --max-drop points of clean AND robust "
+                         "accuracy, with the 95 %% CI of its latency ratio and the verdict")
     a = ap.parse_args()
+    if a.answer:
+        sweep = load_sweep(a.sweeps[0])
+        head = ["method", "batch", "fastest point within 1 pt", "conv MACs /", "clean % (ref.)", "robust % (ref.)",
+                "latency ratio [95% CI]", "verdict"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in answer_rows(sweep, a.max_drop)]
+        print("\n".join(lines))
+        return
     sweeps = [load_sweep(s) for s in a.sweeps]
     bs = batches(sweeps[0])
     head = ["model", "method", "point", "conv MACs /", "clean %", "robust %",
