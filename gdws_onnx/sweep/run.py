@@ -411,9 +411,7 @@ class Sweep:
         if spec.method == "original":
             return self.original, {}
         if spec.method in ("gdws", "dws", "uniform"):
-            model, _ = optimize(self.original, **{"skip_first": self.opts.skip_first, **spec.params}, verify=False,
-                                ep=self.opts.ep, batches=list(self.opts.batches), threads=self.opts.threads)
-            return model, {}
+            return self.optimized(spec.params)[0], {}
         if spec.method in FC_PEERS:
             model, report = optimize(self.original, conv="off", fc=FC_PEERS[spec.method], verify=False,
                                      **spec.params)
@@ -426,9 +424,7 @@ class Sweep:
         if spec.method == "int8":
             return peers.QuantizeInt8Pass(self.calibration()).call(self.original).model, {"float_parent": "original"}
         if spec.method == "gdws+int8" and "from" not in spec.params:  # a named point optimize quantizes
-            model, report = optimize(self.original, **{"skip_first": self.opts.skip_first, **spec.params},
-                                     verify=False, ep=self.opts.ep, batches=list(self.opts.batches),
-                                     threads=self.opts.threads)
+            model, report = self.optimized(spec.params)
             # its float GDWS model's conv MACs, from the report (the QDQ model's weights are not folded)
             return model, {"conv_macs": report.conv_macs_after or 0}
         if spec.method == "gdws+int8":
@@ -438,6 +434,12 @@ class Sweep:
             return (peers.QuantizeInt8Pass(self.calibration()).call(onnx.load(parent)).model,
                     {"float_parent": spec.params["from"]})
         raise GDWSError(f"unknown sweep method {spec.method!r}")
+
+    def optimized(self, params: dict):
+        """optimize() on the original with a point's options, timed on the sweep's EP, batches and
+        threads (skip_first: the sweep's unless the point sets it); no verification."""
+        return optimize(self.original, **{"skip_first": self.opts.skip_first, **params}, verify=False,
+                        ep=self.opts.ep, batches=list(self.opts.batches), threads=self.opts.threads)
 
     # -- measuring -----------------------------------------------------------------------
 
