@@ -14,6 +14,7 @@ mkdir -p out/vgg16
 [ -f $A ] || onnx-gdws sensitivity $M -o $A --method forward --data fashion-mnist:train --n 256 --threads 1
 FWD="--alphas $A --width-multiple 16"
 DA="--data-aware 1.0 --data fashion-mnist:train"
+INT8="--quantize int8 --data fashion-mnist:train"  # timed against INT8 alone
 onnx-gdws sweep $M --n 1000 --n-quantized 200 --threads 1 --runs 50 --batch 1,32 --out "$OUT" \
     --budget error:0.02 --budget error:0.05 --budget error:0.1 --budget error:0.2 \
     --point "fwd mismatch 0.002: $FWD --mismatch-budget 0.002" \
@@ -24,6 +25,8 @@ onnx-gdws sweep $M --n 1000 --n-quantized 200 --threads 1 --runs 50 --batch 1,32
     --point "fwd mismatch 0.005 latency: $FWD --mismatch-budget 0.005 --target latency" \
     --point "fwd mismatch 0.01 latency: $FWD --mismatch-budget 0.01 --target latency" \
     --point "fwd mismatch 0.02 latency: $FWD --mismatch-budget 0.02 --target latency" \
+    --point "fwd mismatch 0.005 latency int8: $FWD --mismatch-budget 0.005 --target latency $INT8" \
+    --point "fwd mismatch 0.01 latency int8: $FWD --mismatch-budget 0.01 --target latency $INT8" \
     --point "latency error 0.05: --target latency --error-budget 0.05" \
     --point "latency 1.5x: --target latency --latency-reduction 1.5" \
     --point "latency 2x: --target latency --latency-reduction 2" \
