@@ -297,6 +297,8 @@ def test_paper_table_rows():
     assert answer["GDWS"][2:] == ["a", "-", "69.5 (70.0)", "69.5 (70.0)", "0.80 [0.75-0.85]", "faster"]
     assert answer["INT8 (ORT static, QDQ)"][-1] == "not measurably faster"
     assert answer["spatial SVD"][2] == "none within 1 pt"
+    listed = {r[0]: r for r in mod.point_rows(s)}
+    assert set(listed) == {p.label for p in pts} and listed["a"][-1] == "0.80 [0.75-0.85]"
 
 
 def test_new_timing_settings_retime_without_rebuilding(files, tmp_path, monkeypatch):

@@ -76,6 +76,24 @@ def answer_rows(sweep: SweepResult, max_drop: float) -> list[list[str]]:
     return out
 
 
+def point_rows(sweep: SweepResult) -> list[list[str]]:
+    """Every point of the sweep (failed ones with their reason), grouped by method, with the
+    samples it was evaluated on and the 95 % CI of its latency ratios."""
+    from gdws_onnx.sweep.report import ordered
+
+    out = []
+    for p in ordered(sweep.points):
+        name = METHOD_NAMES.get(p.method, p.method)
+        if p.status != "ok":
+            out.append([p.label, name, "failed: " + p.error.split(":")[1].strip()[:60] if ":" in p.error else p.error[:60],
+                        *[""] * (5 + len(batches(sweep)))])
+            continue
+        out.append([p.label, name, "-" if p.conv_mac_reduction is None else f"{p.conv_mac_reduction:.2f}",
+                    f"{p.parameters / 1e6:.2f}M", str(p.samples or ""), _pct(p.clean), _pct(p.robust), _pct(p.agreement),
+                    *[_ci(p.latency[b]) if b in p.latency else "-" for b in batches(sweep)]])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="+", help="sweep output folders (or their sweep.json)")
@@ -84,7 +102,16 @@ def main() -> None:
     ap.add_argument("--answer", action="store_true",
                     help="per method and batch: the fastest point within --max-drop points of clean AND robust "
                          "accuracy, with the 95 %% CI of its latency ratio and the verdict")
+    ap.add_argument("--points", action="store_true", help="every point, with its samples and latency CIs")
     a = ap.parse_args()
+    if a.points:
+        sweep = load_sweep(a.sweeps[0])
+        head = ["point", "method", "conv MACs /", "params", "n", "clean %", "robust %", "agreement %",
+                *[f"latency ratio {b} [95% CI]" for b in batches(sweep)]]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in point_rows(sweep)]
+        print("\n".join(lines))
+        return
     if a.answer:
         sweep = load_sweep(a.sweeps[0])
         head = ["method", "batch", "fastest point within 1 pt", "conv MACs /", "clean % (ref.)", "robust % (ref.)",
