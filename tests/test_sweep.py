@@ -501,3 +501,17 @@ def test_a_named_point_that_optimize_quantizes_is_a_quantized_gdws_point(files, 
     assert q.conv_macs == _conv_macs(direct) < res["original"].conv_macs
     saved = onnx.load(os.path.join(str(tmp_path), q.model_file))
     assert "QuantizeLinear" in {n.op_type for n in saved.graph.node}
+
+
+def test_a_gdws_point_with_no_conv_rewritten_says_so():
+    from gdws_onnx.sweep.report import unchanged_note
+
+    q = _pt("q", "gdws+int8", 0.7, 0.3)
+    q.conv_mac_reduction = 1.0
+    assert unchanged_note(q) == "; no conv rewritten: INT8 alone"
+    q.method = "gdws"
+    assert unchanged_note(q) == "; no conv rewritten: the original"
+    q.conv_mac_reduction = 1.2
+    assert unchanged_note(q) == ""
+    q.method, q.conv_mac_reduction = "int8", 1.0
+    assert unchanged_note(q) == ""

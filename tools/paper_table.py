@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gdws_onnx.sweep.run import SweepResult, load_sweep  # noqa: E402
 from gdws_onnx.sweep.report import (  # noqa: E402
-    METHOD_NAMES, baseline, batches, best_within, ok_points, reference, speed_verdict,
+    METHOD_NAMES, baseline, batches, best_within, ok_points, reference, speed_verdict, unchanged_note,
 )
 
 
@@ -69,7 +69,7 @@ def answer_rows(sweep: SweepResult, max_drop: float) -> list[list[str]]:
                 out.append([METHOD_NAMES[m], b, f"none within {max_drop:g} pt", "", "", "", "", ""])
                 continue
             ref = reference(sweep, p)
-            out.append([METHOD_NAMES[m], b, p.label,
+            out.append([METHOD_NAMES[m], b, p.label + unchanged_note(p),
                         "-" if p.conv_mac_reduction is None else f"{p.conv_mac_reduction:.2f}",
                         f"{_pct(p.clean)} ({_pct(ref.clean)})", f"{_pct(p.robust)} ({_pct(ref.robust)})",
                         _ci(p.latency[b]), speed_verdict(p.latency[b]).replace(" than the original", "")])

@@ -181,15 +181,24 @@ def summary(sweep: SweepResult) -> list[str]:
             if p is None:
                 parts.append(f"{METHOD_NAMES[m]}: no point within 1 pt")
             else:
-                parts.append(f"{METHOD_NAMES[m]}: {p.latency[b][0]:.2f}x latency ({p.label}, "
+                parts.append(f"{METHOD_NAMES[m]}: {p.latency[b][0]:.2f}x latency ({p.label}{unchanged_note(p)}, "
                              f"{metric} {_pct(getattr(p, metric))} %)")
         winners = [p for p in best.values() if p is not None]
         line = f"Batch {b[1:]}, fastest within 1 pt of the original's {criterion} accuracy: " + "; ".join(parts) + "."
         if winners:
             w = min(winners, key=lambda p: p.latency[b][0])
-            line += f" Best overall: {w.label} ({METHOD_NAMES[w.method]}), {speed_verdict(w.latency[b])}."
+            line += (f" Best overall: {w.label} ({METHOD_NAMES[w.method]}{unchanged_note(w)}), "
+                     f"{speed_verdict(w.latency[b])}.")
         out.append(line)
     return out
+
+
+def unchanged_note(p: PointResult) -> str:
+    """'; no conv rewritten: INT8 alone' (or ': the original') for a GDWS point whose rewrite kept
+    no layer (conv MACs unchanged, e.g. --target latency found none faster); '' otherwise."""
+    if p.method not in ("gdws", "gdws+int8") or p.conv_mac_reduction is None or abs(p.conv_mac_reduction - 1) > 1e-9:
+        return ""
+    return "; no conv rewritten: " + ("INT8 alone" if p.method == "gdws+int8" else "the original")
 
 
 def speed_verdict(latency: list[float]) -> str:
