@@ -36,7 +36,7 @@ from gdws_onnx.errors import OptionError
 from gdws_onnx.graph.convs import ConstantResolver, infer_shapes, node_attrs, node_label
 from gdws_onnx.graph.passes import PassResult
 from gdws_onnx.graph.pattern import node_name
-from gdws_onnx.graph.rewrite import Names, replace_convs
+from gdws_onnx.graph.rewrite import Names, replace_convs, single_node_model
 
 FC_OPS = ("Gemm", "MatMul")
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -315,22 +315,9 @@ def fc_layer_model(site: FCSite, input_shape: list[int], factors: FCFactors | No
     if len(input_shape) != site.input_rank or input_shape[-1] != site.in_features:
         raise ValueError(f"FC layer '{site.name}' takes rank {site.input_rank} inputs of {site.in_features} "
                          f"features, not shape {input_shape}")
-    dtype = site.weight.dtype
-    elem = helper.np_dtype_to_tensor_dtype(dtype)
     with_bias = site.op == "Gemm" and bool(site.bias)
-    inits = [numpy_helper.from_array(site.weight, "W")]
-    if with_bias:
-        inits.append(numpy_helper.from_array(np.zeros(site.out_features, dtype), "C"))
-    node = onnx.NodeProto()
-    node.CopyFrom(site.node)
-    del node.input[:]
-    node.input.extend(["x", "W"] + (["C"] if with_bias else []))
-    del node.output[:]
-    node.output.append("y")
-    graph = helper.make_graph([node], "fc_layer", [helper.make_tensor_value_info("x", elem, list(input_shape))],
-                              [helper.make_tensor_value_info("y", elem, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+    model = single_node_model(site.node, site.weight, site.out_features if with_bias else None, input_shape,
+                              "fc_layer", opset)
     if factors is not None:
         local = replace(site, index=0, node=model.graph.node[0], weight_producers=set(),
                         bias="C" if with_bias else "", opset=opset)

@@ -164,27 +164,36 @@ def _stacked_depthwise(x: str, f: GDWSFactors, channels: int, out: str, spatial:
     return nodes
 
 
+def single_node_model(node: onnx.NodeProto, weight: np.ndarray, bias_size: int | None, input_shape: list[int],
+                      graph_name: str = "layer", opset: int = 17) -> onnx.ModelProto:
+    """A model of one node (a copy of `node`) for timing: input `x` of the static `input_shape`,
+    the weight `W`, a bias `B` of zeros(bias_size) when bias_size is given (its values do not
+    change the time), output `y`; IR 8."""
+    elem = helper.np_dtype_to_tensor_dtype(weight.dtype)
+    inits = [numpy_helper.from_array(weight, "W")]
+    if bias_size:
+        inits.append(numpy_helper.from_array(np.zeros(bias_size, weight.dtype), "B"))
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    del copy.input[:]
+    copy.input.extend(["x", "W"] + (["B"] if bias_size else []))
+    del copy.output[:]
+    copy.output.append("y")
+    graph = helper.make_graph([copy], graph_name, [helper.make_tensor_value_info("x", elem, list(input_shape))],
+                              [helper.make_tensor_value_info("y", elem, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
 def layer_model(site: ConvSite, batch: int, factors: GDWSFactors | None = None,
                 opset: int = 17) -> onnx.ModelProto:
     """A model holding just this conv (or its GDWS form) at its real input shape, for timing."""
     if site.in_spatial is None or site.weight is None:
         raise ValueError(f"conv '{site.name}' needs a constant weight and a known input shape")
-    dtype = site.weight.dtype
-    elem = helper.np_dtype_to_tensor_dtype(dtype)
     has_bias = len(site.node.input) > 2 and bool(site.node.input[2])
-    inits = [numpy_helper.from_array(site.weight, "W")]
-    if has_bias:
-        inits.append(numpy_helper.from_array(np.zeros(site.out_channels, dtype), "B"))
-    node = onnx.NodeProto()
-    node.CopyFrom(site.node)
-    del node.input[:]
-    node.input.extend(["x", "W"] + (["B"] if has_bias else []))
-    node.output[0] = "y"
-    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info(
-        "x", elem, [batch, site.in_channels, *site.in_spatial])], [helper.make_tensor_value_info("y", elem, None)],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+    model = single_node_model(site.node, site.weight, site.out_channels if has_bias else None,
+                              [batch, site.in_channels, *site.in_spatial], "layer", opset)
     if factors is not None:
         local = ConvSite(**{**site.__dict__, "index": 0, "node": model.graph.node[0], "weight_producers": set()})
         GDWSRewritePass([LayerRewrite(local, factors)]).call(model)
