@@ -308,7 +308,7 @@ def fc_layer_model(site: FCSite, input_shape: list[int], factors: FCFactors | No
                    opset: int = 17) -> onnx.ModelProto:
     """A model holding just this Gemm/MatMul (or, given `factors`, its fc_subgraph form) at the
     static `input_shape`, for timing: input `x`, output `y`, the weight as the site stores it,
-    Gemm's attributes as they are, and Gemm's C (when it has one) as zeros of [out_features]
+    Gemm's attributes as they are, and Gemm's C (when it has one) as zeros of [out_features], named B
     (the same Add for every batch; C's values do not change the time)."""
     if fc_skip_reason(site, min_weight=0) is not None:
         raise ValueError(f"FC layer '{site.name}' cannot be modelled: {fc_skip_reason(site, min_weight=0)}")
@@ -320,7 +320,7 @@ def fc_layer_model(site: FCSite, input_shape: list[int], factors: FCFactors | No
                               "fc_layer", opset)
     if factors is not None:
         local = replace(site, index=0, node=model.graph.node[0], weight_producers=set(),
-                        bias="C" if with_bias else "", opset=opset)
+                        bias="B" if with_bias else "", opset=opset)
         result = FCRewritePass([FCPlan(local, factors)], min_weight=0).call(model)
         if not result.modified:
             raise ValueError(f"FC layer '{site.name}': {result.report.skipped[0][1]}")
