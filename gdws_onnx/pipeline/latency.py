@@ -397,11 +397,9 @@ class LatencyPlanner:
         for _ in range(MAX_REALLOCATIONS):
             slow = {}
             for c in active:
-                options = measure_layer(c.site, c.spec, c.alpha, realizations(c.spec, decompose.scores(c.spec, c.alpha),
-                                                                                 c.ranks),
-                                        timers.layer, timers.cache, timers.env)
-                if pick_for_error_budget(options, decompose.weighted_error(c.spec, c.ranks, c.alpha) * (1 + 1e-9)
-                                         + 1e-12) is None:
+                options = measure_layer(c.site, c.spec, c.alpha, allocated_forms(c), timers.layer, timers.cache,
+                                        timers.env)
+                if pick_for_error_budget(options, allocated_error(c)) is None:
                     slow[c.site.name] = options
             keep = [c for c in active if c.site.name not in slow]
             if not slow or not keep:
@@ -496,15 +494,12 @@ def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, 
     timers = timers or Timers.create(timing, run, model, quantize)
     probes, model_probes, env, cache = timers.layer, timers.model, timers.env, timers.cache
     eps = None if budget.latency_reduction is not None else budget.error
-    choices = {c.site.name: realizations(c.spec, decompose.scores(c.spec, c.alpha), c.ranks) if fixed_ranks
-               else layer_choices(c, eps) for c in cands}
+    choices = {c.site.name: allocated_forms(c) if fixed_ranks else layer_choices(c, eps) for c in cands}
     measured = {c.site.name: measure_layer(c.site, c.spec, c.alpha, choices[c.site.name], probes, cache, env)
                 for c in cands}
     build = ModelBuilder(model, cands)
     if fixed_ranks:
-        picks = Picks({c.site.name: pick_for_error_budget(
-            measured[c.site.name], decompose.weighted_error(c.spec, c.ranks, c.alpha) * (1 + 1e-9) + 1e-12)
-            for c in cands})
+        picks = Picks({c.site.name: pick_for_error_budget(measured[c.site.name], allocated_error(c)) for c in cands})
     elif eps is not None:
         picks = Picks({c.site.name: pick_for_error_budget(measured[c.site.name], error_allowance(c, eps))
                        for c in cands})
@@ -601,6 +596,17 @@ def error_allowance(c: Candidate, eps: float) -> float:
     """The weighted error a candidate may have under the per-layer relative error budget eps."""
     _, beta = allocate.relative_lego(decompose.scores(c.spec, c.alpha), eps, c.site.weight.dtype)
     return beta
+
+
+def allocated_forms(c: Candidate) -> list[tuple[np.ndarray, str]]:
+    """The realizations of a candidate's allocated ranks (a ranks planner set them)."""
+    return realizations(c.spec, decompose.scores(c.spec, c.alpha), c.ranks)
+
+
+def allocated_error(c: Candidate) -> float:
+    """The weighted error of a candidate's allocated ranks, with float slack: its realizations
+    (same or more terms) are all within it."""
+    return decompose.weighted_error(c.spec, c.ranks, c.alpha) * (1 + 1e-9) + 1e-12
 
 
 def layer_choices(c: Candidate, eps: float | None) -> list[tuple[np.ndarray, str]]:
