@@ -5,9 +5,15 @@ on two models in one command (AutoAttack, PGD-100 with restarts). Run it once pe
 parallel if there are cores, then compare the JSONs (`--compare A.json B.json`: McNemar on the
 per-sample robust correctness, same samples required).
 
+Slow attacks can run in chunks (`--start S --n N` evaluates test images S .. S+N-1); give each side
+of `--compare` as a comma-separated list of chunk JSONs, which are merged (contiguous, same
+settings) before the comparison.
+
     python tools/robust_eval.py models/vgg16_fmnist_fgsm.onnx --attack autoattack --n 100 -o aa_orig.json
     python tools/robust_eval.py fast.onnx --attack autoattack --n 100 -o aa_fast.json
+    python tools/robust_eval.py fast.onnx --attack autoattack --start 100 --n 100 -o aa_fast_100.json
     python tools/robust_eval.py --compare aa_orig.json aa_fast.json
+    python tools/robust_eval.py --compare aa_orig.json,aa_orig_100.json aa_fast.json,aa_fast_100.json
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
-from gdws_onnx.core.stats import mcnemar_exact  # noqa: E402
+from gdws_onnx.core.stats import mcnemar_exact, proportion, wilson_interval  # noqa: E402
 from gdws_onnx.data import load_dataset  # noqa: E402
 from gdws_onnx.eval.validation import ValidateOptions, check_attack_requirements, evaluate_model  # noqa: E402
 from gdws_onnx.files import write_json_atomic  # noqa: E402
@@ -36,18 +42,50 @@ def evaluate(path: str, args: argparse.Namespace) -> dict:
     opts = ValidateOptions(data=args.data, n=args.n, attacks=tuple(args.attack), eps=args.eps, steps=args.steps,
                            restarts=args.restarts, seed=args.seed, threads=args.threads)
     check_attack_requirements(opts.attacks)
-    ds = load_dataset(args.data, n=args.n)
-    x, y = np.ascontiguousarray(ds.x, np.float32), np.asarray(ds.y, np.int64)
+    ds = load_dataset(args.data, n=args.start + args.n)
+    if len(ds.x) < args.start + args.n:
+        raise SystemExit(f"{args.data} has {len(ds.x)} samples: --start {args.start} --n {args.n} does not fit")
+    x = np.ascontiguousarray(ds.x[args.start:], np.float32)
+    y = np.asarray(ds.y[args.start:], np.int64)
     t0 = time.perf_counter()
     res, _ = evaluate_model(onnx.load(path), path, x, y, opts, [], os.path.basename(path), None)
-    return {"model": path, "settings": asdict(opts), "seconds": time.perf_counter() - t0, "versions": versions(),
-            "result": asdict(res)}
+    return {"model": path, "settings": asdict(opts), "start": args.start, "seconds": time.perf_counter() - t0,
+            "versions": versions(), "result": asdict(res)}
 
 
-def compare(a_path: str, b_path: str) -> str:
-    """Both results side by side and McNemar's exact test on the per-sample robust correctness."""
-    a, b = (json.load(open(p)) for p in (a_path, b_path))
-    if a["settings"] != {**b["settings"]}:
+def merge(paths: list[str]) -> dict:
+    """Chunk results of one model (same settings but n, contiguous sample ranges) as one result:
+    per-sample arrays concatenated in sample order, accuracies and intervals recomputed."""
+    runs = sorted((json.load(open(p)) for p in paths), key=lambda r: r.get("start", 0))
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    end = first.get("start", 0)
+    for r in runs:
+        if r["model"] != first["model"]:
+            raise SystemExit(f"chunks of different models: {first['model']} and {r['model']}")
+        if {**r["settings"], "n": 0} != {**first["settings"], "n": 0}:
+            raise SystemExit(f"chunks of {r['model']} used different settings: not mergeable")
+        if r.get("start", 0) != end:
+            raise SystemExit(f"chunks of {r['model']} are not contiguous: samples {end}.. missing")
+        end += r["settings"]["n"]
+    robust = np.concatenate([np.asarray(r["result"]["robust_correct"], bool) for r in runs])
+    clean_k = sum(round(r["result"]["clean_accuracy"] * r["settings"]["n"]) for r in runs)
+    rp = proportion(robust)
+    result = {**first["result"], "clean_accuracy": clean_k / len(robust),
+              "clean_accuracy_interval": list(wilson_interval(clean_k, len(robust))),
+              "robust_accuracy": rp.value, "robust_accuracy_interval": [rp.low, rp.high],
+              "predictions": sum((r["result"]["predictions"] for r in runs), []),
+              "robust_correct": robust.tolist()}
+    return {**first, "settings": {**first["settings"], "n": len(robust)},
+            "seconds": sum(r["seconds"] for r in runs), "result": result}
+
+
+def compare(a_paths: str, b_paths: str) -> str:
+    """Both results side by side and McNemar's exact test on the per-sample robust correctness.
+    Each side is one JSON or a comma-separated list of chunk JSONs (see `merge`)."""
+    a, b = merge(a_paths.split(",")), merge(b_paths.split(","))
+    if (a["settings"], a.get("start", 0)) != (b["settings"], b.get("start", 0)):
         raise SystemExit("the two runs used different settings (samples, attacks, eps ...): not comparable")
     ra, rb = a["result"], b["result"]
     p = mcnemar_exact(np.asarray(ra["robust_correct"]), np.asarray(rb["robust_correct"])).p_value
@@ -68,6 +106,7 @@ def main() -> None:
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two result JSONs")
     ap.add_argument("--data", default="fashion-mnist:test")
     ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--start", type=int, default=0, help="first test sample (for chunked runs)")
     ap.add_argument("--attack", action="append", default=None, help="pgd, pgd-l2, square, autoattack (repeatable)")
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=20)
@@ -85,7 +124,7 @@ def main() -> None:
     write_json_atomic(args.output, out, indent=1, default=json_default)
     r = out["result"]
     print(f"{args.model}: clean {100 * r['clean_accuracy']:.1f} %, robust {100 * r['robust_accuracy']:.1f} % "
-          f"({', '.join(args.attack)}, n = {args.n}) in {out['seconds']:.0f} s; wrote {args.output}")
+          f"({', '.join(args.attack)}, samples {args.start}-{args.start + args.n - 1}) in {out['seconds']:.0f} s; wrote {args.output}")
 
 
 if __name__ == "__main__":

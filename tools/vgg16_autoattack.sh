@@ -1,0 +1,27 @@
+#!/bin/sh
+# AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; eps 0.1) on the paper-width VGG-16 and on
+# its chosen GDWS model (forward alphas, mismatch budget 0.01: the decisive table's fastest point
+# within 1 pt), white-box with ONNX Runtime as the judge, in chunks of 100 test images (about
+# 45-56 min per chunk and model on one CPU thread). Resumable: finished chunks are kept.
+#   sh tools/vgg16_autoattack.sh [N_TOTAL=500] [OUT=out/vgg16/aa]
+# then compare (McNemar on the same images):
+#   python tools/robust_eval.py --compare $(ls OUT/original_*.json | paste -sd,) $(ls OUT/gdws_*.json | paste -sd,)
+set -e
+TOTAL=${1:-500}
+OUT=${2:-out/vgg16/aa}
+M=models/vgg16_fmnist_fgsm.onnx
+A=out/vgg16/alphas_forward.npz
+G=out/sweep_vgg16/models/gdws_fwd_mismatch_0.01.onnx
+mkdir -p "$OUT" "$(dirname $G)"
+[ -f $A ] || onnx-gdws sensitivity $M -o $A --method forward --data fashion-mnist:train --n 256 --threads 1
+[ -f $G ] || onnx-gdws optimize $M -o $G --alphas $A --width-multiple 16 --mismatch-budget 0.01 --threads 1
+start=0
+while [ $start -lt "$TOTAL" ]; do
+    tag=$(printf %03d $start)
+    for pair in "original:$M" "gdws:$G"; do
+        name=${pair%%:*}; model=${pair#*:}
+        [ -f "$OUT/${name}_$tag.json" ] || python tools/robust_eval.py "$model" --attack autoattack \
+            --start $start --n 100 --threads 1 -o "$OUT/${name}_$tag.json"
+    done
+    start=$((start + 100))
+done
