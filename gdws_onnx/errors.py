@@ -2,9 +2,35 @@
 
 Library messages name the *parameter* a Python caller passed (`error_budget must be in [0, 1)`).
 An `OptionError` carries that parameter's name, so the CLI can say it in its own terms
-(`--error-budget must be in [0, 1)`) without the library knowing any flag."""
+(`--error-budget must be in [0, 1)`) without the library knowing any flag. Texts that are not
+errors but name an option (a layer's skip reason: `first conv (skip_first=False to include)`)
+are `OptionText`s, rendered the same way (`first conv (--no-skip-first to include)`)."""
 
 from __future__ import annotations
+
+
+class OptionText(str):
+    """A text naming parameters: as a str it names them as parameters (the Python API's terms);
+    `render(name_of)` names them as the caller's interface does. A parameter may carry a value
+    (`skip_first=False`), which `name_of` renders too (the CLI: `--no-skip-first`)."""
+
+    template: str
+    params: tuple[str, ...]
+
+    def __new__(cls, template: str, *params: str) -> OptionText:
+        """`template` uses {0}, {1}, ... where the parameters go: OptionText('not matched by {0}', 'include')."""
+        text = super().__new__(cls, template.format(*params))
+        text.template, text.params = template, params
+        return text
+
+    def render(self, name_of) -> str:
+        """The text with each parameter written as name_of(parameter)."""
+        return self.template.format(*(name_of(p) for p in self.params))
+
+
+def render_text(text: str, name_of) -> str:
+    """`text` with its parameters named by name_of when it is an OptionText; other text as it is."""
+    return text.render(name_of) if isinstance(text, OptionText) else str(text)
 
 
 class GDWSError(Exception):
@@ -17,13 +43,13 @@ class OptionError(GDWSError):
 
     def __init__(self, message: str, *params: str):
         """`message` uses {0}, {1}, ... where the parameter names go: OptionError('{0} must be >= 1', 'runs')."""
-        self.template = message
-        self.params = params
-        super().__init__(self.render(lambda p: p))
+        self.text = OptionText(message, *params)
+        self.template, self.params = message, params
+        super().__init__(str(self.text))
 
     def render(self, name_of) -> str:
         """The message with each parameter written as name_of(parameter)."""
-        return self.template.format(*(name_of(p) for p in self.params))
+        return self.text.render(name_of)
 
 
 def literal(text: object) -> str:

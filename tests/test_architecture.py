@@ -92,6 +92,28 @@ def pattern_strings(source: str, scopes: tuple[str, ...]) -> list[str]:
             and spelled.search(node.value)]
 
 
+def flag_strings(source: str, flags: set[str]) -> list[str]:
+    """'line: text' for each string literal (f-string parts included, docstrings not) that names
+    one of `flags` (`--error-budget`, not `--error-budget-x`)."""
+    tree = ast.parse(source)
+    skip = _docstrings(tree)
+    token = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+    return [f"{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip
+            and set(token.findall(node.value)) & flags]
+
+
+def _cli_flags() -> set[str]:
+    """Every flag of every `onnx-gdws` subcommand."""
+    import click
+
+    from gdws_onnx.cli import main
+
+    ctx = click.Context(main)
+    return {opt for name in main.list_commands(ctx) for p in main.get_command(ctx, name).params
+            for opt in (*p.opts, *p.secondary_opts) if opt.startswith("--")}
+
+
 # ------------------------------------------------------------------------------------- the checks
 
 
@@ -126,6 +148,15 @@ def test_only_the_pattern_module_spells_node_names():
     assert not spelled, f"node-name scopes spelled outside {PATTERN_MODULE}: {spelled}"
 
 
+def test_nothing_below_the_cli_names_a_cli_flag():
+    """The library names parameters (OptionError, OptionText); only gdws_onnx/cli knows flags."""
+    flags = _cli_flags()
+    assert {"--error-budget", "--no-skip-first", "--exclude"} <= flags
+    named = {_rel(p): hits for m, p in _modules()
+             if not m.startswith("gdws_onnx.cli") and (hits := flag_strings(p.read_text(), flags))}
+    assert not named, f"CLI flags named below the CLI (name the parameter: errors.OptionText): {named}"
+
+
 # ------------------------------------------------------------------- the scanners catch what they claim
 
 
@@ -149,3 +180,12 @@ def test_pattern_scanner_reads_code_not_docstrings():
               'def f(site):\n    """Finds \'<conv>/gdws/gather\'."""\n'
               '    base = f"{site.name}/gdws"\n    return "/ssvd/a" in base, "~/.cache/onnx-gdws/x.json"\n')
     assert [h.split(":")[0] for h in pattern_strings(source, ("gdws", "ssvd"))] == ["4", "5"]
+
+
+def test_flag_scanner_reads_code_not_docstrings():
+    source = ('"""Reads what `optimize --alphas` writes."""\n'
+              'def f():\n    """--force rewrites anyway."""\n'
+              '    a = "use --force"\n    b = f"{a} --no-skip-first"\n'
+              '    return "pip install --no-deps x", "--forced-x", "a--force"\n')
+    hits = flag_strings(source, {"--force", "--no-skip-first", "--alphas"})
+    assert [h.split(":")[0] for h in hits] == ["4", "5"]

@@ -164,6 +164,27 @@ def test_option_errors_name_the_parameter_in_python_and_the_flag_in_the_cli(runn
     assert r.exit_code == 2 and r.output.startswith(f"error: {cli}"), r.output
 
 
+@pytest.mark.parametrize("param,flag", [
+    ("error_budget", "--error-budget"), ("batches", "--batch"), ("skip_first=False", "--no-skip-first"),
+    ("force=True", "--force"), ("conv=off", "--conv off"),
+])
+def test_flag_of_names_a_parameter_and_a_parameter_setting(param, flag):
+    from gdws_onnx.cli.common import flag_of
+
+    assert flag_of(param) == flag
+
+
+def test_skip_reasons_name_the_parameter_in_python_and_the_flag_in_the_cli(runner, cnn_path, tmp_path):
+    _, rep = optimize(cnn_path, exclude="conv2", verify=False)
+    reasons = {layer.name: layer.reason for layer in rep.layers if layer.status != "rewritten"}
+    assert reasons["conv0"] == "first conv (skip_first=False to include)"
+    assert reasons["conv2"] == "matched by the exclude pattern"
+    r = _invoke(runner, "optimize", cnn_path, "-o", tmp_path / "o.onnx", "--exclude", "conv2", "--no-verify")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "first conv (--no-skip-first to include)" in text, r.output
+    assert "matched by the --exclude pattern" in text
+
+
 @pytest.mark.parametrize("args,needle", [
     (["bench", "{model}", "--batch", "0"], "--batch takes positive integers"),
     (["bench", "{model}", "--ep", "tpu"], "unknown execution provider(s) ['tpu']"),

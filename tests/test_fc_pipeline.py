@@ -99,6 +99,6 @@ def test_conv_off_rewrites_fc_only_and_says_the_budget_went_to_fc(cnn_path):
 def test_exclude_keeps_an_fc_layer_dense_with_the_reason():
     out, report = optimize(mlp(), fc="lowrank", error_budget=0.0, force=True, exclude="^fc1$",
                            input_shapes={"x": [4, 64]})
-    assert ("fc1", "matched by --exclude") in report.fc.skipped
+    assert ("fc1", "matched by the exclude pattern") in report.fc.skipped
     assert "fc1" not in {layer.name for layer in report.fc.layers} and "fc0" in {l.name for l in report.fc.layers}
     assert any(n.name == "fc1" and n.op_type == "MatMul" for n in out.graph.node)

@@ -70,7 +70,7 @@ def test_optimize_with_the_table_times_nothing_and_picks_within_the_budget(tmp_p
             layer = next(r for r in rep.layers if r.name == name)
             assert layer.relative_error <= eps + 1e-9
         assert lat["cache"]["table"] and lat["checks"] == [] and "whole-model check was skipped" in lat["message"]
-        assert "onnx-gdws bench ORIGINAL OPTIMIZED --ep cpu --batch 1,2" in lat["message"]
+        assert "on the cpu EP at batch 1,2" in lat["message"]
         assert rep.verification.passed  # correctness is still checked on the host
 
 
@@ -165,5 +165,6 @@ def test_profile_then_optimize_from_the_cli(runner, cnn_path, tmp_path):
                              "--latency-table", str(table), "--batch", "2"])
     assert r.exit_code == 0, r.output
     assert out.exists() and "whole-model check was skipped" in " ".join(r.output.split())
+    assert "on the device: onnx-gdws bench ORIGINAL OPTIMIZED --ep cpu --batch 2" in r.output
     r = runner.invoke(main, ["profile", cnn_path, "-o", str(table), "--runs", "2"])
     assert r.exit_code == 2 and "--runs" in r.output

@@ -27,8 +27,9 @@ from gdws_onnx.runtime import bench
 def bench_cmd(models, timing: args.TimingArgs, warmup, input_shapes, profile, report_path) -> None:
     """Time MODELS interleaved (A B, B A, ...; spinning off) and report each vs the first.
 
-    Ratios are medians of per-round ratios with their 10-90 % spread: the only honest
-    comparison on a shared, noisy machine.
+    Ratios are medians of per-round ratios with their 10-90 % spread and the 95 % confidence
+    interval of the median: the only honest comparison on a shared, noisy machine. A model is
+    called faster (slower) only when that whole interval lies below (above) 1.
     """
     loaded = [load_model(m) for m in models]
     console = stdout_console()
@@ -51,14 +52,24 @@ def bench_cmd(models, timing: args.TimingArgs, warmup, input_shapes, profile, re
         write_text_atomic(report_path, json.dumps(result, indent=2))
 
 
+VERDICTS = {"below": "faster", "above": "slower", "undecided": "not distinguishable"}
+
+
 def ratio_table(stats: list, ratios: list, title: str) -> Table:
-    """One batch's timings: each model's median, p90, p99 and throughput, and its ratio to the first."""
+    """One batch's timings: each model's median, p90, p99 and throughput, its ratio to the first
+    with the 10-90 % spread and the confidence interval of the median, and the verdict that
+    interval supports."""
     t = Table(title=title)
-    for col in ("model", "median ms", "p90 ms", "p99 ms", "samples/s", "ratio vs first [p10-p90]"):
+    for col in ("model", "median ms", "p90 ms", "p99 ms", "samples/s", "ratio vs first [p10-p90]",
+                "95% CI of median", "vs first"):
         t.add_column(col)
     for i, s in enumerate(stats):
-        rtxt = "-" if i == 0 else f"{ratios[i - 1].median:.3f} [{ratios[i - 1].p10:.3f}-{ratios[i - 1].p90:.3f}]"
-        t.add_row(s.name, f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.throughput:.1f}", rtxt)
+        cells = ["-", "-", "-"]
+        if i:
+            r = ratios[i - 1]
+            ci = "too few rounds" if r.ci_low is None else f"[{r.ci_low:.3f}-{r.ci_high:.3f}]"
+            cells = [f"{r.median:.3f} [{r.p10:.3f}-{r.p90:.3f}]", ci, VERDICTS[bench.verdict(r, 1.0)]]
+        t.add_row(s.name, f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.throughput:.1f}", *cells)
     return t
 
 

@@ -35,8 +35,14 @@ FLAGS: dict[str, str] = {  # library parameter -> CLI flag, where the flag is no
 
 
 def flag_of(param: str) -> str:
-    """The CLI flag of a library parameter: FLAGS, else `--` + the kebab-case name."""
-    return FLAGS.get(param, "--" + param.replace("_", "-"))
+    """The CLI flag of a library parameter: FLAGS, else `--` + the kebab-case name. A parameter
+    with a value (`OptionText`) is the flag that sets it: `skip_first=False` -> `--no-skip-first`,
+    `force=True` -> `--force`, `conv=off` -> `--conv off`."""
+    name, eq, value = param.partition("=")
+    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    if not eq or value == "True":
+        return flag
+    return "--no-" + flag[2:] if value == "False" else f"{flag} {value}"
 
 
 def handle_errors(fn):

@@ -10,7 +10,8 @@ from rich.table import Table
 from gdws_onnx.pipeline.inspection import TOP_RANKS, inspect_model, to_dicts
 from gdws_onnx.cli.render import human
 from gdws_onnx.cli import args
-from gdws_onnx.cli.common import handle_errors, stdout_console
+from gdws_onnx.cli.common import flag_of, handle_errors, stdout_console
+from gdws_onnx.errors import render_text
 
 
 @click.command("inspect")
@@ -41,7 +42,7 @@ def inspect_cmd(model: str, input_shapes, as_json: bool) -> None:
                   ",".join(map(str, i.strides)), ",".join(map(str, i.dilations)), human(i.macs),
                   human(i.params), str(i.max_rank),
                   *(f"{i.energy_kept[f'top{r}']:.1%}" if i.energy_kept else "-" for r in TOP_RANKS),
-                  "yes" if i.eligible else f"no: {i.reason}")
+                  "yes" if i.eligible else f"no: {render_text(i.reason, flag_of)}")
     console = stdout_console()
     console.print(t)
     eligible = [i for i in infos if i.eligible]

@@ -5,6 +5,7 @@ Presentation only: the numbers come from `pipeline.report`; nothing here compute
 from __future__ import annotations
 
 from gdws_onnx.cli.common import flag_of
+from gdws_onnx.errors import render_text
 from gdws_onnx.pipeline.options import BudgetOptions
 from gdws_onnx.pipeline.report import LayerReport, OptimizeReport, VerificationReport
 
@@ -51,7 +52,7 @@ def _status(layer: LayerReport, lat: dict | None, folded_in: str | None) -> str:
             if layer.speedup_per_mac_cut is not None:
                 text += f", speed-up / MAC cut {layer.speedup_per_mac_cut:.2f}"
     else:
-        text = f"skipped: {layer.reason}"
+        text = f"skipped: {render_text(layer.reason, flag_of)}"
     if folded_in:
         text += f"; output channels changed: {folded_in}'s Gather folded into it"
     return text
@@ -126,6 +127,9 @@ def latency_lines(lat: dict | None) -> list[str]:
                      f"{ratios(lat['final_ratios'])} -> faster")
     if lat["message"]:
         lines.append(f"  {lat['message']}")
+    if lat["cache"].get("table"):
+        lines.append(f"  on the device: onnx-gdws bench ORIGINAL OPTIMIZED --ep {lat['ep']} "
+                     f"--batch {','.join(map(str, lat['batches']))}")
     return lines
 
 
@@ -189,7 +193,7 @@ def fc_lines(report: OptimizeReport) -> list[str]:
     lines = [f"fc {layer.name}: {layer.structure}, params {human(layer.dense_params)} -> {human(layer.params)}, "
              f"MACs/row {human(layer.dense_macs)} -> {human(layer.macs)}, weight error {layer.error:.3f}"
              + (f" (lowest MACs at this budget: {layer.winner})" if layer.winner else "") for layer in fc.layers]
-    lines += [f"fc {name}: skipped: {why}" for name, why in fc.skipped]
+    lines += [f"fc {name}: skipped: {render_text(why, flag_of)}" for name, why in fc.skipped]
     if fc.layers:
         lines.append(f"fc ({fc.scheme}): {_plural(len(fc.layers), 'layer')} rewritten, params "
                      f"{human(fc.params_before)} -> {human(fc.params_after)} (x{fc.params_before / max(fc.params_after, 1):.2f})")
@@ -216,6 +220,9 @@ def fc_latency_lines(lat: dict | None) -> list[str]:
                      f"{ratios}{tail}")
     if lat["message"]:
         lines.append(f"  {lat['message']}")
+    if lat["cache"].get("table"):
+        lines.append(f"  on the device: onnx-gdws bench ORIGINAL OPTIMIZED --ep {lat['ep']} "
+                     f"--batch {','.join(map(str, lat['batches']))}")
     return lines
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gdws_onnx.core import decompose
+from gdws_onnx.errors import OptionText
 from gdws_onnx.graph.convs import ConvSite
 from gdws_onnx.pipeline.options import SelectionOptions
 from gdws_onnx.pipeline.report import BudgetReport, LatencyReport
@@ -52,14 +53,14 @@ def skip_reason(site: ConvSite, first: bool, selection: SelectionOptions) -> str
     if site.in_channels // site.group == 1 and site.out_channels // site.group == 1:
         return "depthwise conv (nothing to gain)"
     if first and selection.skip_first:
-        return "first conv (--no-skip-first to include)"
+        return OptionText("first conv ({0} to include)", "skip_first=False")
     return name_filter(site.name, selection) or ""
 
 
 def name_filter(name: str, selection: SelectionOptions) -> str | None:
     """Why the include/exclude patterns leave the layer `name` alone (None: they select it)."""
     if selection.include is not None and not re.search(selection.include, name):
-        return "not matched by --include"
+        return OptionText("not matched by the {0} pattern", "include")
     if selection.exclude is not None and re.search(selection.exclude, name):
-        return "matched by --exclude"
+        return OptionText("matched by the {0} pattern", "exclude")
     return None

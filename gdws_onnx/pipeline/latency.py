@@ -544,8 +544,8 @@ def plan_from_table(cands: list[Candidate], budget: BudgetOptions, timing: Timin
     unmatched = [c.site.name for c in cands if not measured[c.site.name]]
     if unmatched:
         raise OptionError(f"{{0}} has no measurement of {literal(unmatched[:3])} at this geometry: it was profiled "
-                          f"for model {literal(table.model.get('name'))} (other input shapes, or other --skip-first/"
-                          "--include/--exclude?)", "latency_table")
+                          f"for model {literal(table.model.get('name'))} (other input shapes, or other {{1}}/"
+                          "{2}/{3}?)", "latency_table", "skip_first", "include", "exclude")
     if eps is not None:
         picks = Picks({c.site.name: pick_for_error_budget(measured[c.site.name], error_allowance(c, eps))
                        for c in cands})
@@ -580,8 +580,8 @@ def table_message(table: LatencyTable, path: str, batches: list[int]) -> str:
     env, ep = table.environment, table.key_environment.get("ep")
     where = f"{ep}, {env.get('cpu')}, onnxruntime {env.get('onnxruntime')} {env.get('onnxruntime_package', '')}"
     return (f"layer latencies from {path} (measured on {where.rstrip()}). The whole-model check was skipped: it "
-            f"needs the device. There, run `onnx-gdws bench ORIGINAL OPTIMIZED --ep {ep} "
-            f"--batch {','.join(map(str, batches))}`")
+            f"needs the device. There, time the optimized model against the original, interleaved, on the {ep} EP "
+            f"at batch {','.join(map(str, batches))}")
 
 
 def require_input_shapes(cands: list[Candidate]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from gdws_onnx.core import decompose
-from gdws_onnx.errors import GDWSError, OptionError, literal
+from gdws_onnx.errors import GDWSError, OptionError, OptionText, literal
 from gdws_onnx.graph.convs import ConvSite, find_convs, node_label
 from gdws_onnx.graph.fold import FoldGatherPass
 from gdws_onnx.graph.model_io import LoadedModel, load_model
@@ -297,8 +297,8 @@ def settle(selection: Selection, budget: BudgetOptions) -> list[Candidate]:
     for c in selection.cands:
         if c.ranks is not None and not budget.force and budget.target == "macs" and \
                 decompose.gdws_cost_per_pixel(c.spec, c.ranks) >= decompose.original_cost_per_pixel(c.spec):
-            c.reason = (f"GDWS would not reduce MACs at the chosen ranks (G={int(c.ranks.sum())}); "
-                        "--force to rewrite anyway")
+            c.reason = OptionText(f"GDWS would not reduce MACs at the chosen ranks (G={int(c.ranks.sum())}); "
+                                  "{0} to rewrite anyway", "force=True")
         selection.reasons[c.site.name] = selection.reasons[c.site.name] or c.reason
     return [c for c in selection.cands if not c.reason]
 

@@ -299,8 +299,8 @@ def notes(sweep: SweepResult) -> list[str]:
                    "accuracy is the per-sample worst case of both.")
     if has_fc(sweep):
         out.append("FC points (fc-kronecker, fc-lowrank) rewrite only the Gemm/MatMul layers, as sums of Kronecker "
-                   "products or plain low rank (`optimize --conv off --fc SCHEME`), and leave the convs as they are "
-                   "(conv MACs / 1.00). Their budgets are per FC layer: error:E = each weight's relative squared "
+                   "products or plain low rank (optimized with the conv rewrite off and that FC scheme), and leave "
+                   "the convs as they are (conv MACs / 1.00). Their budgets are per FC layer: error:E = each weight's relative squared "
                    "Frobenius error, mac:R = each layer's MACs / R; a layer whose factors would not cut its MACs "
                    "is left dense. 'FC MACs /' = the original's Gemm/MatMul MACs per sample / the point's, "
                    "counted on the graph; 'params' counts the whole model.")
