@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import onnx  # noqa: E402
 
 from gdws_onnx.graph.fc import find_fc_sites  # noqa: E402
-from gdws_onnx.sweep.report import METHOD_NAMES, baseline, batches  # noqa: E402
+from gdws_onnx.sweep.report import METHOD_NAMES, baseline, batches, md_table  # noqa: E402
 from gdws_onnx.sweep.run import DEFAULT_FC_BUDGETS, PointResult, SweepOptions, SweepResult, sweep  # noqa: E402
 
 SCHEMES = ("fc-kronecker", "fc-lowrank")
@@ -84,11 +84,6 @@ def layer_rows(result: SweepResult) -> list[list[str]]:
     return rows
 
 
-def markdown(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -112,11 +107,11 @@ def main() -> None:
     command = "python tools/fc_table.py " + " ".join(sys.argv[1:])
     result = sweep(a.model, a.out, opts, command=command, log=lambda s: print(f"[fc_table] {s}", file=sys.stderr))
     bs = batches(result)
-    print(markdown(["scheme", "budget", "FC layers rewritten", "FC weights", "model params", "FC MACs /",
+    print(md_table(["scheme", "budget", "FC layers rewritten", "FC weights", "model params", "FC MACs /",
                     "clean %", "PGD-20 %", "agreement %", *[f"latency ratio {b} [p10-p90]" for b in bs]],
                    point_rows(result, fc_weights(onnx.load(a.model)))))
     print()
-    print(markdown(["point", "layer", "in->out", "structure", "rel. weight error", "MACs per row",
+    print(md_table(["point", "layer", "in->out", "structure", "rel. weight error", "MACs per row",
                     "wins on error per MAC"],
                    layer_rows(result)))
     e = result.environment

@@ -17,8 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gdws_onnx.sweep.run import SweepResult, load_sweep  # noqa: E402
+from gdws_onnx.files import write_text_atomic  # noqa: E402
 from gdws_onnx.sweep.report import (  # noqa: E402
-    METHOD_NAMES, baseline, batches, best_within, ok_points, reference, speed_verdict, unchanged_note,
+    METHOD_NAMES, md_table, baseline, batches, best_within, ok_points, reference, speed_verdict, unchanged_note,
 )
 
 
@@ -94,6 +95,32 @@ def point_rows(sweep: SweepResult) -> list[list[str]]:
     return out
 
 
+def points_table(sweep: SweepResult) -> str:
+    """Every point, with its samples and latency CIs."""
+    head = ["point", "method", "conv MACs /", "params", "n", "clean %", "robust %", "agreement %",
+            *[f"latency ratio {b} [95% CI]" for b in batches(sweep)]]
+    return md_table(head, point_rows(sweep))
+
+
+def answer_table(sweep: SweepResult, max_drop: float) -> str:
+    """Per method and batch, the fastest point within max_drop points of clean and robust accuracy."""
+    head = ["method", "batch", "fastest point within 1 pt", "conv MACs /", "clean % (ref.)", "robust % (ref.)",
+            "latency ratio [95% CI]", "verdict"]
+    return md_table(head, answer_rows(sweep, max_drop))
+
+
+def fastest_table(sweeps: list[SweepResult], max_drop: float) -> str:
+    """One row per method and model of several sweeps: its fastest point within max_drop robust points."""
+    bs = batches(sweeps[0])
+    head = ["model", "method", "point", "conv MACs /", "clean %", "robust %",
+            *[f"latency ratio {b} [p10-p90]" for b in bs]]
+    env = sweeps[0].environment
+    return "\n".join([md_table(head, [r for s in sweeps for r in rows(s, max_drop)]), "",
+                      f"Fastest point (latency at {bs[0]}) within {max_drop:g} pt of the original's robust accuracy; "
+                      f"{env.get('cpu')}, {env.get('ep')} EP, ONNX Runtime {env.get('onnxruntime')}, threads "
+                      f"{env.get('threads')}; each latency ratio timed interleaved with the original."])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="+", help="sweep output folders (or their sweep.json)")
@@ -104,39 +131,12 @@ def main() -> None:
                          "accuracy, with the 95 %% CI of its latency ratio and the verdict")
     ap.add_argument("--points", action="store_true", help="every point, with its samples and latency CIs")
     a = ap.parse_args()
-    if a.points:
-        sweep = load_sweep(a.sweeps[0])
-        head = ["point", "method", "conv MACs /", "params", "n", "clean %", "robust %", "agreement %",
-                *[f"latency ratio {b} [95% CI]" for b in batches(sweep)]]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in point_rows(sweep)]
-        print("\n".join(lines))
-        return
-    if a.answer:
-        sweep = load_sweep(a.sweeps[0])
-        head = ["method", "batch", "fastest point within 1 pt", "conv MACs /", "clean % (ref.)", "robust % (ref.)",
-                "latency ratio [95% CI]", "verdict"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in answer_rows(sweep, a.max_drop)]
-        print("\n".join(lines))
-        return
-    sweeps = [load_sweep(s) for s in a.sweeps]
-    bs = batches(sweeps[0])
-    head = ["model", "method", "point", "conv MACs /", "clean %", "robust %",
-            *[f"latency ratio {b} [p10-p90]" for b in bs]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in sweeps:
-        lines += ["| " + " | ".join(r) + " |" for r in rows(s, a.max_drop)]
-    env = sweeps[0].environment
-    lines += ["", f"Fastest point (latency at {bs[0]}) within {a.max_drop:g} pt of the original's robust accuracy; "
-              f"{env.get('cpu')}, {env.get('ep')} EP, ONNX Runtime {env.get('onnxruntime')}, threads "
-              f"{env.get('threads')}; each latency ratio timed interleaved with the original."]
-    text = "\n".join(lines)
+    text = (points_table(load_sweep(a.sweeps[0])) if a.points else
+            answer_table(load_sweep(a.sweeps[0]), a.max_drop) if a.answer else
+            fastest_table([load_sweep(s) for s in a.sweeps], a.max_drop))
     print(text)
     if a.md:
-        with open(a.md, "w") as f:
-            f.write(text + "\n")
-
+        write_text_atomic(a.md, text + "\n")
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gdws_onnx.files import write_text_atomic  # noqa: E402
+from gdws_onnx.sweep.report import md_table  # noqa: E402
+
+
+HEAD = ["layer", "C->M", "map", "G/max", "realization", "conv MACs /", "layer ratio [95% CI]",
+        "speed-up / MAC cut", "best ratio of each form timed"]
 
 
 def _fmt(r: dict) -> str:
@@ -65,15 +76,11 @@ def main() -> None:
         bs = ", ".join(str(b) for b in lat["batches"])
         lines += [f"{path}: {lat['ep']} EP, threads {lat['threads']}, batch {bs}; whole model "
                   + "; ".join(f"b{b}: {_fmt(r)}" for b, r in lat.get("final_ratios", {}).items()), "",
-                  "| layer | C->M | map | G/max | realization | conv MACs / | layer ratio [95% CI] | "
-                  "speed-up / MAC cut | best ratio of each form timed |", "|---|---|---|---|---|---|---|---|---|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
-        lines.append("")
+                  md_table(HEAD, rows(report)), ""]
     text = "\n".join(lines)
     print(text)
     if a.md:
-        with open(a.md, "w") as f:
-            f.write(text + "\n")
+        write_text_atomic(a.md, text + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import onnx  # noqa: E402
 from gdws_onnx import optimize, validate  # noqa: E402
 from gdws_onnx.runtime.bench import BenchConfig, compare_models, environment  # noqa: E402
 from gdws_onnx.provenance import versions  # noqa: E402
+from gdws_onnx.sweep.report import md_table  # noqa: E402
 
 KINDS = {"error": "error_budget", "mac": "mac_reduction", "latency": "latency_reduction"}
 
@@ -54,16 +55,12 @@ def row(model: onnx.ModelProto, spec: str, n: int, batches: list[int], runs: int
 def markdown(rows: list[dict], batches: list[int]) -> str:
     head = ["budget", "convs rewritten", "conv MACs /", "clean acc.", "PGD-20 acc.", "agreement",
             *[f"latency ratio b={b} [p10-p90]" for b in batches]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["budget"], str(r["rewritten"]), f"{r['conv_mac_reduction']:.2f}",
-                 f"{100 * r['clean'][0]:.1f} -> {100 * r['clean'][1]:.1f}",
-                 f"{100 * r['pgd20'][0]:.1f} -> {100 * r['pgd20'][1]:.1f}", f"{100 * r['agreement']:.1f}%"]
-        for b in batches:
-            m, lo, hi = r[f"latency_ratio_b{b}"]
-            cells.append(f"{m:.2f} [{lo:.2f}-{hi:.2f}]")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [[r["budget"], str(r["rewritten"]), f"{r['conv_mac_reduction']:.2f}",
+              f"{100 * r['clean'][0]:.1f} -> {100 * r['clean'][1]:.1f}",
+              f"{100 * r['pgd20'][0]:.1f} -> {100 * r['pgd20'][1]:.1f}", f"{100 * r['agreement']:.1f}%",
+              *(f"{m:.2f} [{lo:.2f}-{hi:.2f}]" for m, lo, hi in (r[f"latency_ratio_b{b}"] for b in batches))]
+             for r in rows]
+    return md_table(head, cells)
 
 
 def main() -> None:

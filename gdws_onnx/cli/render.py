@@ -220,9 +220,6 @@ def fc_latency_lines(lat: dict | None) -> list[str]:
                      f"{ratios}{tail}")
     if lat["message"]:
         lines.append(f"  {lat['message']}")
-    if lat["cache"].get("table"):
-        lines.append(f"  on the device: onnx-gdws bench ORIGINAL OPTIMIZED --ep {lat['ep']} "
-                     f"--batch {','.join(map(str, lat['batches']))}")
     return lines
 
 

@@ -116,14 +116,15 @@ def table_header(sweep: SweepResult) -> list[str]:
     return [*cols, *[f"latency ratio {b} [p10-p90]" for b in batches(sweep)]]
 
 
-def _md(head: list[str], rows: list[list[str]]) -> str:
+def md_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the header row, the rule, one line per row of cells."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def markdown_table(sweep: SweepResult) -> str:
-    return _md(table_header(sweep), table_rows(sweep))
+    return md_table(table_header(sweep), table_rows(sweep))
 
 
 TIME_PHASES = ("build", "reference", "clean", "gradient_check")  # then the attacks, then "timing"
@@ -322,7 +323,7 @@ def markdown(sweep: SweepResult, images: list[str]) -> str:
     lines += summary(sweep) + [""]
     lines += [f"![{os.path.splitext(os.path.basename(i))[0]}]({os.path.basename(i)})" for i in images] + [""]
     lines += ["## Points", "", markdown_table(sweep), ""]
-    lines += ["## Wall time", ""] + time_lines(sweep) + ["", _md(time_header(sweep), time_rows(sweep)), ""]
+    lines += ["## Wall time", ""] + time_lines(sweep) + ["", md_table(time_header(sweep), time_rows(sweep)), ""]
     lines += ["## Environment", ""] + [f"- {s}" for s in environment_lines(sweep)] + [""]
     if notes(sweep):
         lines += ["## Notes", ""] + [f"- {s}" for s in notes(sweep)] + [""]
