@@ -26,6 +26,7 @@ from gdws_onnx.sweep.run import (
     plan_points,
     sweep,
 )
+from gdws_onnx.pipeline.int8 import QUANTIZE_ACTIVATIONS
 from gdws_onnx.sweep.report import best_within, pareto, write_report
 from validate_helpers import fashion, fm_cnn
 
@@ -127,10 +128,16 @@ def test_every_point_measured(done, files):
     assert by_method["int8"][0].conv_macs == orig.conv_macs
     assert by_method["int8"][0].file_bytes < orig.file_bytes
     assert len(by_method["gdws+int8"]) == len(by_method["gdws"])
-    # quantized points: BPDA gradients plus Square, compared with the original under the same attacks
+    # quantized points: BPDA gradients plus Square, compared with the original under the same attacks,
+    # and quantized as optimize(quantize="int8") quantizes (its activation type)
     for p in by_method["int8"] + by_method["gdws+int8"]:
         assert p.gradient_source == "torch-bpda" and set(p.robust_by_attack) == {"pgd", "square"}
         assert p.reference == "original+square"
+        assert p.params["activations"] == QUANTIZE_ACTIVATIONS
+        q = onnx.load(os.path.join(out, p.model_file)).graph
+        types = {t.name: t.data_type for t in q.initializer}
+        activations = {types[n.input[2]] for n in q.node if n.op_type == "QuantizeLinear"}
+        assert activations == {onnx.helper.np_dtype_to_tensor_dtype(np.dtype(QUANTIZE_ACTIVATIONS))}, p.label
     ref = next(p for p in by_method["original"] if p.key == "original+square")
     assert set(ref.robust_by_attack) == {"pgd", "square"} and ref.robust <= orig.robust
     assert all(p.reference == "original" for p in by_method["gdws"] + by_method["ssvd"])

@@ -1,8 +1,9 @@
 """The trade-off sweep: GDWS at a ladder of budgets and its peers, each measured the same way.
 
 Every point is one model built from the original (GDWS at a budget, plain DWS, uniform-rank
-GDWS, spatial SVD at the MACs of a GDWS point, ONNX Runtime static INT8, GDWS then INT8, and the
-FC rewrites `fc-kronecker` / `fc-lowrank` at each budget of their own ladder, convs untouched)
+GDWS, spatial SVD at the MACs of a GDWS point, ONNX Runtime static INT8, GDWS then INT8 (both
+quantized as `optimize(quantize="int8")` does: pipeline.int8's activation type), and the FC
+rewrites `fc-kronecker` / `fc-lowrank` at each budget of their own ladder, convs untouched)
 and is measured on the same samples as the original: clean accuracy, white-box robust accuracy
 (`validation.evaluate_model`: each model attacked with its own gradients, ONNX Runtime judging),
 agreement with the original, conv MACs and, apart from them, Gemm/MatMul (FC) MACs, parameters,
@@ -34,6 +35,7 @@ from gdws_onnx.errors import GateFailed, GDWSError, OptionError, literal
 from gdws_onnx.files import write_json_atomic
 from gdws_onnx.graph.convs import infer_shapes
 from gdws_onnx.graph.model_io import file_sha256, load_model, save_model
+from gdws_onnx.pipeline.int8 import QUANTIZE_ACTIVATIONS
 from gdws_onnx.pipeline.optimize import optimize
 from gdws_onnx.provenance import json_default, versions
 from gdws_onnx.core.stats import mcnemar_exact, proportion
@@ -271,7 +273,7 @@ def plan_points(opts: SweepOptions) -> list[PointSpec]:
         elif name == "uniform":
             pts.append(PointSpec("uniform", {"uniform_rank": g}, f"uniform g={g}"))
         elif name == "int8":
-            pts.append(PointSpec("int8", {}, "int8"))
+            pts.append(PointSpec("int8", {"activations": QUANTIZE_ACTIVATIONS}, "int8"))
         elif name in FC_PEERS:
             pts += [PointSpec(name, parse_fc_budget(b), f"{name} {b}") for b in opts.fc_budgets]
     return pts
@@ -318,7 +320,8 @@ def matched_points(opts: SweepOptions, gdws: list[PointResult]) -> list[PointSpe
                     params["multiple"] = PRUNE_MULTIPLE
                 pts.append(PointSpec(peer, params, f"{peer} mac:{r.conv_mac_reduction:.3g}"))
         if "gdws+int8" in names:
-            pts.append(PointSpec("gdws+int8", {"from": r.key, **r.params}, f"{r.label} + int8"))
+            pts.append(PointSpec("gdws+int8", {"from": r.key, **r.params, "activations": QUANTIZE_ACTIVATIONS},
+                                 f"{r.label} + int8"))
     return pts
 
 
@@ -422,7 +425,8 @@ class Sweep:
             copy.CopyFrom(self.original)  # the pass edits in place
             return peer(skip_first=self.opts.skip_first, **spec.params).call(copy).model, {}
         if spec.method == "int8":
-            return peers.QuantizeInt8Pass(self.calibration()).call(self.original).model, {"float_parent": "original"}
+            return (peers.QuantizeInt8Pass(self.calibration(), activation_type=spec.params["activations"])
+                    .call(self.original).model, {"float_parent": "original"})
         if spec.method == "gdws+int8" and "from" not in spec.params:  # a named point optimize quantizes
             model, report = self.optimized(spec.params)
             # its float GDWS model's conv MACs, from the report (the QDQ model's weights are not folded)
@@ -431,8 +435,8 @@ class Sweep:
             parent = os.path.join(self.out, "models", spec.params["from"] + ".onnx")
             if not os.path.isfile(parent):
                 raise GDWSError(f"the GDWS point {spec.params['from']} has no saved model")
-            return (peers.QuantizeInt8Pass(self.calibration()).call(onnx.load(parent)).model,
-                    {"float_parent": spec.params["from"]})
+            return (peers.QuantizeInt8Pass(self.calibration(), activation_type=spec.params["activations"])
+                    .call(onnx.load(parent)).model, {"float_parent": spec.params["from"]})
         raise GDWSError(f"unknown sweep method {spec.method!r}")
 
     def optimized(self, params: dict):
