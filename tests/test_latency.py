@@ -335,7 +335,7 @@ def test_realizations_measure_rounded_widths_and_the_padded_forms():
 
 def test_cache_keys_of_the_older_forms_are_unchanged():
     from gdws_onnx.graph.convs import find_convs
-    from gdws_onnx.pipeline.latency import LatencyCache
+    from gdws_onnx.pipeline.measure import LatencyCache
 
     site = find_convs(_model())[1]
     env = {"ep": "cpu"}

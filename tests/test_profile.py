@@ -54,7 +54,7 @@ def test_table_records_environment_model_and_every_realization(tmp_path):
 def test_optimize_with_the_table_times_nothing_and_picks_within_the_budget(tmp_path):
     """Each layer picks the fastest realization the table shows measurably faster (upper bound
     below FASTER at every batch) whose error is within the budget, whatever budget was profiled."""
-    from gdws_onnx.pipeline.latency import FASTER
+    from gdws_onnx.pipeline.measure import FASTER
 
     slow = {"conv1": 1.3}  # conv1's GDWS forms are slower on the "device"; the others as their costs say
     path, out, _ = _profiled(tmp_path, layer_args={"layer_ratio": slow})
@@ -84,7 +84,7 @@ def test_a_table_from_another_machine_and_another_file_name_is_used(tmp_path):
     d["model"].update(name="/device/elsewhere.onnx", sha256="0" * 64)
     # re-key every measurement as the other machine would have (its environment in the hash)
     from gdws_onnx.graph.convs import find_convs
-    from gdws_onnx.pipeline.latency import LatencyCache
+    from gdws_onnx.pipeline.measure import LatencyCache
     sites = {s.name: s for s in find_convs(_model(), "")}
     for name, ms in d["layers"].items():
         for m in ms:

@@ -4,10 +4,10 @@ measurably faster than the dense layer, and the FC rewrites together keep the mo
 Per eligible layer, both schemes' factors at the error budget (graph.fc.plan_fc, which also
 compares them on error per MAC) are each timed alone against the dense layer
 (graph.fc.fc_layer_model at the layer's real input shape, the first dim set to each batch),
-interleaved, with pipeline.latency's probes, cache and rule: "faster" means the whole confidence
-interval of the median per-round ratio lies below latency.FASTER, at every batch. The requested
+interleaved, with pipeline.measure's probes, cache and rule: "faster" means the whole confidence
+interval of the median per-round ratio lies below measure.FASTER, at every batch. The requested
 scheme's form is kept where it is faster; the report names the scheme that won on measured
-latency (or "dense"). The kept layers then pass latency.never_slower against the model as it
+latency (or "dense"). The kept layers then pass measure.never_slower against the model as it
 entered the FC step (its convs already rewritten and checked): a layer is reverted, worst measured
 layer ratio first, until the whole model measures faster at every batch, else all stay dense.
 """
@@ -35,7 +35,7 @@ from gdws_onnx.graph.fc import (
     plan_fc,
 )
 from gdws_onnx.pipeline.candidates import name_filter
-from gdws_onnx.pipeline.latency import (
+from gdws_onnx.pipeline.measure import (
     CONFIDENCE,
     FASTER,
     FallbackStep,
@@ -243,7 +243,7 @@ def rewrite_fc_by_latency(model: onnx.ModelProto, base_dir: str, selection: Sele
 
 def keep_never_slower(model: onnx.ModelProto, fast: list[FCPlan], lat: FCLatencyReport, timing: TimingOptions,
                       run: RunOptions) -> list[FCPlan]:
-    """latency.never_slower over the layers measured faster alone, worst measured layer ratio
+    """measure.never_slower over the layers measured faster alone, worst measured layer ratio
     reverted first, against `model` as it is; records its steps in `lat`; returns the kept plans."""
     if not fast:
         return []

@@ -81,11 +81,11 @@ def quantize_for_timing(model: onnx.ModelProto, calibration: np.ndarray | None) 
 
 @dataclass
 class QuantizedProbe:
-    """A latency probe (pipeline.latency.Probe) that times the INT8 forms of the two models it is
+    """A latency probe (pipeline.measure.Probe) that times the INT8 forms of the two models it is
     given: a layer's GDWS form against the layer, or a GDWS model against the original, both
     quantized (so the whole-model baseline is INT8 alone). Each distinct model is quantized once."""
 
-    probe: object  # pipeline.latency.Probe
+    probe: object  # pipeline.measure.Probe
     calibration: np.ndarray | None = None  # whole models: the INT8 step's samples; None: layer models
     quantized: dict[str, onnx.ModelProto] = field(default_factory=dict)
 

@@ -1,56 +1,48 @@
-"""Hardware-aware allocation: per-layer latency tables measured on the target EP (cached on
-disk), rank choice under a latency or error budget, and the never-slower whole-model check.
+"""Hardware-aware allocation of the convs: each candidate layer's GDWS realizations timed alone
+on the target EP (`measure`: probes, cache, the "faster" rule), rank choice under a latency or
+error budget, Gather folds, and the never-slower whole-model check.
 
-A `Probe` measures candidate / baseline latency (interleaved); `bench.OrtProbe` is the real
-one, tests inject their own. Nothing here decides by MACs alone, nor by a median alone: "faster
-than T" means the confidence interval of the median per-round ratio lies below T
-(`bench.verdict`), at every batch; an interval that straddles T is "not measurably faster".
-Layers must beat FASTER, whole models and folds 1.0, a latency budget R 1/R.
+Nothing here decides by MACs alone, nor by a median alone: "faster than T" means the confidence
+interval of the median per-round ratio lies below T (`measure.faster`), at every batch. Layers
+must beat FASTER, whole models and folds 1.0, a latency budget R 1/R.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from gdws_onnx.core import allocate, decompose
 from gdws_onnx.errors import OptionError, literal
-from gdws_onnx.files import write_json_atomic
 from gdws_onnx.graph.convs import ConvSite
 from gdws_onnx.graph.fold import FoldGatherPass
 from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite, layer_model
 from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate
 from gdws_onnx.pipeline.latency_table import LatencyTable
+from gdws_onnx.pipeline.measure import (
+    CONFIDENCE,
+    FASTER,
+    LatencyCache,
+    NeverSlowerResult,
+    Probe,
+    conclusive,
+    default_cache_path,
+    environment_key,
+    faster,
+    layer_probes,
+    never_slower,
+)
 from gdws_onnx.pipeline.options import BudgetOptions, RunOptions, TimingOptions
 from gdws_onnx.pipeline.report import BudgetReport, LatencyReport
-from gdws_onnx.runtime.bench import Ratio, format_ratio, ratio_of, verdict
+from gdws_onnx.runtime.bench import format_ratio, ratio_of
 
 LADDER = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # G / C points measured per layer
-FASTER = 0.95  # a layer is kept only if the upper bound of its measured ratio is below this
 FORMS = ("gather", "multiplier", "stacked")  # [Gather ->] grouped dw -> pw; multiplier dw -> pw; r dw -> Concat -> pw
 WIDTH_MULTIPLES = (8, 16)  # GDWS widths also measured rounded up to these
-CONFIDENCE = 0.95  # of the interval every "faster" decision rests on (bench.Rounds, over all its looks)
-
-
-class Probe(Protocol):
-    def compare(self, baseline: onnx.ModelProto, candidate: onnx.ModelProto,
-                threshold: float | tuple[float, ...] | None = None) -> Ratio:
-        """candidate / baseline latency; given a threshold (or several), measure until the
-        Ratio's interval lies on one side of it (of each), as far as the probe's limits allow."""
-        ...
-
-
-def faster(r: Ratio | dict, threshold: float) -> bool:
-    """Measurably below threshold: the whole interval of the median ratio is below it."""
-    return verdict(r if isinstance(r, Ratio) else ratio_of(r), threshold) == "below"
 
 
 @dataclass
@@ -87,58 +79,6 @@ class LayerOption:
     @property
     def saving_ms(self) -> float:
         return self.baseline_ms - self.gdws_ms
-
-
-class LatencyCache:
-    """Layer measurements on disk, keyed by EP, CPU, ORT version, threads, batch and geometry."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-        self.entries: dict[str, dict] = {}
-        self.hits = self.misses = 0
-        if path and os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    self.entries = json.load(f)
-            except (OSError, ValueError):
-                self.entries = {}  # a corrupt cache is rebuilt, not fatal
-
-    @staticmethod
-    def key(site: ConvSite, option: tuple[int, str | bool], batch: int, env: dict) -> str:
-        """The entry of (total rank G, form: one of FORMS, or a bool = multiplier or Gather form)."""
-        g, form = option
-        form = ("multiplier" if form else "gather") if isinstance(form, (bool, np.bool_)) else form
-        geometry = dict(C=site.in_channels, M=site.out_channels, groups=site.group, kernel=site.kernel_shape,
-                        strides=site.strides, pads=site.pads, dilations=site.dilations, auto_pad=site.auto_pad,
-                        spatial=site.in_spatial, dtype=str(site.weight.dtype), G=g, mult=form != "gather",
-                        batch=batch)
-        if form == "stacked":  # keys of the older two forms unchanged
-            geometry["stacked"] = True
-        blob = json.dumps({"env": env, "layer": geometry}, sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-    def get(self, key: str, usable: Callable[[dict], bool] | None = None) -> dict | None:
-        """The entry under key if there is one and `usable` accepts it (a miss otherwise)."""
-        hit = self.entries.get(key)
-        if hit is not None and usable is not None and not usable(hit):
-            hit = None
-        self.hits += hit is not None
-        self.misses += hit is None
-        return hit
-
-    def put(self, key: str, value: dict) -> None:
-        self.entries[key] = value
-
-    def save(self) -> None:
-        if not self.path:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        write_json_atomic(self.path, self.entries, sort_keys=True)
-
-
-def default_cache_path() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "onnx-gdws", "latency.json")
 
 
 def padded_forms(spec: decompose.Spectrum) -> tuple[str, ...]:
@@ -188,18 +128,6 @@ def candidate_ranks(spec: decompose.Spectrum, scores: np.ndarray) -> list[tuple[
 def form_factors(spec: decompose.Spectrum, ranks: np.ndarray, dtype: np.dtype, form: str) -> decompose.GDWSFactors:
     """The GDWS factors of ranks in a form of FORMS."""
     return decompose.factors(spec, ranks, dtype, multiplier=form != "gather", stacked=form == "stacked")
-
-
-def conclusive(entry: dict) -> bool:
-    """A cached layer measurement that can be reused: it has its spread (older entries held a
-    median only) and its interval (`Ratio.bounds`) decides the FASTER question; others are
-    measured again."""
-    if any(entry.get(k) is None for k in _CACHED):
-        return False
-    return verdict(ratio_of(entry), FASTER) != "undecided"
-
-
-_CACHED = ("median", "p10", "p90", "baseline_ms", "candidate_ms")
 
 
 def measure_layer(site: ConvSite, spec: decompose.Spectrum, alpha: np.ndarray,
@@ -270,44 +198,6 @@ def pick_for_latency(layers: list[list[LayerOption]], required_ms: float) -> tup
 
 
 @dataclass
-class FallbackStep:
-    """One whole-model measurement of the never-slower check."""
-
-    rewritten: list[str]
-    ratios: dict[int, dict]  # batch -> Ratio as a dict
-    reverted: str = ""  # layer reverted after this step, if the model was not faster
-
-
-@dataclass
-class NeverSlowerResult:
-    kept: list[str]
-    steps: list[FallbackStep] = field(default_factory=list)
-    faster: bool = False
-
-
-def never_slower(original: onnx.ModelProto, build: Callable[[list[str]], onnx.ModelProto],
-                 layers_worst_first: list[str], probes: dict[int, Probe],
-                 also: tuple[float, ...] = ()) -> NeverSlowerResult:
-    """Measure original vs optimized at every batch; unless every batch is measurably faster
-    (interval of the median ratio below 1), revert the layer with the worst measured layer
-    ratio and measure again. With nothing left, the original is kept: the result is never a
-    model that did not measure faster. `also`: further thresholds each measurement should
-    settle (a latency budget's 1/R), so that its interval says whether the budget is met."""
-    kept = list(layers_worst_first)
-    result = NeverSlowerResult(kept=[])
-    while kept:
-        candidate = build(kept)
-        ratios = {b: p.compare(original, candidate, threshold=(1.0, *also)) for b, p in probes.items()}
-        step = FallbackStep(rewritten=list(kept), ratios={b: asdict(r) for b, r in ratios.items()})
-        result.steps.append(step)
-        if all(faster(r, 1.0) for r in ratios.values()):
-            result.kept, result.faster = kept, True
-            return result
-        step.reverted = kept.pop(0)
-    return result
-
-
-@dataclass
 class FoldTrial:
     """One measured choice between a layer's Gather and folding it into its producer."""
 
@@ -334,32 +224,6 @@ def choose_folds(build: Callable[[list[str]], onnx.ModelProto], probes: dict[int
             folded.append(layer)
             current = trial
     return trials, current
-
-
-def environment_key(ep: str, threads: int | None) -> dict:
-    """What a cached layer latency depends on besides the layer itself."""
-    from gdws_onnx.runtime.bench import BenchConfig, environment
-
-    env = environment(BenchConfig(ep=ep, threads=threads))
-    return {"ep": ep, "cpu": env["cpu"], "cpus": env["cpus"], "threads": threads or 0, "ort": ort.__version__}
-
-
-def layer_probes(timing: TimingOptions, run: RunOptions, kind: str) -> dict[int, Probe]:
-    """A probe per batch: `timing.probe_factory`'s, else ONNX Runtime's on `timing.ep` (model
-    probes feed the model at `run.input_shapes`; layer models have static shapes)."""
-    from gdws_onnx.runtime.bench import BenchConfig, OrtProbe, Rounds
-
-    out = {}
-    for b in timing.batches:
-        if timing.probe_factory is not None:
-            out[b] = timing.probe_factory(b, kind)
-        else:
-            shapes = run.input_shapes if kind == "model" else {}
-            out[b] = OrtProbe(BenchConfig(ep=timing.ep, batch=b, threads=run.threads, runs=timing.runs,
-                                          warmup=3, input_shapes=shapes, seed=run.seed),
-                              rounds=Rounds(max_rounds=max(timing.max_rounds, timing.runs),
-                                            max_seconds=timing.measure_seconds, confidence=CONFIDENCE))
-    return out
 
 
 @dataclass

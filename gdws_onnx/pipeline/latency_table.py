@@ -4,7 +4,7 @@
 
 A table is JSON: what it is (`format`, `version`), the environment the layers were measured in,
 the model's identity, and per layer the measured realizations. Each measurement is stored under
-the same key the latency cache uses (`latency.LatencyCache.key`: the layer's geometry, the
+the same key the latency cache uses (`measure.LatencyCache.key`: the layer's geometry, the
 realization's total rank and form, the batch, and `key_environment`), so the host finds a
 layer's numbers from the layer itself, whatever the model file is called or however its bytes
 differ. Only reading, writing and checking the format live here (no ONNX, no ONNX Runtime).
@@ -40,7 +40,7 @@ class LatencyTable:
     """Layer latencies measured on one device (see the module docstring)."""
 
     environment: dict  # ep, provider package, onnxruntime version and package, cpu, cpus, threads, ...
-    key_environment: dict  # what the layer keys were hashed with (`latency.environment_key`)
+    key_environment: dict  # what the layer keys were hashed with (`measure.environment_key`)
     model: dict  # name, sha256, input_shapes
     batches: list[int]
     model_ms: dict[int, float]  # batch -> the whole original model's median time on the device

@@ -152,7 +152,7 @@ class TimingOptions:
     max_rounds: int = 320  # cap on the interleaved rounds of one latency comparison
     measure_seconds: float = 10.0  # cap on the timing of one latency comparison
     cache: str | None = None  # latency-table JSON; None = the user cache, "" = no cache
-    probe_factory: Callable[[int, str], object] | None = None  # (batch, "layer"|"model") -> latency.Probe
+    probe_factory: Callable[[int, str], object] | None = None  # (batch, "layer"|"model") -> measure.Probe
     latency_table: str | None = None  # layer latencies from `onnx-gdws profile` on the device: nothing timed here
 
     def validate(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gdws_onnx.graph.model_io import LoadedModel, file_sha256
-from gdws_onnx.pipeline import latency
+from gdws_onnx.pipeline import latency, measure
 from gdws_onnx.pipeline.candidates import Candidate
 from gdws_onnx.pipeline.latency_table import LatencyTable, LayerMeasurement
 from gdws_onnx.pipeline.optimize import analyze, select
@@ -41,11 +41,11 @@ def profile(loaded: LoadedModel, opts: ProfileOptions) -> LatencyTable:
     cands = select(loaded.model, analysis, opts.selection, CalibrationOptions(), opts.run).cands
     latency.require_input_shapes(cands)
     timing, run = opts.timing, opts.run
-    env = latency.environment_key(timing.ep, run.threads)
-    probes = latency.layer_probes(timing, run, "layer")
-    cache = latency.LatencyCache(None)
+    env = measure.environment_key(timing.ep, run.threads)
+    probes = measure.layer_probes(timing, run, "layer")
+    cache = measure.LatencyCache(None)
     layers = {c.site.name: _measure(c, opts.budget.error, probes, cache, env) for c in cands}
-    model_probes = latency.layer_probes(timing, run, "model")
+    model_probes = measure.layer_probes(timing, run, "model")
     model_ms = {b: p.compare(loaded.model, loaded.model).baseline_ms for b, p in model_probes.items()}
     return LatencyTable(environment=_environment(timing, run), key_environment=env,
                         model={"name": loaded.path, "sha256": file_sha256(loaded.path) if loaded.path else None,
@@ -64,10 +64,10 @@ def choices(c: Candidate, eps: float) -> list:
     return out
 
 
-def _measure(c: Candidate, eps: float, probes: dict, cache: latency.LatencyCache, env: dict
+def _measure(c: Candidate, eps: float, probes: dict, cache: measure.LatencyCache, env: dict
              ) -> list[LayerMeasurement]:
     options = latency.measure_layer(c.site, c.spec, c.alpha, choices(c, eps), probes, cache, env)
-    return [LayerMeasurement(latency.LatencyCache.key(c.site, (int(o.ranks.sum()), o.form), b, env),
+    return [LayerMeasurement(measure.LatencyCache.key(c.site, (int(o.ranks.sum()), o.form), b, env),
                              int(o.ranks.sum()), o.multiplier, b, r)
             for o in options for b, r in o.measured.items()]
 

@@ -91,14 +91,14 @@ class LatencyReport:
     ep: str
     batches: list[int]
     threads: int | None
-    environment: dict  # what cached layer latencies depend on besides the layer (latency.environment_key)
+    environment: dict  # what cached layer latencies depend on besides the layer (measure.environment_key)
     cache: dict  # path, hits, misses
     model_baseline_ms: float | None  # latency budget: the original's whole-model time
     budget_search: list[dict]  # latency budget: the bisection over required layer savings
     faster: bool  # the never-slower check found a measurably faster model
     final_ratios: dict  # batch -> bench.Ratio dict of the returned model vs the original
     speedup: float | None  # original / optimized latency, worst batch's median
-    layer_threshold: float  # a layer is kept only if measurably below this ratio (latency.FASTER)
+    layer_threshold: float  # a layer is kept only if measurably below this ratio (measure.FASTER)
     confidence: float  # of every interval a decision rests on
     layers: dict[str, dict]  # layer -> measured options and the index of the chosen one
     checks: list  # latency.FallbackStep of the never-slower check
