@@ -280,7 +280,7 @@ def test_cli_validate_report_and_gate(tmp_path, model, model_gdws, data):
     rep = tmp_path / "r.json"
     res = CliRunner().invoke(main, ["validate", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"),
                                     "--data", str(tmp_path / "d.npz"), "--n", "64", "--eps", "0.03",
-                                    "--steps", "5", "--report", str(rep)])
+                                    "--steps", "5", "--threads", "1", "--report", str(rep)])
     assert res.exit_code == 0, res.output
     d = json.loads(rep.read_text())
     for k in ("clean_accuracy", "robust_accuracy", "robust_accuracy_by_attack", "gradient_source"):
@@ -365,6 +365,35 @@ _OP_CASES = {
                                  helper.make_node("Mul", ["x", "k"], ["t"]), helper.make_node("Add", ["t", "o"], ["z"])],
                                 {"shp": np.array([6], np.int64)}, _X),
 }
+
+
+def test_cli_validate_refuses_zero_threads(tmp_path, model):
+    import onnx
+
+    onnx.save(model, tmp_path / "a.onnx")
+    res = CliRunner().invoke(main, ["validate", str(tmp_path / "a.onnx"), str(tmp_path / "a.onnx"),
+                                    "--attack", "none", "--threads", "0"])
+    assert res.exit_code == 2 and "--threads must be >= 1" in res.output, res.output
+
+
+def test_torch_source_computes_on_its_threads_and_restores_torch_s(model, data, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from gdws_onnx.eval.gradients.torch_source import TorchSource
+
+    x, y = data
+    before = torch.get_num_threads()
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    src = TorchSource(model, threads=1)
+    for f in (lambda: src.forward(x[:4]), lambda: src.vjp(x[:4], np.ones((4, 10), np.float32)),
+              lambda: src.ce_grad(x[:4], y[:4])):
+        calls.clear()
+        f()
+        assert calls == [1, before] and torch.get_num_threads() == before
+    calls.clear()
+    TorchSource(model).forward(x[:4])  # no threads asked: torch's setting untouched
+    assert calls == []
 
 
 def test_op_cases_cover_every_supported_operator():

@@ -41,6 +41,8 @@ def _pct(v, interval=None) -> str:
               help="Gate: exit 1 if clean accuracy drops by more than PP percentage points.")
 @click.option("--max-drop-robust", type=float, default=None, metavar="PP",
               help="Gate: exit 1 if robust accuracy drops by more than PP percentage points.")
+@args.THREADS(help="Intra-op threads of ONNX Runtime and the gradient source (default: theirs). "
+                   "1 is fastest on a busy machine.")
 @click.option("--report", "report_path", default=None, help="Write a JSON report here.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and gate failures.")
 def validate_cmd(original, optimized, data: args.DataArgs, attack: args.AttackArgs, report_path, quiet,

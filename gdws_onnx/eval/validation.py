@@ -83,7 +83,7 @@ class ValidateOptions:
     gradient_check_samples: int = 8
     max_drop_clean: float | None = None  # percentage points
     max_drop_robust: float | None = None
-    threads: int | None = None
+    threads: int | None = None  # intra-op threads of ONNX Runtime and of the gradient source (None: theirs)
 
     def check(self) -> None:
         """Raise OptionError (a GDWSError naming the fields) for inconsistent options."""
@@ -99,6 +99,8 @@ class ValidateOptions:
                               "queries")
         if self.gradient not in GRADIENT_CHOICES:
             raise OptionError(f"{{0}} must be one of {', '.join(GRADIENT_CHOICES)}", "gradient")
+        if self.threads is not None and self.threads < 1:
+            raise OptionError(f"{{0}} must be >= 1, got {self.threads}", "threads")
         if self.max_drop_robust is not None and not self.attacks:
             raise OptionError("{0} needs an attack", "max_drop_robust")
         for name in ("max_drop_clean", "max_drop_robust"):

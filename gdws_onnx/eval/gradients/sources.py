@@ -46,5 +46,5 @@ def make_source(model: onnx.ModelProto, name: str = DEFAULT_SOURCE, batch_size: 
     if name == "onnx-ad":
         return OnnxADSource(model, batch_size=batch_size, threads=threads)
     if name == "torch":
-        return TorchSource(model, batch_size=batch_size)
+        return TorchSource(model, batch_size=batch_size, threads=threads)
     raise GDWSError(f"unknown gradient source {name!r} (choose from {', '.join(SOURCES)})")
