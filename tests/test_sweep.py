@@ -68,12 +68,28 @@ def test_budget_and_peer_specs():
     assert parse_budget("error:0.05") == {"error_budget": 0.05}
     assert parse_budget("latency:1.2") == {"latency_reduction": 1.2, "target": "latency"}
     assert parse_peer("uniform:3") == ("uniform", 3)
+    assert parse_peer("ssvd") == ("ssvd", None) and parse_peer("prune:2.5") == ("prune", 2.5)
     for bad in ("err:1", "mac:x", "mac"):
         with pytest.raises(GDWSError):
             parse_budget(bad)
-    for bad in ("uniform", "dws:2", "prune:2", "quantize", "uniform:0"):
+    for bad in ("uniform", "dws:2", "int8:2", "prune:1", "ssvd:x", "quantize", "uniform:0"):
         with pytest.raises(GDWSError):
             parse_peer(bad)
+
+
+def test_mac_peers_at_their_own_reduction_and_at_the_gdws_points():
+    """ssvd:R / prune:R are planned at MACs / R; bare ssvd / prune follow the measured GDWS points."""
+    from gdws_onnx.sweep.run import PointResult, matched_points, plan_points
+
+    opts = SweepOptions(budgets=("error:0.1",), peers=("ssvd:3", "prune:2"))
+    planned = {p.label: p.params for p in plan_points(opts)}
+    assert planned["ssvd mac:3"] == {"mac_reduction": 3.0}
+    assert planned["prune mac:2"] == {"mac_reduction": 2.0, "multiple": 8}
+    gdws = [PointResult(key="g", label="gdws error:0.1", method="gdws", params={}, status="ok",
+                        conv_mac_reduction=1.5)]
+    assert matched_points(opts, gdws) == []  # no bare ssvd / prune: nothing placed at the GDWS point
+    both = SweepOptions(budgets=("error:0.1",), peers=("ssvd", "ssvd:3"))
+    assert [p.label for p in matched_points(both, gdws)] == ["ssvd mac:1.5"]
 
 
 def _conv_macs(model: onnx.ModelProto) -> int:

@@ -32,7 +32,8 @@ from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_FC_BUDGETS, DEFAULT_PEE
                    "'fwd 0.005: --alphas a.npz --mismatch-budget 0.005 --width-multiple 16' or "
                    "'lat 2x: --target latency --latency-reduction 2' (timed on the sweep's --ep/--batch/--threads).")
 @click.option("--peer", "peers", multiple=True, metavar="PEER",
-              help="Peer (repeatable): dws, uniform:G, ssvd, prune (these two at each GDWS point's MACs), int8, "
+              help="Peer (repeatable): dws, uniform:G, ssvd, prune (these two at each GDWS point's MACs; ssvd:R, "
+                   "prune:R at conv MACs / R), int8, "
                    "gdws+int8, fc-kronecker, fc-lowrank (Gemm/MatMul layers as Kronecker sums or low rank, convs "
                    f"untouched, at each --fc-budget; not by default), or none. Default: {' '.join(DEFAULT_PEERS)}.")
 @click.option("--match-at", "match_at", multiple=True, metavar="POINT",

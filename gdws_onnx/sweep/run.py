@@ -59,6 +59,7 @@ DEFAULT_FC_BUDGETS = ("error:0.02", "error:0.05", "error:0.1", "error:0.2", "mac
 DEFAULT_PEERS = ("dws", "uniform:2", "uniform:4", "ssvd", "prune", "int8", "gdws+int8")
 # optimize() options a named point may not set: the sweep sets them (timing) or they do not apply
 POINT_FIXED = {"ep", "batches", "threads", "verify", "max_error", "input_shapes", "probe_factory", "conv"}
+MAC_PEERS = ("ssvd", "prune")  # placed at a conv-MAC reduction: a GDWS point's, or their own (ssvd:R)
 PRUNE_MULTIPLE = 8  # pruned widths stay multiples of 8: odd widths lose ORT's fast CPU conv kernels
 
 
@@ -239,18 +240,35 @@ def parse_fc_budget(spec: str) -> dict:
         raise OptionError(f"{{0}} {literal(repr(spec))}: expected error:EPS or mac:R", "fc_budgets") from None
 
 
-def parse_peer(spec: str) -> tuple[str, int | None]:
-    """'dws' | 'uniform:G' | 'ssvd' | 'prune' | 'int8' | 'gdws+int8' | 'fc-kronecker' | 'fc-lowrank'
-    -> (peer, G or None)."""
+def parse_peer(spec: str) -> tuple[str, float | None]:
+    """'dws' | 'uniform:G' | 'ssvd[:R]' | 'prune[:R]' | 'int8' | 'gdws+int8' | 'fc-kronecker' |
+    'fc-lowrank' -> (peer, G or R or None). Bare ssvd / prune are placed at the GDWS points' conv
+    MACs (`matched_points`); with R > 1, at conv MACs / R."""
     name, _, arg = spec.partition(":")
-    if name not in PEERS or (name == "uniform") != bool(arg):
-        raise OptionError(f"{{0}} {literal(repr(spec))}: expected one of {', '.join(PEERS).replace('uniform', 'uniform:G')}",
-                          "peers")
-    if arg:
+    expected = f"expected one of {', '.join(PEERS).replace('uniform', 'uniform:G')} (ssvd:R, prune:R: at MACs / R)"
+    if name not in PEERS or (name == "uniform" and not arg) or (arg and name not in (*MAC_PEERS, "uniform")):
+        raise OptionError(f"{{0}} {literal(repr(spec))}: {expected}", "peers")
+    if not arg:
+        return name, None
+    if name == "uniform":
         if not arg.isdigit() or int(arg) < 1:
             raise OptionError(f"{{0}} {literal(repr(spec))}: G must be a positive integer", "peers")
         return name, int(arg)
-    return name, None
+    try:
+        r = float(arg)
+    except ValueError:
+        r = 0.0
+    if not r > 1:
+        raise OptionError(f"{{0}} {literal(repr(spec))}: R must be a number > 1 (conv MACs / R)", "peers")
+    return name, r
+
+
+def mac_peer(name: str, reduction: float) -> PointSpec:
+    """Spatial SVD or filter pruning at conv MACs / reduction."""
+    params = {"mac_reduction": round(reduction, 4)}
+    if name == "prune":
+        params["multiple"] = PRUNE_MULTIPLE
+    return PointSpec(name, params, f"{name} mac:{reduction:.3g}")
 
 
 def plan_points(opts: SweepOptions) -> list[PointSpec]:
@@ -272,6 +290,8 @@ def plan_points(opts: SweepOptions) -> list[PointSpec]:
             pts.append(PointSpec("dws", {"uniform_rank": 1}, "dws"))
         elif name == "uniform":
             pts.append(PointSpec("uniform", {"uniform_rank": g}, f"uniform g={g}"))
+        elif name in MAC_PEERS and g is not None:
+            pts.append(mac_peer(name, g))
         elif name == "int8":
             pts.append(PointSpec("int8", {"activations": QUANTIZE_ACTIVATIONS}, "int8"))
         elif name in FC_PEERS:
@@ -308,17 +328,14 @@ def extra_attacks(opts: SweepOptions) -> list[str]:
 def matched_points(opts: SweepOptions, gdws: list[PointResult]) -> list[PointSpec]:
     """Peers placed at measured GDWS points: spatial SVD and filter pruning at the same conv-MAC
     reduction, and each GDWS model quantized to INT8."""
-    names = {parse_peer(p)[0] for p in opts.peers}
+    names = {name for name, arg in map(parse_peer, opts.peers) if arg is None}
     pts = []
     for r in gdws:
         if r.status != "ok" or (opts.match_at and r.label not in opts.match_at):
             continue
-        for peer in ("ssvd", "prune"):
+        for peer in MAC_PEERS:
             if peer in names and r.conv_mac_reduction and r.conv_mac_reduction > 1.0 + 1e-6:
-                params = {"mac_reduction": round(r.conv_mac_reduction, 4)}
-                if peer == "prune":
-                    params["multiple"] = PRUNE_MULTIPLE
-                pts.append(PointSpec(peer, params, f"{peer} mac:{r.conv_mac_reduction:.3g}"))
+                pts.append(mac_peer(peer, r.conv_mac_reduction))
         if "gdws+int8" in names:
             pts.append(PointSpec("gdws+int8", {"from": r.key, **r.params, "activations": QUANTIZE_ACTIVATIONS},
                                  f"{r.label} + int8"))
@@ -586,7 +603,8 @@ class Sweep:
     def run(self, command: str = "") -> SweepResult:
         start = time.perf_counter()
         planned = plan_points(self.opts)
-        matched = sorted({parse_peer(p)[0] for p in self.opts.peers} & {"ssvd", "prune", "gdws+int8"})
+        matched = sorted({name for name, arg in map(parse_peer, self.opts.peers) if arg is None}
+                         & {*MAC_PEERS, "gdws+int8"})
         self.log(f"{len(planned)} points: {', '.join(s.label for s in planned)}"
                  + (f"; then {', '.join(matched)} at " + (', '.join(self.opts.match_at) if self.opts.match_at
                                                            else "each GDWS point") if matched else ""))
