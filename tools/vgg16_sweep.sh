@@ -16,7 +16,7 @@ FWD="--alphas $A --width-multiple 16"
 DA="--data-aware 1.0 --data fashion-mnist:train"
 INT8="--quantize int8 --data fashion-mnist:train"  # timed against INT8 alone
 onnx-gdws sweep $M --n 1000 --n-quantized 200 --threads 1 --runs 50 --batch 1,32 --out "$OUT" \
-    --budget error:0.02 --budget error:0.05 --budget error:0.1 --budget error:0.2 --budget mac:3 \
+    --budget error:0.02 --budget error:0.05 --budget error:0.1 --budget error:0.2 \
     --point "fwd mismatch 0.002: $FWD --mismatch-budget 0.002" \
     --point "fwd mismatch 0.005: $FWD --mismatch-budget 0.005" \
     --point "fwd mismatch 0.01: $FWD --mismatch-budget 0.01" \
@@ -31,7 +31,7 @@ onnx-gdws sweep $M --n 1000 --n-quantized 200 --threads 1 --runs 50 --batch 1,32
     --point "latency 1.5x: --target latency --latency-reduction 1.5" \
     --point "latency 2x: --target latency --latency-reduction 2" \
     --point "latency 3x: --target latency --latency-reduction 3" \
-    --peer ssvd --peer prune --peer int8 --peer gdws+int8 \
+    --peer ssvd --peer prune --peer int8 --peer gdws+int8 --peer ssvd:2.5 --peer ssvd:3 --peer ssvd:4 \
     --match-at "gdws fwd mismatch 0.005" --match-at "gdws error:0.1" --match-at "gdws fwd mismatch 0.01 latency" \
-    --match-at "gdws latency 2x" --match-at "gdws mac:3" \
+    --match-at "gdws latency 2x" \
     "$@"
