@@ -2,7 +2,9 @@
 # AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; eps 0.1) on the paper-width VGG-16 and on
 # its chosen GDWS model (forward alphas, mismatch budget 0.01: the decisive table's fastest point
 # within 1 pt), white-box with ONNX Runtime as the judge, in chunks of 100 test images (about
-# 45-56 min per chunk and model on one CPU thread). Resumable: finished chunks are kept.
+# 45-56 min per chunk and model on one CPU thread). Resumable: finished chunks are kept. Run it
+# once per free core: each run claims the next chunk no other run has claimed (a .lock folder,
+# removed when the chunk ends; remove a stale one left by a killed run).
 #   sh tools/vgg16_autoattack.sh [N_TOTAL=500] [OUT=out/vgg16/aa]
 # then compare (McNemar on the same images):
 #   python tools/robust_eval.py --compare $(ls OUT/original_*.json | paste -sd,) $(ls OUT/gdws_*.json | paste -sd,)
@@ -19,9 +21,12 @@ start=0
 while [ $start -lt "$TOTAL" ]; do
     tag=$(printf %03d $start)
     for pair in "original:$M" "gdws:$G"; do
-        name=${pair%%:*}; model=${pair#*:}
-        [ -f "$OUT/${name}_$tag.json" ] || python tools/robust_eval.py "$model" --attack autoattack \
-            --start $start --n 100 --threads 1 -o "$OUT/${name}_$tag.json"
+        name=${pair%%:*}; model=${pair#*:}; chunk="$OUT/${name}_$tag"
+        [ -f "$chunk.json" ] && continue
+        mkdir "$chunk.lock" 2>/dev/null || continue  # another run has it
+        python tools/robust_eval.py "$model" --attack autoattack --start $start --n 100 --threads 1 \
+            -o "$chunk.json" || { rmdir "$chunk.lock"; exit 1; }
+        rmdir "$chunk.lock"
     done
     start=$((start + 100))
 done
