@@ -44,8 +44,12 @@ class OptionError(GDWSError):
     def __init__(self, message: str, *params: str):
         """`message` uses {0}, {1}, ... where the parameter names go: OptionError('{0} must be >= 1', 'runs')."""
         self.text = OptionText(message, *params)
-        self.template, self.params = message, params
         super().__init__(str(self.text))
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The parameters the message names, in order."""
+        return self.text.params
 
     def render(self, name_of) -> str:
         """The message with each parameter written as name_of(parameter)."""
