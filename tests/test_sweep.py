@@ -209,6 +209,31 @@ def test_rerun_skips_finished_points(done, files, monkeypatch):
     assert [p.__dict__ for p in again.points] == [p.__dict__ for p in first.points]
 
 
+def test_a_resumed_sweep_compares_new_points_with_the_stored_original(files, tmp_path, monkeypatch):
+    """The original's per-sample evaluation is kept in baselines/: a rerun that adds a point
+    attacks only the new point, and compares it with the same original as the first run did."""
+    import gdws_onnx.sweep.run as run
+
+    model, data = files
+    out = str(tmp_path)
+    sweep(model, out, small_options(data, budgets=("error:0.05",), peers=()))
+    evaluated = []
+    real = run.evaluate_model
+
+    def counting(model, path, *a, **k):
+        evaluated.append(os.path.basename(path))
+        return real(model, path, *a, **k)
+
+    monkeypatch.setattr(run, "evaluate_model", counting)
+    again = sweep(model, out, small_options(data, budgets=("error:0.05", "error:0.2"), peers=()))
+    assert evaluated == ["gdws_error_0.2.onnx"]
+    new = next(p for p in again.points if p.label == "gdws error:0.2")
+    assert new.status == "ok" and "reference" not in new.phases and new.agreement is not None
+    evaluated.clear()
+    sweep(model, out, small_options(data, budgets=("error:0.05", "error:0.1"), peers=(), steps=3))
+    assert os.path.basename(model) in evaluated  # other attack settings: the original is attacked again
+
+
 def test_changed_settings_redo_points(files, tmp_path):
     model, data = files
     out = str(tmp_path)
