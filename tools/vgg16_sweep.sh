@@ -31,7 +31,7 @@ onnx-gdws sweep $M --n 1000 --n-quantized 200 --threads 1 --runs 50 --batch 1,32
     --point "latency 1.5x: --target latency --latency-reduction 1.5" \
     --point "latency 2x: --target latency --latency-reduction 2" \
     --point "latency 3x: --target latency --latency-reduction 3" \
-    --peer ssvd --peer prune --peer int8 --peer gdws+int8 --peer ssvd:2.5 --peer ssvd:3 --peer ssvd:4 --peer ssvd:6 --peer ssvd:8 \
+    --peer ssvd --peer prune --peer int8 --peer gdws+int8 --peer ssvd:2.5 --peer ssvd:3 --peer ssvd:4 --peer ssvd:6 --peer ssvd:8 --peer ssvd:12 --peer ssvd:16 \
     --match-at "gdws fwd mismatch 0.005" --match-at "gdws error:0.1" --match-at "gdws fwd mismatch 0.01 latency" \
     --match-at "gdws latency 2x" \
     "$@"
