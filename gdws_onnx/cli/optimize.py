@@ -12,7 +12,7 @@ from gdws_onnx.cli.render import optimize_summary
 from gdws_onnx.errors import GateFailed
 from gdws_onnx.graph.model_io import check_output_path, load_model, save_model
 from gdws_onnx.pipeline.optimize import OptimizeOptions, optimize_loaded
-from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET
+from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_ERROR_BUDGET
 
 
 @click.command("optimize")
@@ -52,8 +52,10 @@ from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET
 @click.option("--include", default=None, metavar="REGEX", help="Only convs (and, with --fc, FC layers) whose name matches.")
 @click.option("--exclude", default=None, metavar="REGEX", help="Skip convs (and, with --fc, FC layers) whose name matches.")
 @click.option("--force", is_flag=True, help="Rewrite eligible convs even where GDWS is not cheaper.")
-@click.option("--conv", type=click.Choice(["gdws", "off"]), default="gdws", show_default=True,
-              help="The Conv rewrite; 'off' leaves every conv alone (with --fc: FC layers only).")
+@click.option("--conv", type=click.Choice(list(CONV_REWRITES)), default="gdws", show_default=True,
+              help="The Conv rewrite: gdws; ssvd, spatial SVD (k x 1 then 1 x k convs, ranks allocated across "
+                   "layers at --mac-reduction, which it needs); off leaves every conv alone (with --fc: FC "
+                   "layers only).")
 @click.option("--fc", type=click.Choice(["off", "kronecker", "lowrank"]), default="off", show_default=True,
               help="Also rewrite Gemm/MatMul layers with constant weights: a sum of Kronecker products (nearest "
                    "by Van Loan-Pitsianis SVD) or plain low rank, at --error-budget (each weight's relative "

@@ -239,9 +239,30 @@ def quantize_lines(report: OptimizeReport) -> list[str]:
     return [line] + ([f"  not int8: {', '.join(floats)}"] if floats else [])
 
 
+def spatial_svd_table(ssvd: dict):
+    """A rich Table of the spatial SVD (conv="ssvd"): one row per Conv, a totals row."""
+    from rich.table import Table
+
+    t = Table(title="spatial SVD rewrite (k x 1 conv to r channels, then 1 x k)")
+    for col, justify in (("conv", "left"), ("r/max", "right"), ("MACs before", "right"), ("MACs after", "right"),
+                         ("rel. err", "right"), ("status", "left")):
+        t.add_column(col, justify=justify, overflow="fold")
+    for layer in ssvd["layers"]:
+        rewritten = layer["status"] == "rewritten"
+        t.add_row(layer["name"], f"{layer['rank']}/{layer['max_rank']}" if rewritten else "-",
+                  human(layer["macs_before"]), human(layer["macs_after"]),
+                  f"{layer['relative_error']:.4f}" if rewritten else "-",
+                  "rewritten" if rewritten else f"skipped: {render_text(layer['reason'], flag_of)}")
+    done = sum(layer["status"] == "rewritten" for layer in ssvd["layers"])
+    r = ssvd["mac_reduction"]
+    t.add_row("total", "", human(ssvd["macs_before"]), human(ssvd["macs_after"]), "",
+              f"{done}/{len(ssvd['layers'])} rewritten" + (f", conv MACs / {r:.2f}" if r else ""), style="bold")
+    return t
+
+
 def optimize_summary(report: OptimizeReport, model: str, output: str, budget: BudgetOptions) -> list:
     """What `optimize` prints before it writes: the table (a rich Table), then plain note lines."""
-    lines: list = [optimize_table(report)]
+    lines: list = [optimize_table(report) if report.spatial_svd is None else spatial_svd_table(report.spatial_svd)]
     if report.budget.message:
         lines.append(f"note: {report.budget.message}")
     lines += (fc_lines(report) + latency_lines(report.latency) + verification_lines(report.verification)

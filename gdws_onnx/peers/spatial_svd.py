@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 from gdws_onnx.core import allocate
 from gdws_onnx.core.geometry import out_spatial, resolved_pads
-from gdws_onnx.errors import OptionError
+from gdws_onnx.errors import OptionError, OptionText
 from gdws_onnx.graph import pattern
 from gdws_onnx.graph.convs import ConvSite, find_convs
 from gdws_onnx.graph.passes import PassResult
@@ -224,7 +224,7 @@ class SpatialSVDPass:
         if conv.kernel_size == 1:
             return "1x1 conv (no spatial kernel to split)"
         if site.first and self.skip_first:
-            return "first conv (skip_first=False to include)"
+            return OptionText("first conv ({0} to include)", "skip_first=False")
         if conv.in_spatial is None:
             return "input spatial shape unknown (give input_shapes)"
         return None

@@ -39,6 +39,7 @@ from gdws_onnx.pipeline.options import (
     VerifyOptions,
 )
 from gdws_onnx.pipeline.report import FCSummary, LayerReport, OptimizeReport, VerificationReport
+from gdws_onnx.pipeline.spatial import rewrite_spatial_svd
 from gdws_onnx.provenance import versions
 from gdws_onnx.runtime.session import (
     data_feeds,
@@ -222,35 +223,51 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
         require_quantizable(model)
     if not analysis.sites and opts.selection.fc == "off" and not quantizing:  # nothing to do: not an error
         return model, unchanged_report(opts, NO_CONV, clock.timings)
-    with clock("decompose"):
-        selection = select(model, analysis, opts.selection, opts.calibration, opts.run)
-        plan = plan_convs(selection, analysis, model, opts)
-        chosen = settle(selection, opts.budget)
-        rewrites = decompose_chosen(chosen)
-    with clock("rewrite"):
+    with clock("keep_original"):
         original = keep_original(loaded) if opts.verification.verify else None
-        rewrite(model, rewrites)
-    correction = None
-    if opts.calibration.bias_correction and rewrites:
-        with clock("bias_correction"):
-            correction = calibrate(model, rewrites, opts.run)
-    folded = fold(model, chosen)
+    if opts.selection.conv == "ssvd" and analysis.sites:
+        with clock("rewrite"):
+            budget, ssvd = rewrite_spatial_svd(model, opts)
+        report = OptimizeReport(layers=[], budget=budget, verification=VerificationReport(ran=False),
+                                options=opts.to_dict(), versions=versions(), spatial_svd=ssvd)
+        convs_changed = any(layer["status"] == "rewritten" for layer in ssvd["layers"])
+    else:
+        report, convs_changed = rewrite_gdws(model, analysis, opts, clock)
     with clock("fc"):
         fc = rewrite_fc_layers(model, loaded.base_dir, opts)
-    report = build_report(model, analysis, selection, rewrites, folded, plan, opts)
-    report.bias_correction = None if correction is None else correction.to_dict()
     report.fc = fc
     if quantizing:
         with clock("quantize"):
             model, report.quantize = quantize(model, opts.run)
     with clock("verify"):
-        changed = bool(rewrites) or bool(fc is not None and fc.layers) or quantizing
+        changed = convs_changed or bool(fc is not None and fc.layers) or quantizing
         idle = None if changed else ("no conv was rewritten" if fc is None else "no conv or FC layer was rewritten")
         report.verification = verification(original, model, idle, opts.verification, opts.run)
         if quantizing and report.verification.ran:
             report.verification.message = QUANTIZED_VERIFICATION
     report.timings = clock.timings
     return model, report
+
+
+def rewrite_gdws(model: onnx.ModelProto, analysis: Analysis, opts: OptimizeOptions, clock: Stopwatch
+                 ) -> tuple[OptimizeReport, bool]:
+    """The GDWS rewrite in place: candidates, the budget's plan, the rewrite, bias correction,
+    Gather folds; returns the report (verification not run yet) and whether a conv changed."""
+    with clock("decompose"):
+        selection = select(model, analysis, opts.selection, opts.calibration, opts.run)
+        plan = plan_convs(selection, analysis, model, opts)
+        chosen = settle(selection, opts.budget)
+        rewrites = decompose_chosen(chosen)
+    with clock("rewrite"):
+        rewrite(model, rewrites)
+    correction = None
+    if opts.calibration.bias_correction and rewrites:
+        with clock("bias_correction"):
+            correction = calibrate(model, rewrites, opts.run)
+    folded = fold(model, chosen)
+    report = build_report(model, analysis, selection, rewrites, folded, plan, opts)
+    report.bias_correction = None if correction is None else correction.to_dict()
+    return report, bool(rewrites)
 
 
 def analyze(loaded: LoadedModel, run: RunOptions, budget: BudgetOptions) -> Analysis:

@@ -18,6 +18,8 @@ from gdws_onnx.pipeline.report import BudgetReport
 DEFAULT_ERROR_BUDGET = 0.1  # per-layer relative weighted error when no budget is given
 FC_SCHEMES = ("off", "kronecker", "lowrank")  # Gemm/MatMul rewrites (graph.fc)
 QUANTIZE_SCHEMES = ("off", "int8")  # after the rewrites: ORT static QDQ quantization (peers.quantize)
+# the Conv rewrite: GDWS, spatial SVD (peers.spatial_svd: k x 1 then 1 x k convs, at a MAC budget), none
+CONV_REWRITES = ("gdws", "ssvd", "off")
 BUDGETS = ("error_budget", "mac_reduction", "latency_reduction", "mismatch_budget", "uniform_rank")
 
 
@@ -100,10 +102,11 @@ class SelectionOptions:
     include: str | None = None  # regex on conv names
     exclude: str | None = None
     fc: str = "off"  # Gemm/MatMul layers: "kronecker", "lowrank" (graph.fc) or "off"
-    conv: str = "gdws"  # Conv layers: "gdws" (the GDWS rewrite) or "off" (leave every conv alone)
+    conv: str = "gdws"  # Conv layers: one of CONV_REWRITES ("off": leave every conv alone)
 
     def validate(self) -> None:
-        _check(self.conv in ("gdws", "off"), f"{{0}} must be 'gdws' or 'off', got {literal(repr(self.conv))}", "conv")
+        _check(self.conv in CONV_REWRITES, f"{{0}} must be one of {', '.join(CONV_REWRITES)}, got "
+               f"{literal(repr(self.conv))}", "conv")
         _check(self.fc in FC_SCHEMES, f"{{0}} must be one of {', '.join(FC_SCHEMES)}, got {literal(repr(self.fc))}",
                "fc")
         for param in ("include", "exclude"):
@@ -237,6 +240,22 @@ class OptimizeOptions:
             _check(not on or bool(self.run.data), "{0} needs {1} (calibration inputs)", param, "data")
         _check(self.calibration.quantize == "off" or self.timing.latency_table is None,
                "{0} cannot go with {1}: a profiled table holds float layer timings", "quantize", "latency_table")
+        if self.selection.conv == "ssvd":
+            self.check_spatial_svd()
+
+    def check_spatial_svd(self) -> None:
+        """conv="ssvd" takes a MAC budget (its ranks are allocated across layers by one greedy), and
+        none of the GDWS-only options."""
+        _check(self.budget.mac_reduction is not None, "{0} needs {1}: spatial SVD's ranks are allocated "
+               "across layers at a conv MAC budget", "conv=ssvd", "mac_reduction")
+        b, c, t, sel = self.budget, self.calibration, self.timing, self.selection
+        for param, on in (("error_budget", b.error_budget is not None), ("mismatch_budget", b.mismatch_budget is not None),
+                          ("uniform_rank", b.uniform_rank is not None), ("alphas", b.alphas is not None),
+                          ("width_multiple", b.width_multiple != 1), ("target=latency", b.target == "latency"),
+                          ("data_aware", c.data_aware is not None), ("bias_correction", c.bias_correction),
+                          ("latency_table", t.latency_table is not None), ("include", sel.include is not None),
+                          ("exclude", sel.exclude is not None)):
+            _check(not on, "{0} cannot go with {1} (a GDWS option)", "conv=ssvd", param)
 
     def to_dict(self) -> dict:
         """The flat options as a report lists them (an alphas dict as '<dict>', no probe factory)."""

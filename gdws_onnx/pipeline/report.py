@@ -192,8 +192,12 @@ class OptimizeReport:
     fc: FCSummary | None = None
     # quantize != "off": the INT8 step (QDQ placement, calibration, the kernels ORT runs)
     quantize: QuantizeSummary | None = None
+    # conv == "ssvd": peers.PeerReport.to_dict() of the spatial SVD (its layers; `layers` stays empty)
+    spatial_svd: dict | None = None
 
     def _total(self, attr: str) -> int | None:
+        if self.spatial_svd is not None:
+            return int(self.spatial_svd[attr])
         vals = [getattr(layer, attr) for layer in self.layers]
         return None if any(v is None for v in vals) else int(sum(vals))
 
@@ -236,6 +240,7 @@ class OptimizeReport:
             "versions": self.versions, "bias_correction": self.bias_correction,
             "fc": None if self.fc is None else self.fc.to_dict(),
             "quantize": None if self.quantize is None else self.quantize.to_dict(),
+            "spatial_svd": self.spatial_svd,
         }
 
     def to_json(self) -> str:
