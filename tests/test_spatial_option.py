@@ -38,6 +38,7 @@ def test_the_same_model_as_the_pass_verified_and_reported():
     d = json.loads(report.to_json())
     assert d["spatial_svd"]["mac_reduction"] == pytest.approx(report.mac_reduction)
     assert d["summary"]["mac_reduction"] == pytest.approx(report.mac_reduction)
+    assert d["summary"]["params_before"] is None  # not counted per conv for spatial SVD (not 0)
 
 
 def test_int8_after_spatial_svd_wraps_every_conv(tmp_path):

@@ -230,8 +230,9 @@ class OptimizeReport:
                 "convs": len(self.layers), "rewritten": len(self.rewritten),
                 "conv_macs_before": self.conv_macs_before, "conv_macs_after": self.conv_macs_after,
                 "mac_reduction": self.mac_reduction, "predicted_mismatch": self.predicted_mismatch,
-                "params_before": sum(layer.params_before for layer in self.layers),
-                "params_after": sum(layer.params_after for layer in self.layers),
+                # per-conv parameters are counted for GDWS layers only (spatial_svd: None)
+                "params_before": None if self.spatial_svd else sum(layer.params_before for layer in self.layers),
+                "params_after": None if self.spatial_svd else sum(layer.params_after for layer in self.layers),
             },
             "budget": asdict(self.budget),
             "verification": {**{k: v for k, v in asdict(self.verification).items() if k != "error"},
