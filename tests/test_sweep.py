@@ -234,6 +234,46 @@ def test_a_resumed_sweep_compares_new_points_with_the_stored_original(files, tmp
     assert os.path.basename(model) in evaluated  # other attack settings: the original is attacked again
 
 
+def test_a_failed_point_is_kept_on_rerun_until_retry_failed(files, tmp_path, monkeypatch):
+    """A point that failed is recorded; a rerun under the same settings keeps the failure instead of
+    rebuilding it (it would fail again), and says how to rebuild it; retry_failed rebuilds it."""
+    from gdws_onnx.errors import GateFailed
+
+    model, data = files
+    out = str(tmp_path / "s")
+    real = Sweep.build
+
+    def failing(self, spec, done):
+        if spec.method == "gdws":
+            raise GateFailed("gradient check: torch and ORT disagree {here}")
+        return real(self, spec, done)
+
+    monkeypatch.setattr(Sweep, "build", failing)
+    opts = dict(budgets=("error:0.05",), peers=())
+    first = {p.label: p for p in sweep(model, out, small_options(data, **opts)).points}
+    assert first["gdws error:0.05"].status == "failed" and "disagree" in first["gdws error:0.05"].error
+
+    def no_build(self, spec, done):
+        raise AssertionError(f"{spec.label} was rebuilt")
+
+    monkeypatch.setattr(Sweep, "build", no_build)
+    lines = []
+    again = {p.label: p for p in sweep(model, out, small_options(data, **opts), log=lines.append).points}
+    assert again["gdws error:0.05"].status == "failed"
+    said = [line for line in lines if "failed before" in line]
+    assert len(said) == 1 and "retry_failed=True" in said[0] and "{here}" in said[0]
+    r = CliRunner().invoke(main, ["sweep", model, "--data", data, "--n", str(N), "--steps", "2", "--budget",
+                                  "error:0.05", "--peer", "none", "--batch", "1", "--runs", "3",
+                                  "--no-skip-first", "--attack", "pgd", "--out", out])
+    assert r.exit_code == 0, r.output
+    assert "failed before, skipped (--retry-failed to rebuild it)" in r.output
+
+    monkeypatch.setattr(Sweep, "build", real)
+    retried = {p.label: p for p in sweep(model, out, small_options(data, retry_failed=True, **opts)).points}
+    assert retried["gdws error:0.05"].status == "ok"
+    assert retried["original"].fingerprint == first["original"].fingerprint  # not a setting of the points
+
+
 def test_changed_settings_redo_points(files, tmp_path):
     model, data = files
     out = str(tmp_path)

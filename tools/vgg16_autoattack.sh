@@ -7,6 +7,7 @@
 # once per free core: each run claims the next chunk no other run has claimed (a .lock folder,
 # removed when the chunk ends; remove a stale one left by a killed run).
 #   sh tools/vgg16_autoattack.sh [N_TOTAL=500] [OUT=out/vgg16/aa]
+# AA_MODELS="original gdws" limits a run to those models (default: all three).
 # then compare (McNemar on the same images):
 #   python tools/robust_eval.py --compare $(ls OUT/original_*.json | paste -sd,) $(ls OUT/gdws_*.json | paste -sd,)
 set -e
@@ -25,6 +26,7 @@ while [ $start -lt "$TOTAL" ]; do
     tag=$(printf %03d $start)
     for pair in "original:$M" "gdws:$G" "ssvd8:$S"; do
         name=${pair%%:*}; model=${pair#*:}; chunk="$OUT/${name}_$tag"
+        case " ${AA_MODELS:-original gdws ssvd8} " in *" $name "*) ;; *) continue ;; esac
         [ -f "$chunk.json" ] && continue
         mkdir "$chunk.lock" 2>/dev/null || continue  # another run has it
         python tools/robust_eval.py "$model" --attack autoattack --start $start --n 100 --threads 1 \

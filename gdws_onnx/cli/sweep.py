@@ -9,7 +9,7 @@ import click
 
 from gdws_onnx.cli import args
 from gdws_onnx.cli.common import flag_of, handle_errors, progress_reporter, stdout_console
-from gdws_onnx.errors import GDWSError
+from gdws_onnx.errors import GDWSError, render_text
 from gdws_onnx.eval.attacks import ATTACKS
 from gdws_onnx.sweep.report import require_matplotlib, summary, time_lines, write_report
 from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_FC_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
@@ -55,6 +55,9 @@ from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_FC_BUDGETS, DEFAULT_PEE
 @click.option("--skip-first/--no-skip-first", default=True, show_default=True)
 @click.option("--retime", is_flag=True,
               help="Re-measure the latency of finished points (keeps their accuracy), e.g. on a quieter machine.")
+@click.option("--retry-failed", is_flag=True,
+              help="Rebuild points that failed before (by default a rerun keeps a failure recorded under the "
+                   "same settings, since it would fail again).")
 @click.option("--out", "out_dir", required=True, help="Folder for points/, models/, sweep.json and the report.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, points, peers, fc_budgets,
@@ -63,7 +66,8 @@ def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, poin
     (clean and robust accuracy, MACs, size, interleaved latency ratio) and write a report.
 
     Resumable: each point is saved to OUT/points/ when measured; a rerun skips finished points
-    (and only re-times them when the latency settings changed or --retime is given)."""
+    (and only re-times them when the latency settings changed or --retime is given) and points
+    that failed under the same settings (unless --retry-failed is given)."""
     require_matplotlib()  # fail before hours of measuring, not after
     opts = SweepOptions(data=data.spec, n=data.n, eps=attack.eps, steps=attack.steps, seed=attack.seed,
                         budgets=tuple(b for b in (budgets or DEFAULT_BUDGETS) if b != "none"),
@@ -72,7 +76,8 @@ def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, poin
                         fc_budgets=tuple(fc_budgets) or DEFAULT_FC_BUDGETS,
                         ep=timing.ep, batches=tuple(timing.batches), runs=timing.runs, threads=timing.threads,
                         **options)
-    log = None if quiet else (lambda s: click.echo(f"[sweep] {s}", err=True))  # plain text: no markup, no wrapping
+    # plain text: no markup, no wrapping; parameters named as flags
+    log = None if quiet else (lambda s: click.echo(f"[sweep] {render_text(s, flag_of)}", err=True))
     command = "onnx-gdws sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
     with progress_reporter(quiet) as factory:
         result = sweep(model, out_dir, opts, command=command, progress=factory, log=log)

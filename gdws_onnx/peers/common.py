@@ -73,9 +73,15 @@ def total_macs(report: PeerReport) -> PeerReport:
     if report.met and report.mac_reduction is not None and report.mac_reduction < report.target * (1 - 1e-3):
         report.met = False
     if report.met is False:
-        report.message = (f"reached conv MACs / {report.mac_reduction:.3f}, short of / {report.target:g}: "
-                          "the eligible layers cannot give more")
+        report.message = mac_shortfall(report.mac_reduction, report.target)
     return report
+
+
+def mac_shortfall(reached: float | None, target: float) -> str:
+    """Why a conv MAC budget was missed: the reduction reached (None or 0: no conv rewritten)."""
+    if not reached:
+        return "no conv could be rewritten"
+    return f"reached conv MACs / {reached:.3f}, short of / {target:g}: the eligible layers cannot give more"
 
 
 def require_output_sizes(sites: list[ConvSite]) -> None:

@@ -26,6 +26,7 @@ from gdws_onnx.graph.fold import FoldGatherPass
 from gdws_onnx.graph.model_io import LoadedModel, load_model
 from gdws_onnx.graph.pattern import layer_of
 from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
+from gdws_onnx.peers.common import mac_shortfall
 from gdws_onnx.pipeline.budgets import planner_for
 from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate, name_filter, skip_reason
 from gdws_onnx.pipeline.inputs import data_arrays, named_inputs
@@ -401,8 +402,7 @@ def settle_budget(report: OptimizeReport, convs_planned: bool = True) -> None:
     if budget.mode == "macs" and budget.met and report.mac_reduction is not None \
             and report.mac_reduction < budget.target * (1 - 1e-3):
         budget.met = False
-        budget.message = (f"reached conv MACs / {report.mac_reduction:.3f}, short of / {budget.target:g}: "
-                          "the eligible layers cannot give more")
+        budget.message = mac_shortfall(report.mac_reduction, budget.target)
 
 
 def verification(original: str | bytes | None, model: onnx.ModelProto | None, idle: str | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import onnx
 
+from gdws_onnx.peers.common import mac_shortfall
 from gdws_onnx.peers.spatial_svd import SpatialSVDPass
 from gdws_onnx.pipeline.options import OptimizeOptions
 from gdws_onnx.pipeline.report import BudgetReport
@@ -24,6 +25,5 @@ def rewrite_spatial_svd(model: onnx.ModelProto, opts: OptimizeOptions) -> tuple[
     reached = report.mac_reduction
     budget = BudgetReport(mode="macs", target=target, achieved=reached, met=bool(report.met), message=report.message)
     if not budget.met and not budget.message:
-        budget.message = (f"reached conv MACs / {reached:.3f}, short of / {target:g}: the eligible layers cannot "
-                          "give more" if reached else "no conv could be rewritten")
+        budget.message = mac_shortfall(reached, target)
     return budget, report.to_dict()

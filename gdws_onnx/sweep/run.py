@@ -32,7 +32,7 @@ import onnx
 from gdws_onnx import peers
 from gdws_onnx.runtime.bench import BenchConfig, compare_models, conv_macs, environment
 from gdws_onnx.data import DataError, load_dataset
-from gdws_onnx.errors import GateFailed, GDWSError, OptionError, literal
+from gdws_onnx.errors import GateFailed, GDWSError, OptionError, OptionText, literal
 from gdws_onnx.files import write_json_atomic
 from gdws_onnx.graph.convs import infer_shapes
 from gdws_onnx.graph.model_io import file_sha256, load_model, save_model
@@ -91,6 +91,7 @@ class SweepOptions:
     threads: int | None = None
     skip_first: bool = True
     retime: bool = False  # re-measure the latency of finished points, keep their accuracy
+    retry_failed: bool = False  # rebuild points that failed before (default: keep the recorded failure)
 
     def check(self) -> None:
         for b in self.budgets:
@@ -129,7 +130,8 @@ class SweepOptions:
     def measurement(self) -> dict:
         """The settings a point's model and accuracy depend on (its fingerprint; latency apart)."""
         d = asdict(self)
-        for k in ("budgets", "points", "match_at", "peers", "fc_budgets", "retime", *self.LATENCY_FIELDS):
+        for k in ("budgets", "points", "match_at", "peers", "fc_budgets", "retime", "retry_failed",
+                  *self.LATENCY_FIELDS):
             d.pop(k)
         d.pop("n_quantized")  # only quantized points depend on it (`fingerprint`)
         return d
@@ -581,11 +583,18 @@ class Sweep:
         if res is None:
             return None
         model_ok = res.status != "ok" or os.path.isfile(os.path.join(self.out, res.model_file))
-        return res if res.fingerprint == fp and res.status == "ok" and model_ok else None
+        return res if res.fingerprint == fp and model_ok else None
 
     def run_point(self, spec: PointSpec, done: dict[str, PointResult]) -> PointResult:
         fp = fingerprint(self.sha, spec, self.opts)
         cached = self._load_point(spec, fp)
+        if cached is not None and cached.status != "ok":
+            if not self.opts.retry_failed:  # a failure under the same fingerprint is deterministic
+                self.log(OptionText(f"{literal(spec.label)}: failed before, skipped ({{0}} to rebuild it): "
+                                    f"{literal(cached.error)}",
+                                    "retry_failed=True"))
+                return cached
+            cached = None
         if cached is not None and (self.opts.retime or cached.timing != self.opts.timing()):
             self.log(f"{spec.label}: accuracy done before; re-timing")
             t0 = time.perf_counter()
