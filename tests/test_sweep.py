@@ -13,19 +13,9 @@ from click.testing import CliRunner
 
 from gdws_onnx import GDWSError, optimize
 from gdws_onnx.cli import main
-from gdws_onnx.sweep.run import (
-    DEFAULT_PEERS,
-    PointResult,
-    Sweep,
-    SweepOptions,
-    SweepResult,
-    load_sweep,
-    parse_budget,
-    parse_fc_budget,
-    parse_peer,
-    plan_points,
-    sweep,
-)
+from gdws_onnx.sweep.plan import DEFAULT_PEERS, SweepOptions, parse_budget, parse_fc_budget, parse_peer, plan_points
+from gdws_onnx.sweep.results import PointResult, SweepResult, load_sweep
+from gdws_onnx.sweep.run import Sweep, sweep
 from gdws_onnx.pipeline.int8 import QUANTIZE_ACTIVATIONS
 from gdws_onnx.sweep.report import best_within, pareto, write_report
 from validate_helpers import fashion, fm_cnn
@@ -79,7 +69,7 @@ def test_budget_and_peer_specs():
 
 def test_mac_peers_at_their_own_reduction_and_at_the_gdws_points():
     """ssvd:R / prune:R are planned at MACs / R; bare ssvd / prune follow the measured GDWS points."""
-    from gdws_onnx.sweep.run import PointResult, matched_points, plan_points
+    from gdws_onnx.sweep.plan import matched_points
 
     opts = SweepOptions(budgets=("error:0.1",), peers=("ssvd:3", "prune:2"))
     planned = {p.label: p.params for p in plan_points(opts)}

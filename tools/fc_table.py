@@ -27,7 +27,9 @@ import onnx  # noqa: E402
 
 from gdws_onnx.graph.fc import find_fc_sites  # noqa: E402
 from gdws_onnx.sweep.report import METHOD_NAMES, baseline, batches, md_table  # noqa: E402
-from gdws_onnx.sweep.run import DEFAULT_FC_BUDGETS, PointResult, SweepOptions, SweepResult, sweep  # noqa: E402
+from gdws_onnx.sweep.plan import DEFAULT_FC_BUDGETS, SweepOptions  # noqa: E402
+from gdws_onnx.sweep.results import PointResult, SweepResult  # noqa: E402
+from gdws_onnx.sweep.run import sweep  # noqa: E402
 
 SCHEMES = ("fc-kronecker", "fc-lowrank")
 

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gdws_onnx.sweep.run import SweepResult, load_sweep  # noqa: E402
+from gdws_onnx.sweep.results import SweepResult, load_sweep  # noqa: E402
 from gdws_onnx.files import write_text_atomic  # noqa: E402
 from gdws_onnx.sweep.report import (  # noqa: E402
     METHOD_NAMES, md_table, baseline, batches, best_within, ok_points, reference, speed_verdict, unchanged_note,

@@ -12,7 +12,8 @@ from gdws_onnx.cli.common import flag_of, handle_errors, progress_reporter, stdo
 from gdws_onnx.errors import GDWSError, render_text
 from gdws_onnx.eval.attacks import ATTACKS
 from gdws_onnx.sweep.report import require_matplotlib, summary, time_lines, write_report
-from gdws_onnx.sweep.run import DEFAULT_BUDGETS, DEFAULT_FC_BUDGETS, DEFAULT_PEERS, SweepOptions, sweep
+from gdws_onnx.sweep.plan import DEFAULT_BUDGETS, DEFAULT_FC_BUDGETS, DEFAULT_PEERS, SweepOptions
+from gdws_onnx.sweep.run import sweep
 
 
 @click.command("sweep")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from gdws_onnx.errors import GDWSError
 from gdws_onnx.files import write_text_atomic
-from gdws_onnx.sweep.run import PointResult, SweepResult
+from gdws_onnx.sweep.results import PointResult, SweepResult
 
 METHOD_NAMES = {
     "original": "original", "gdws": "GDWS", "dws": "DWS (g=1)", "uniform": "uniform-rank GDWS",
