@@ -53,3 +53,20 @@ def test_compare_needs_the_same_samples(tmp_path):
     c = _chunk(tmp_path, 4, [True, True, False, True], model="g.onnx")
     with pytest.raises(SystemExit, match="different settings"):
         robust_eval.compare(a, c)
+
+
+def test_table_compares_each_model_with_the_first(tmp_path):
+    ref = ",".join([_chunk(tmp_path, 0, [True, True, True, False]), _chunk(tmp_path, 4, [True, True, True, True])])
+    fast = ",".join([_chunk(tmp_path, 0, [True, False, True, False], model="f.onnx"),
+                     _chunk(tmp_path, 4, [False, True, True, True], model="f.onnx")])
+    text = robust_eval.table([f"original={ref}", f"fast={fast}"])
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| model | clean % | autoattack % [95 % CI]")
+    assert rows[1].startswith("| original | 100.0 | 87.5 [") and rows[1].endswith("| - | - |")
+    assert rows[2].startswith("| fast | 100.0 | 62.5 [") and rows[2].endswith("| -25.0 | 0.5 |")
+    assert "test images 0-7" in text
+    short = _chunk(tmp_path, 0, [True, False], model="s.onnx")
+    with pytest.raises(SystemExit, match="different settings"):
+        robust_eval.table([f"original={ref}", f"short={short}"])
+    with pytest.raises(SystemExit, match="NAME=JSON"):
+        robust_eval.table([ref])

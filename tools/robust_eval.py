@@ -14,6 +14,11 @@ settings) before the comparison.
     python tools/robust_eval.py fast.onnx --attack autoattack --start 100 --n 100 -o aa_fast_100.json
     python tools/robust_eval.py --compare aa_orig.json aa_fast.json
     python tools/robust_eval.py --compare aa_orig.json,aa_orig_100.json aa_fast.json,aa_fast_100.json
+
+`--table NAME=CHUNKS ...` prints the markdown table of several models on the same samples, the
+first being the reference the others are compared with (the README's AutoAttack table):
+
+    python tools/robust_eval.py --table original=aa_orig.json,aa_orig_100.json fast=aa_fast.json,aa_fast_100.json
 """
 
 from __future__ import annotations
@@ -81,14 +86,21 @@ def merge(paths: list[str]) -> dict:
             "seconds": sum(r["seconds"] for r in runs), "result": result}
 
 
+def paired(a: dict, b: dict) -> float:
+    """McNemar's exact p on the per-sample robust correctness of two merged results, which must
+    cover the same samples under the same settings (SystemExit otherwise)."""
+    if (a["settings"], a.get("start", 0)) != (b["settings"], b.get("start", 0)):
+        raise SystemExit("the two runs used different settings (samples, attacks, eps ...): not comparable")
+    return mcnemar_exact(np.asarray(a["result"]["robust_correct"]),
+                         np.asarray(b["result"]["robust_correct"])).p_value
+
+
 def compare(a_paths: str, b_paths: str) -> str:
     """Both results side by side and McNemar's exact test on the per-sample robust correctness.
     Each side is one JSON or a comma-separated list of chunk JSONs (see `merge`)."""
     a, b = merge(a_paths.split(",")), merge(b_paths.split(","))
-    if (a["settings"], a.get("start", 0)) != (b["settings"], b.get("start", 0)):
-        raise SystemExit("the two runs used different settings (samples, attacks, eps ...): not comparable")
+    p = paired(a, b)
     ra, rb = a["result"], b["result"]
-    p = mcnemar_exact(np.asarray(ra["robust_correct"]), np.asarray(rb["robust_correct"])).p_value
     lines = []
     for name, r in ((a["model"], ra), (b["model"], rb)):
         ci = r["robust_accuracy_interval"]
@@ -99,11 +111,34 @@ def compare(a_paths: str, b_paths: str) -> str:
     return "\n".join(lines)
 
 
+def table(entries: list[str]) -> str:
+    """A markdown table of 'NAME=CHUNKS' entries (CHUNKS as for `compare`), the first the reference:
+    clean %, robust % [95 % CI], its change from the reference in points and McNemar's p."""
+    named = [entry.partition("=") for entry in entries]
+    if any(not name or not sep or not paths for name, sep, paths in named):
+        raise SystemExit("--table entries are NAME=JSON[,JSON...]")
+    runs = [(name, merge(paths.split(","))) for name, _, paths in named]
+    ref = runs[0][1]
+    attacks = ", ".join(ref["settings"]["attacks"])
+    lines = [f"| model | clean % | {attacks} % [95 % CI] | change (pp) | McNemar p |", "|---|---|---|---|---|"]
+    for name, run in runs:
+        r = run["result"]
+        lo, hi = r["robust_accuracy_interval"]
+        drop, p = ("-", "-") if run is ref else (
+            f"{100 * (r['robust_accuracy'] - ref['result']['robust_accuracy']):+.1f}", f"{paired(ref, run):.3g}")
+        lines.append(f"| {name} | {100 * r['clean_accuracy']:.1f} | {100 * r['robust_accuracy']:.1f} "
+                     f"[{100 * lo:.1f}-{100 * hi:.1f}] | {drop} | {p} |")
+    first = ref.get("start", 0)
+    lines.append(f"\n(test images {first}-{first + ref['settings']['n'] - 1}, eps {ref['settings']['eps']:g})")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?")
     ap.add_argument("-o", "--output", help="result JSON")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two result JSONs")
+    ap.add_argument("--table", nargs="+", metavar="NAME=CHUNKS", help="markdown table, the first the reference")
     ap.add_argument("--data", default="fashion-mnist:test")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--start", type=int, default=0, help="first test sample (for chunked runs)")
@@ -116,6 +151,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.compare:
         print(compare(*args.compare))
+        return
+    if args.table:
+        print(table(args.table))
         return
     if not args.model or not args.output:
         ap.error("give MODEL and -o OUTPUT (or --compare A B)")
