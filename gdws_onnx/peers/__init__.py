@@ -27,14 +27,17 @@ from gdws_onnx.peers.spatial_svd import (
     geometry,
     relative_energy,
     relative_error,
+    rank_at_error,
     spatial_factors,
     spatial_matrix,
     spatial_reconstruct,
+    spatial_singular_values,
     spatial_spectrum,
     ssvd_macs_per_rank,
 )
 
 __all__ = ["PeerLayer", "PeerReport", "PeerSite", "PruneSite", "SpatialSVDPass", "PruneChannelsPass",
            "QuantizeInt8Pass", "calibration_batches", "channel_chain", "dense_conv_macs", "filter_norms", "geometry",
-           "kept_filters", "relative_energy", "relative_error", "restore_ir_version", "spatial_factors",
-           "spatial_matrix", "spatial_reconstruct", "spatial_spectrum", "ssvd_macs_per_rank"]
+           "kept_filters", "rank_at_error", "relative_energy", "relative_error", "restore_ir_version",
+           "spatial_factors", "spatial_matrix", "spatial_reconstruct", "spatial_singular_values", "spatial_spectrum",
+           "ssvd_macs_per_rank"]

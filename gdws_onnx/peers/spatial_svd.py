@@ -63,6 +63,21 @@ def spatial_spectrum(weight: np.ndarray) -> SpatialSpectrum:
     return SpatialSpectrum(u=u, s=s, vt=vt, weight_shape=tuple(int(d) for d in weight.shape))
 
 
+def spatial_singular_values(weight: np.ndarray) -> np.ndarray:
+    """The singular values of `spatial_matrix(weight)` in float64, largest first (no vectors)."""
+    if weight.ndim != 4:
+        raise ValueError(f"spatial SVD needs a 2-D conv weight (O, I, kh, kw), got shape {weight.shape}")
+    return np.linalg.svd(spatial_matrix(weight.astype(np.float64)), compute_uv=False)
+
+
+def rank_at_error(singular_values: np.ndarray, eps: float) -> int:
+    """The smallest rank r >= 1 with sum_{j >= r} sigma_j^2 <= eps ||W||_F^2 (Eckart-Young)."""
+    energy = np.asarray(singular_values, np.float64) ** 2
+    total = float(energy.sum())
+    tail = total - np.cumsum(energy)  # tail[r - 1]: the error at rank r
+    return int(np.argmax(tail <= eps * total + 1e-12 * total)) + 1 if total > 0 else 1
+
+
 def relative_energy(spec: SpatialSpectrum) -> np.ndarray:
     """sigma_j^2 / ||W||_F^2 per rank j (non-increasing, sums to 1)."""
     total = float((spec.s**2).sum())
