@@ -156,9 +156,11 @@ def test_not_cheaper_layers_are_left_alone_and_budget_arguments_checked():
     model = conv_model(ConvCase(kernel=(3, 3), in_channels=4, out_channels=4, spatial=(6, 6)))
     _, report = spatial_svd(model, rank_fraction=1.0, skip_first=False)
     assert report.layers[0].status == "skipped" and "would not reduce MACs" in report.layers[0].reason
-    for bad, params in ((dict(), ("mac_reduction", "rank_fraction")),
-                        (dict(mac_reduction=2, rank_fraction=0.5), ("mac_reduction", "rank_fraction")),
-                        (dict(mac_reduction=0.5), ("mac_reduction",)), (dict(rank_fraction=0), ("rank_fraction",))):
+    three = ("mac_reduction", "error_budget", "rank_fraction")
+    for bad, params in ((dict(), three), (dict(mac_reduction=2, rank_fraction=0.5), three),
+                        (dict(mac_reduction=2, error_budget=0.1), three),
+                        (dict(mac_reduction=0.5), ("mac_reduction",)), (dict(rank_fraction=0), ("rank_fraction",)),
+                        (dict(error_budget=1.0), ("error_budget",))):
         with pytest.raises(OptionError) as e:
             SpatialSVDPass(**bad)
         assert e.value.params == params and "--" not in str(e.value)

@@ -1,5 +1,5 @@
-"""optimize(conv="ssvd"): the convs as spatial-SVD pairs (peers.SpatialSVDPass) at a MAC budget,
-then the same FC, INT8 and verification steps as GDWS; a MAC budget only, no GDWS option."""
+"""optimize(conv="ssvd"): the convs as spatial-SVD pairs (peers.SpatialSVDPass) at a MAC budget or
+a per-layer error budget, then the same FC, INT8 and verification steps as GDWS; no GDWS option."""
 
 import json
 
@@ -50,7 +50,7 @@ def test_int8_after_spatial_svd_wraps_every_conv(tmp_path):
 
 
 @pytest.mark.parametrize("options,params", [
-    ({}, ("conv=ssvd", "mac_reduction")),
+    ({"uniform_rank": 2}, ("conv=ssvd", "uniform_rank")),
     ({"mac_reduction": 2, "target": "latency"}, ("mac_reduction", "target", "latency_reduction")),
     ({"mac_reduction": 2, "width_multiple": 8}, ("conv=ssvd", "width_multiple")),
     ({"mac_reduction": 2, "include": "conv1"}, ("conv=ssvd", "include")),
@@ -71,6 +71,29 @@ def test_cli(tmp_path, cnn_path):
     assert "spatial SVD rewrite" in text and "first conv (--no-skip-first to include)" in text
     assert "2/3 rewritten, conv MACs / 1.50" in text
     assert json.loads(rep.read_text())["spatial_svd"]["layers"]
-    r = CliRunner().invoke(main, ["optimize", cnn_path, "-o", str(tmp_path / "x.onnx"), "--conv", "ssvd"])
-    assert r.exit_code == 2 and "--conv ssvd needs --mac-reduction" in r.output
+    r = CliRunner().invoke(main, ["optimize", cnn_path, "-o", str(tmp_path / "x.onnx"), "--conv", "ssvd",
+                                  "--width-multiple", "8"])
+    assert r.exit_code == 2 and "--conv ssvd cannot go with --width-multiple" in r.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_error_budget_per_layer_and_as_inspect_promised(tmp_path):
+    """At an error budget each rewritten layer keeps the lowest rank within it (the pass with
+    error_budget), the default budget is GDWS's, and the whole-model MAC cut is inspect's."""
+    from gdws_onnx.pipeline.inspection import inspect_model, model_cut
+    from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET
+
+    path = str(tmp_path / "cnn.onnx")
+    onnx.save(small_cnn(seed=3, channels=(16, 32, 32)), path)
+    for eps in (0.2, 0.4):
+        out, report = optimize(path, conv="ssvd", error_budget=eps, skip_first=False)
+        expected = SpatialSVDPass(error_budget=eps, skip_first=False).call(onnx.load(path)).model
+        assert out.graph == expected.graph and report.verification.passed
+        rewritten = [x for x in report.spatial_svd["layers"] if x["status"] == "rewritten"]
+        assert rewritten and all(x["relative_error"] <= eps for x in rewritten)
+        assert all(x["rank"] == 1 or x["relative_error"] > 0 for x in rewritten)
+        assert report.budget.mode == "error" and report.budget.target == eps
+        assert report.budget.achieved == pytest.approx(max(x["relative_error"] for x in rewritten))
+        assert report.mac_reduction == pytest.approx(model_cut(inspect_model(path, error=eps), "spatial_svd"))
+    _, default = optimize(path, conv="ssvd", verify=False)
+    assert default.budget.mode == "error" and default.budget.target == DEFAULT_ERROR_BUDGET

@@ -54,8 +54,8 @@ from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_ERROR_BUDGET
 @click.option("--force", is_flag=True, help="Rewrite eligible convs even where GDWS is not cheaper.")
 @click.option("--conv", type=click.Choice(list(CONV_REWRITES)), default="gdws", show_default=True,
               help="The Conv rewrite: gdws; ssvd, spatial SVD (k x 1 then 1 x k convs, ranks allocated across "
-                   "layers at --mac-reduction, which it needs); off leaves every conv alone (with --fc: FC "
-                   "layers only).")
+                   "layers at --mac-reduction, or per layer at --error-budget, default "
+                   f"{DEFAULT_ERROR_BUDGET}); off leaves every conv alone (with --fc: FC layers only).")
 @click.option("--fc", type=click.Choice(["off", "kronecker", "lowrank"]), default="off", show_default=True,
               help="Also rewrite Gemm/MatMul layers with constant weights: a sum of Kronecker products (nearest "
                    "by Van Loan-Pitsianis SVD) or plain low rank, at --error-budget (each weight's relative "

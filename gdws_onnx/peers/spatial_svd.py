@@ -165,6 +165,12 @@ def _ranks_by_fraction(cands: list[_SsvdCandidate], fraction: float) -> None:
         c.rank = min(max(math.ceil(fraction * c.spec.max_rank - 1e-9), 1), c.spec.max_rank)
 
 
+def _ranks_by_error(cands: list[_SsvdCandidate], error: float) -> None:
+    """rank = the lowest with relative weight error <= error, per layer (`rank_at_error`)."""
+    for c in cands:
+        c.rank = rank_at_error(c.spec.s, error)
+
+
 def _ranks_by_macs(cands: list[_SsvdCandidate], budget: float) -> bool:
     """Global greedy over all layers' ranks by (sigma_j^2 / ||W||^2) / MACs per rank, total <= budget;
     a layer not cheaper than its original conv stays original (allocate.allocate_macs on one
@@ -205,21 +211,26 @@ class SpatialSVDPass:
 
     Give one budget: `mac_reduction` R (whole-model conv MACs before / after, all convs counted,
     as GDWS's mac_reduction; ranks by one global greedy, `report.met` says whether R was
-    reached) or `rank_fraction` f in (0, 1] (rank ceil(f r_max) per layer). A layer whose pair
-    is not cheaper than its conv is left as is, unless `force`. `call(model)` edits the model in
+    reached), `error_budget` E in [0, 1) (per layer the lowest rank whose relative weight error
+    ||W - W_r||^2 / ||W||^2 is <= E, as GDWS's error_budget) or `rank_fraction` f in (0, 1]
+    (rank ceil(f r_max) per layer). A layer whose pair is not cheaper than its conv is left as
+    is, unless `force`. `call(model)` edits the model in
     place (IR version, opsets, metadata and I/O names are kept); its report is a PeerReport.
     """
 
     def __init__(self, mac_reduction: float | None = None, rank_fraction: float | None = None,
                  skip_first: bool = True, force: bool = False,
-                 input_shapes: dict[str, list[int]] | None = None):
-        if (mac_reduction is None) == (rank_fraction is None):
-            raise OptionError("give one of {0} or {1}", "mac_reduction", "rank_fraction")
+                 input_shapes: dict[str, list[int]] | None = None, error_budget: float | None = None):
+        if sum(b is not None for b in (mac_reduction, error_budget, rank_fraction)) != 1:
+            raise OptionError("give one of {0}, {1} or {2}", "mac_reduction", "error_budget", "rank_fraction")
         if mac_reduction is not None and not mac_reduction >= 1:
             raise OptionError(f"{{0}} must be >= 1, got {mac_reduction}", "mac_reduction")
+        if error_budget is not None and not 0 <= error_budget < 1:
+            raise OptionError(f"{{0}} must be in [0, 1), got {error_budget}", "error_budget")
         if rank_fraction is not None and not 0 < rank_fraction <= 1:
             raise OptionError(f"{{0}} must be in (0, 1], got {rank_fraction}", "rank_fraction")
         self.mac_reduction = mac_reduction
+        self.error_budget = error_budget
         self.rank_fraction = rank_fraction
         self.skip_first = skip_first
         self.force = force
@@ -262,6 +273,8 @@ class SpatialSVDPass:
             fixed = sum(site_macs(s) for s in sites if s.weight is not None and s.name not in cand_names)
             total = fixed + sum(c.original for c in cands)
             report.met = _ranks_by_macs(cands, total / mac_reduction - fixed)
+        elif self.error_budget is not None:
+            _ranks_by_error(cands, self.error_budget)
         else:
             _ranks_by_fraction(cands, self.rank_fraction)
         for c in cands:

@@ -244,12 +244,10 @@ class OptimizeOptions:
             self.check_spatial_svd()
 
     def check_spatial_svd(self) -> None:
-        """conv="ssvd" takes a MAC budget (its ranks are allocated across layers by one greedy), and
-        none of the GDWS-only options."""
-        _check(self.budget.mac_reduction is not None, "{0} needs {1}: spatial SVD's ranks are allocated "
-               "across layers at a conv MAC budget", "conv=ssvd", "mac_reduction")
+        """conv="ssvd" takes a MAC budget (ranks allocated across layers by one greedy) or an error
+        budget (per layer, default DEFAULT_ERROR_BUDGET), and none of the GDWS-only options."""
         b, c, t, sel = self.budget, self.calibration, self.timing, self.selection
-        for param, on in (("error_budget", b.error_budget is not None), ("mismatch_budget", b.mismatch_budget is not None),
+        for param, on in (("mismatch_budget", b.mismatch_budget is not None),
                           ("uniform_rank", b.uniform_rank is not None), ("alphas", b.alphas is not None),
                           ("width_multiple", b.width_multiple != 1), ("target=latency", b.target == "latency"),
                           ("data_aware", c.data_aware is not None), ("bias_correction", c.bias_correction),
