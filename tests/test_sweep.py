@@ -581,6 +581,35 @@ def test_a_named_point_that_optimize_quantizes_is_a_quantized_gdws_point(files, 
     assert "QuantizeLinear" in {n.op_type for n in saved.graph.node}
 
 
+def test_spatial_svd_named_points_float_and_int8(files, tmp_path):
+    """A named point with conv=ssvd is a spatial SVD point built by optimize (quantized: spatial SVD +
+    INT8, attacked like the other quantized points); the report names the method."""
+    from gdws_onnx.cli.sweep import parse_point
+
+    model, data = files
+    label, params = parse_point("e0.3: --conv ssvd --error-budget 0.3 --no-skip-first")
+    assert params == {"conv": "ssvd", "error_budget": 0.3, "skip_first": False}
+    opts = small_options(data, budgets=(), peers=(), n_quantized=8,
+                         points=((label, params), ("e0.3 int8", {**params, "quantize": "int8", "data": data})))
+    assert [(s.label, s.method) for s in plan_points(opts)] == [
+        ("original", "original"), ("ssvd e0.3", "ssvd"), ("original+square", "original"),
+        ("ssvd e0.3 int8", "ssvd+int8")]
+    result = sweep(model, str(tmp_path), opts)
+    res = {p.label: p for p in result.points}
+    f, q = res["ssvd e0.3"], res["ssvd e0.3 int8"]
+    assert f.status == q.status == "ok", (f.error, q.error)
+    direct, report = optimize(onnx.load(model), conv="ssvd", error_budget=0.3, skip_first=False, verify=False)
+    assert f.conv_macs == _conv_macs(direct) == report.conv_macs_after < res["original"].conv_macs
+    assert q.conv_macs == f.conv_macs and q.reference == "original+square" and q.samples == 8
+    assert "square" in q.robust_by_attack
+    files_ = write_report(result, str(tmp_path))
+    assert "spatial SVD + INT8" in open(files_.markdown).read()
+    with pytest.raises(GDWSError, match="not a point's conv rewrite"):
+        SweepOptions(points=(("off", {"conv": "off"}),)).check()
+    with pytest.raises(GDWSError, match="not a GDWS point"):
+        SweepOptions(points=(("e", params),), match_at=("gdws e",)).check()
+
+
 def test_a_gdws_point_with_no_conv_rewritten_says_so():
     from gdws_onnx.sweep.report import unchanged_note
 

@@ -29,9 +29,11 @@ from gdws_onnx.sweep.run import sweep
               help="GDWS budget (repeatable): error:EPS, mac:R or latency:R, or none (no GDWS point). "
                    f"Default: {' '.join(DEFAULT_BUDGETS)}.")
 @click.option("--point", "points", multiple=True, metavar="'LABEL: OPTIMIZE FLAGS'",
-              help="A named GDWS point (repeatable) built by `optimize` with these flags, e.g. "
-                   "'fwd 0.005: --alphas a.npz --mismatch-budget 0.005 --width-multiple 16' or "
-                   "'lat 2x: --target latency --latency-reduction 2' (timed on the sweep's --ep/--batch/--threads).")
+              help="A named point (repeatable) built by `optimize` with these flags, e.g. "
+                   "'fwd 0.005: --alphas a.npz --mismatch-budget 0.005 --width-multiple 16', "
+                   "'lat 2x: --target latency --latency-reduction 2' (timed on the sweep's --ep/--batch/--threads) "
+                   "or, as spatial SVD, 'e0.1: --conv ssvd --error-budget 0.1'; with --quantize int8 (and "
+                   "--data for calibration) it is a GDWS / spatial SVD + INT8 point.")
 @click.option("--peer", "peers", multiple=True, metavar="PEER",
               help="Peer (repeatable): dws, uniform:G, ssvd, prune (these two at each GDWS point's MACs; ssvd:R, "
                    "prune:R at conv MACs / R), int8, "
@@ -119,4 +121,4 @@ def parse_point(spec: str) -> tuple[str, dict]:
 # optimize flags a point may not set: the sweep's own --ep/--batch/--threads time every point, and
 # the output, report and verification belong to a standalone optimize run
 POINT_CLI_FIXED = {"output", "report_path", "overwrite_input", "quiet", "ep", "batches", "threads", "verify",
-                   "max_error", "input_shapes", "conv"}
+                   "max_error", "input_shapes"}

@@ -1,7 +1,7 @@
 """What a sweep builds: its options, the budget and peer specs, and the points they plan.
 
-A point is a method and its parameters (`PointSpec`): the original, GDWS at a budget or a named
-set of optimize() options, and the peers (DWS, uniform rank, spatial SVD and pruning at a MAC cut,
+A point is a method and its parameters (`PointSpec`): the original, GDWS at a budget, a named
+set of optimize() options (GDWS or, with conv="ssvd", spatial SVD; + INT8 when it quantizes), and the peers (DWS, uniform rank, spatial SVD and pruning at a MAC cut,
 INT8, GDWS + INT8, the FC rewrites). `plan_points` lists those known before anything is measured;
 `matched_points` adds the peers placed at measured GDWS points. `fingerprint` names what a
 point's numbers depend on, so that a resumed sweep knows which stored points still hold.
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 BUDGET_KINDS = {"error": "error_budget", "mac": "mac_reduction", "latency": "latency_reduction"}
 FC_PEERS = {"fc-kronecker": "kronecker", "fc-lowrank": "lowrank"}  # peer -> optimize(fc=...), convs off
 PEERS = ("dws", "uniform", "ssvd", "prune", "int8", "gdws+int8", *FC_PEERS)
-QUANTIZED = ("int8", "gdws+int8")  # attacked with BPDA gradients plus Square, like their reference
+QUANTIZED = ("int8", "gdws+int8", "ssvd+int8")  # attacked with BPDA gradients plus Square, like their reference
 DEFAULT_BUDGETS = ("error:0.02", "error:0.05", "error:0.1", "error:0.2", "mac:1.5", "mac:2", "mac:3", "mac:4")
 # the FC peers' own ladder: error:E = each FC weight's relative squared Frobenius error,
 # mac:R = each FC layer's MACs / R (no latency budget: the FC rewrite does not measure layers)
@@ -34,7 +34,8 @@ FC_BUDGET_KINDS = ("error", "mac")
 DEFAULT_FC_BUDGETS = ("error:0.02", "error:0.05", "error:0.1", "error:0.2", "mac:2", "mac:4")
 DEFAULT_PEERS = ("dws", "uniform:2", "uniform:4", "ssvd", "prune", "int8", "gdws+int8")
 # optimize() options a named point may not set: the sweep sets them (timing) or they do not apply
-POINT_FIXED = {"ep", "batches", "threads", "verify", "max_error", "input_shapes", "probe_factory", "conv"}
+POINT_FIXED = {"ep", "batches", "threads", "verify", "max_error", "input_shapes", "probe_factory"}
+POINT_CONVS = ("gdws", "ssvd")  # the conv rewrites of named points (conv="off": the int8 and fc-* peers)
 MAC_PEERS = ("ssvd", "prune")  # placed at a conv-MAC reduction: a GDWS point's, or their own (ssvd:R)
 PRUNE_MULTIPLE = 8  # pruned widths stay multiples of 8: odd widths lose ORT's fast CPU conv kernels
 
@@ -82,9 +83,14 @@ class SweepOptions:
             if unknown:
                 raise OptionError(f"{{0}} {literal(repr(label))}: {literal(', '.join(unknown))} set by the sweep",
                                   "points")
+            if params.get("conv", "gdws") not in POINT_CONVS:
+                raise OptionError(f"{{0}} {literal(repr(label))}: conv={literal(params['conv'])} is not a point's "
+                                  f"conv rewrite ({', '.join(POINT_CONVS)}; INT8 alone and the FC rewrites are "
+                                  "{1})", "points", "peers")
         if self.n_quantized is not None and not 1 <= self.n_quantized <= self.n:
             raise OptionError("{0} must be between 1 and {1}", "n_quantized", "n")
-        known = {f"gdws {b}" for b in self.budgets} | {f"gdws {label}" for label, _ in self.points}
+        known = {f"gdws {b}" for b in self.budgets} | {f"gdws {label}" for label, params in self.points
+                                                         if named_method(params) == "gdws"}
         missing = [m for m in self.match_at if m not in known]
         if missing:
             raise OptionError(f"{{0}} {literal(', '.join(map(repr, missing)))}: not a GDWS point of this sweep "
@@ -197,13 +203,11 @@ def plan_points(opts: SweepOptions) -> list[PointSpec]:
     reference for them (their BPDA gradients are approximate, so Square joins the attacks)."""
     pts = [PointSpec("original", {}, "original")]
     pts += [PointSpec("gdws", parse_budget(b), f"gdws {b}") for b in opts.budgets]
-    pts += [PointSpec("gdws", dict(params), f"gdws {label}") for label, params in opts.points
-            if not quantized_point(params)]
+    pts += [named_point(label, params) for label, params in opts.points if not quantized_point(params)]
     if quantized_methods(opts) and opts.attacks and "square" not in opts.attacks:
         pts.append(PointSpec("original", {"square": True}, "original+square"))  # after the float points: slow
     # named points that optimize quantizes (e.g. under --target latency, timed against INT8 alone)
-    pts += [PointSpec("gdws+int8", dict(params), f"gdws {label}") for label, params in opts.points
-            if quantized_point(params)]
+    pts += [named_point(label, params) for label, params in opts.points if quantized_point(params)]
     for p in opts.peers:
         name, g = parse_peer(p)
         if name == "dws":
@@ -219,16 +223,27 @@ def plan_points(opts: SweepOptions) -> list[PointSpec]:
     return pts
 
 
+def named_method(params: dict) -> str:
+    """The method of a named point (optimize() options): its conv rewrite, + int8 when quantized."""
+    conv = params.get("conv", "gdws")
+    return f"{conv}+int8" if quantized_point(params) else conv
+
+
+def named_point(label: str, params: dict) -> PointSpec:
+    """A named point, labelled by its conv rewrite: 'gdws LABEL' or 'ssvd LABEL'."""
+    return PointSpec(named_method(params), dict(params), f"{params.get('conv', 'gdws')} {label}")
+
+
 def quantized_point(params: dict) -> bool:
     """A named point whose optimize options quantize the model (`quantize` set)."""
     return params.get("quantize", "off") != "off"
 
 
 def quantized_methods(opts: SweepOptions) -> list[str]:
-    """The quantized methods of the sweep: INT8 peers, and GDWS + INT8 for quantized named points."""
+    """The quantized methods of the sweep: INT8 peers, and GDWS or spatial SVD + INT8 for quantized
+    named points."""
     names = {parse_peer(p)[0] for p in opts.peers} & set(QUANTIZED)
-    if any(quantized_point(params) for _, params in opts.points):
-        names.add("gdws+int8")
+    names |= {named_method(params) for _, params in opts.points if quantized_point(params)}
     return sorted(names)
 
 

@@ -16,10 +16,10 @@ from gdws_onnx.sweep.results import PointResult, SweepResult
 METHOD_NAMES = {
     "original": "original", "gdws": "GDWS", "dws": "DWS (g=1)", "uniform": "uniform-rank GDWS",
     "ssvd": "spatial SVD", "prune": "filter pruning (L1)", "int8": "INT8 (ORT static, QDQ)", "gdws+int8": "GDWS + INT8",
-    "fc-kronecker": "FC: Kronecker sums", "fc-lowrank": "FC: low rank",
+    "ssvd+int8": "spatial SVD + INT8", "fc-kronecker": "FC: Kronecker sums", "fc-lowrank": "FC: low rank",
 }
 MARKERS = {"original": "*", "gdws": "o", "dws": "v", "uniform": "^", "ssvd": "s", "prune": "X", "int8": "D",
-           "gdws+int8": "P", "fc-kronecker": "<", "fc-lowrank": ">"}
+           "gdws+int8": "P", "ssvd+int8": "p", "fc-kronecker": "<", "fc-lowrank": ">"}
 FC_METHODS = ("fc-kronecker", "fc-lowrank")  # rewrite Gemm/MatMul layers only: their conv MACs are the original's
 COLUMNS = ("point", "method", "conv MACs /", "params", "file KB", "clean %", "robust %", "agreement %")
 FC_COLUMN = "FC MACs /"  # after "conv MACs /", only in a sweep with FC points

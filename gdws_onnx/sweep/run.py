@@ -142,6 +142,9 @@ class Sweep:
             model, report = optimize(self.original, conv="off", fc=FC_PEERS[spec.method], verify=False,
                                      **spec.params)
             return model, {"fc_rewrite": report.fc.to_dict() if report.fc is not None else None}
+        if spec.method in ("ssvd", "ssvd+int8") and "conv" in spec.params:  # a named point: optimize builds it
+            model, report = self.optimized(spec.params)
+            return model, ({"conv_macs": report.conv_macs_after or 0} if spec.method == "ssvd+int8" else {})
         if spec.method in ("ssvd", "prune"):
             peer = peers.SpatialSVDPass if spec.method == "ssvd" else peers.PruneChannelsPass
             copy = onnx.ModelProto()
