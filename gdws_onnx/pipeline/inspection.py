@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gdws_onnx.core import allocate, decompose
+from gdws_onnx.errors import OptionError
 from gdws_onnx.graph.convs import ConvSite, find_convs
 from gdws_onnx.graph.model_io import load_model
 from gdws_onnx.peers import (
@@ -17,7 +18,6 @@ from gdws_onnx.peers import (
     spatial_singular_values,
     ssvd_macs_per_rank,
 )
-from gdws_onnx.errors import OptionError
 from gdws_onnx.pipeline.candidates import skip_reason
 from gdws_onnx.pipeline.options import SelectionOptions
 from gdws_onnx.runtime.session import probe_shapes
