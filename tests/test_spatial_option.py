@@ -16,6 +16,11 @@ from gdws_onnx.graph.qdq import int8_coverage
 from gdws_onnx.peers import SpatialSVDPass
 
 
+def _conv_params(model: onnx.ModelProto) -> int:
+    inits = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    return sum(inits[name] for n in model.graph.node if n.op_type == "Conv" for name in n.input[1:] if name)
+
+
 def _ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
@@ -38,7 +43,9 @@ def test_the_same_model_as_the_pass_verified_and_reported():
     d = json.loads(report.to_json())
     assert d["spatial_svd"]["mac_reduction"] == pytest.approx(report.mac_reduction)
     assert d["summary"]["mac_reduction"] == pytest.approx(report.mac_reduction)
-    assert d["summary"]["params_before"] is None  # not counted per conv for spatial SVD (not 0)
+    # conv parameters as counted in the graphs: each Conv's weight and bias initializers
+    assert d["summary"]["params_before"] == _conv_params(model)
+    assert d["summary"]["params_after"] == _conv_params(out) < _conv_params(model)
 
 
 def test_int8_after_spatial_svd_wraps_every_conv(tmp_path):

@@ -245,18 +245,22 @@ def spatial_svd_table(ssvd: dict):
 
     t = Table(title="spatial SVD rewrite (k x 1 conv to r channels, then 1 x k)")
     for col, justify in (("conv", "left"), ("r/max", "right"), ("MACs before", "right"), ("MACs after", "right"),
-                         ("rel. err", "right"), ("status", "left")):
+                         ("params before", "right"), ("params after", "right"), ("rel. err", "right"),
+                         ("status", "left")):
         t.add_column(col, justify=justify, overflow="fold")
-    for layer in ssvd["layers"]:
+    layers = ssvd["layers"]
+    for layer in layers:
         rewritten = layer["status"] == "rewritten"
         t.add_row(layer["name"], f"{layer['rank']}/{layer['max_rank']}" if rewritten else "-",
                   human(layer["macs_before"]), human(layer["macs_after"]),
+                  human(layer.get("params_before")), human(layer.get("params_after")),
                   f"{layer['relative_error']:.4f}" if rewritten else "-",
                   "rewritten" if rewritten else f"skipped: {render_text(layer['reason'], flag_of)}")
-    done = sum(layer["status"] == "rewritten" for layer in ssvd["layers"])
+    done = sum(layer["status"] == "rewritten" for layer in layers)
     r = ssvd["mac_reduction"]
-    t.add_row("total", "", human(ssvd["macs_before"]), human(ssvd["macs_after"]), "",
-              f"{done}/{len(ssvd['layers'])} rewritten" + (f", conv MACs / {r:.2f}" if r else ""), style="bold")
+    params = [sum(layer.get(k) or 0 for layer in layers) for k in ("params_before", "params_after")]
+    t.add_row("total", "", human(ssvd["macs_before"]), human(ssvd["macs_after"]), *map(human, params), "",
+              f"{done}/{len(layers)} rewritten" + (f", conv MACs / {r:.2f}" if r else ""), style="bold")
     return t
 
 

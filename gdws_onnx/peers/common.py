@@ -20,6 +20,8 @@ class PeerLayer:
     macs_before: int | None = None
     macs_after: int | None = None
     relative_error: float | None = None  # ||W - W'||_F^2 / ||W||_F^2 (GDWS's unweighted meaning)
+    params_before: int | None = None  # weight and bias elements (None: weight unknown)
+    params_after: int | None = None
 
 
 @dataclass

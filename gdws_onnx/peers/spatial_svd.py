@@ -297,10 +297,14 @@ class SpatialSVDPass:
 def _ssvd_layer(site: ConvSite, reason: str, cand: _SsvdCandidate | None) -> PeerLayer:
     macs = site_macs(site)
     layer = PeerLayer(name=site.name, status="skipped", reason=reason, macs_before=macs, macs_after=macs)
+    if site.weight is not None:
+        layer.params_before = layer.params_after = site.params
     if cand is not None:
         layer.max_rank = cand.spec.max_rank
     if cand is not None and not reason:
+        o, i, kh, kw = cand.spec.weight_shape
         layer.status, layer.rank = "rewritten", cand.rank
         layer.macs_after = cand.rank * cand.per_rank
+        layer.params_after = cand.rank * (i * kh + o * kw) + site.params - site.weight.size  # A, B, the bias
         layer.relative_error = relative_error(cand.spec, cand.rank)
     return layer

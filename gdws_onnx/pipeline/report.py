@@ -201,6 +201,13 @@ class OptimizeReport:
         vals = [getattr(layer, attr) for layer in self.layers]
         return None if any(v is None for v in vals) else int(sum(vals))
 
+    def _params(self, attr: str) -> int | None:
+        """Conv weight and bias elements summed over the convs (spatial SVD: None when one is unknown)."""
+        if self.spatial_svd is not None:
+            vals = [layer.get(attr) for layer in self.spatial_svd["layers"]]
+            return None if any(v is None for v in vals) else int(sum(vals))
+        return int(sum(getattr(layer, attr) for layer in self.layers))
+
     @property
     def conv_macs_before(self) -> int | None:
         return self._total("macs_before")
@@ -230,9 +237,7 @@ class OptimizeReport:
                 "convs": len(self.layers), "rewritten": len(self.rewritten),
                 "conv_macs_before": self.conv_macs_before, "conv_macs_after": self.conv_macs_after,
                 "mac_reduction": self.mac_reduction, "predicted_mismatch": self.predicted_mismatch,
-                # per-conv parameters are counted for GDWS layers only (spatial_svd: None)
-                "params_before": None if self.spatial_svd else sum(layer.params_before for layer in self.layers),
-                "params_after": None if self.spatial_svd else sum(layer.params_after for layer in self.layers),
+                "params_before": self._params("params_before"), "params_after": self._params("params_after"),
             },
             "budget": asdict(self.budget),
             "verification": {**{k: v for k, v in asdict(self.verification).items() if k != "error"},
