@@ -16,7 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "optimize": ("gdws_onnx.cli.optimize", "optimize_cmd",
                  "Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."),
     "inspect": ("gdws_onnx.cli.inspect", "inspect_cmd",
-                "Per-conv shapes, MACs, eligibility and per-channel spectrum summary."),
+                "Per-conv shapes, MACs, eligibility, per-channel spectrum summary, and how far GDWS and "
+                "spatial SVD can cut each conv's MACs at the same weight error."),
     "validate": ("gdws_onnx.cli.validate", "validate_cmd",
                  "Clean and adversarially robust accuracy of ORIGINAL vs OPTIMIZED on the same samples."),
     "bench": ("gdws_onnx.cli.bench", "bench_cmd",
