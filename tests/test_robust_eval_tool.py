@@ -62,8 +62,9 @@ def test_table_compares_each_model_with_the_first(tmp_path):
     text = robust_eval.table([f"original={ref}", f"fast={fast}"])
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| model | clean % | autoattack % [95 % CI]")
-    assert rows[1].startswith("| original | 100.0 | 87.5 [") and rows[1].endswith("| - | - |")
-    assert rows[2].startswith("| fast | 100.0 | 62.5 [") and rows[2].endswith("| -25.0 | 0.5 |")
+    assert rows[1].startswith("| original | 100.0 | 87.5 [") and rows[1].endswith("| - | - | - |")
+    assert rows[2].startswith("| fast | 100.0 | 62.5 [") and rows[2].endswith("| 2 / 0 | 0.5 |")
+    assert "| -25.0 [-55.0 to +5.0] |" in rows[2]  # 2 lost, 0 gained of 8
     assert "test images 0-7" in text
     short = _chunk(tmp_path, 0, [True, False], model="s.onnx")
     with pytest.raises(SystemExit, match="different settings"):

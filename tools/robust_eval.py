@@ -111,23 +111,38 @@ def compare(a_paths: str, b_paths: str) -> str:
     return "\n".join(lines)
 
 
+def paired_change(a: dict, b: dict) -> tuple[int, int, float, float, float]:
+    """(lost, gained, change, low, high): samples robust under `a` but not `b` and the reverse,
+    b's robust accuracy minus a's, and its approximate 95 % interval (normal, paired)."""
+    x, y = (np.asarray(r["result"]["robust_correct"], bool) for r in (a, b))
+    n, lost, gained = len(x), int((x & ~y).sum()), int((~x & y).sum())
+    change = (gained - lost) / n
+    se = np.sqrt(max(lost + gained - (gained - lost) ** 2 / n, 0.0)) / n
+    return lost, gained, change, change - 1.96 * se, change + 1.96 * se
+
+
 def table(entries: list[str]) -> str:
     """A markdown table of 'NAME=CHUNKS' entries (CHUNKS as for `compare`), the first the reference:
-    clean %, robust % [95 % CI], its change from the reference in points and McNemar's p."""
+    clean %, robust % [95 % CI], its change from the reference in points (approximate paired 95 %
+    interval), the samples it lost and gained against the reference, and McNemar's p."""
     named = [entry.partition("=") for entry in entries]
     if any(not name or not sep or not paths for name, sep, paths in named):
         raise SystemExit("--table entries are NAME=JSON[,JSON...]")
     runs = [(name, merge(paths.split(","))) for name, _, paths in named]
     ref = runs[0][1]
     attacks = ", ".join(ref["settings"]["attacks"])
-    lines = [f"| model | clean % | {attacks} % [95 % CI] | change (pp) | McNemar p |", "|---|---|---|---|---|"]
+    lines = [f"| model | clean % | {attacks} % [95 % CI] | change (pp) [95 % CI] | lost / gained | McNemar p |",
+             "|---|---|---|---|---|---|"]
     for name, run in runs:
         r = run["result"]
         lo, hi = r["robust_accuracy_interval"]
-        drop, p = ("-", "-") if run is ref else (
-            f"{100 * (r['robust_accuracy'] - ref['result']['robust_accuracy']):+.1f}", f"{paired(ref, run):.3g}")
+        change, swaps, p = "-", "-", "-"
+        if run is not ref:
+            p = f"{paired(ref, run):.3g}"
+            lost, gained, d, d_lo, d_hi = paired_change(ref, run)
+            change, swaps = f"{100 * d:+.1f} [{100 * d_lo:+.1f} to {100 * d_hi:+.1f}]", f"{lost} / {gained}"
         lines.append(f"| {name} | {100 * r['clean_accuracy']:.1f} | {100 * r['robust_accuracy']:.1f} "
-                     f"[{100 * lo:.1f}-{100 * hi:.1f}] | {drop} | {p} |")
+                     f"[{100 * lo:.1f}-{100 * hi:.1f}] | {change} | {swaps} | {p} |")
     first = ref.get("start", 0)
     lines.append(f"\n(test images {first}-{first + ref['settings']['n'] - 1}, eps {ref['settings']['eps']:g})")
     return "\n".join(lines)
