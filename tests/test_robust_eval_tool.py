@@ -46,6 +46,15 @@ def test_chunks_that_do_not_belong_together_are_refused(tmp_path, second, messag
         robust_eval.merge([a, b])
 
 
+def test_threads_do_not_keep_chunks_apart(tmp_path):
+    a = _chunk(tmp_path, 0, [True, False])
+    b = _chunk(tmp_path, 2, [True, True], model="m.onnx")
+    d = json.loads(open(b).read())
+    d["settings"]["threads"] = 2
+    open(b, "w").write(json.dumps(d))
+    assert robust_eval.merge([a, b])["result"]["robust_correct"] == [True, False, True, True]
+
+
 def test_compare_needs_the_same_samples(tmp_path):
     a = _chunk(tmp_path, 0, [True, True, False, True])
     b = _chunk(tmp_path, 0, [True, False, False, True], model="g.onnx")

@@ -58,6 +58,11 @@ def evaluate(path: str, args: argparse.Namespace) -> dict:
             "versions": versions(), "result": asdict(res)}
 
 
+def measured(settings: dict) -> dict:
+    """The settings a result depends on: all but the sample count and the thread count."""
+    return {k: v for k, v in settings.items() if k not in ("n", "threads")}
+
+
 def merge(paths: list[str]) -> dict:
     """Chunk results of one model (same settings but n, contiguous sample ranges) as one result:
     per-sample arrays concatenated in sample order, accuracies and intervals recomputed."""
@@ -69,7 +74,7 @@ def merge(paths: list[str]) -> dict:
     for r in runs:
         if r["model"] != first["model"]:
             raise SystemExit(f"chunks of different models: {first['model']} and {r['model']}")
-        if {**r["settings"], "n": 0} != {**first["settings"], "n": 0}:
+        if measured(r["settings"]) != measured(first["settings"]):
             raise SystemExit(f"chunks of {r['model']} used different settings: not mergeable")
         if r.get("start", 0) != end:
             raise SystemExit(f"chunks of {r['model']} are not contiguous: samples {end}.. missing")
@@ -89,7 +94,8 @@ def merge(paths: list[str]) -> dict:
 def paired(a: dict, b: dict) -> float:
     """McNemar's exact p on the per-sample robust correctness of two merged results, which must
     cover the same samples under the same settings (SystemExit otherwise)."""
-    if (a["settings"], a.get("start", 0)) != (b["settings"], b.get("start", 0)):
+    if (measured(a["settings"]), a["settings"]["n"], a.get("start", 0)) != \
+            (measured(b["settings"]), b["settings"]["n"], b.get("start", 0)):
         raise SystemExit("the two runs used different settings (samples, attacks, eps ...): not comparable")
     return mcnemar_exact(np.asarray(a["result"]["robust_correct"]),
                          np.asarray(b["result"]["robust_correct"])).p_value
