@@ -1,8 +1,9 @@
 """What a sweep builds: its options, the budget and peer specs, and the points they plan.
 
 A point is a method and its parameters (`PointSpec`): the original, GDWS at a budget, a named
-set of optimize() options (GDWS or, with conv="ssvd", spatial SVD; + INT8 when it quantizes), and the peers (DWS, uniform rank, spatial SVD and pruning at a MAC cut,
-INT8, GDWS + INT8, the FC rewrites). `plan_points` lists those known before anything is measured;
+set of optimize() options (GDWS or, with conv="ssvd", spatial SVD; + INT8 when it quantizes),
+and the peers (DWS, uniform rank, spatial SVD and pruning at a MAC cut, INT8, GDWS + INT8, the
+FC rewrites). `plan_points` lists those known before anything is measured;
 `matched_points` adds the peers placed at measured GDWS points. `fingerprint` names what a
 point's numbers depend on, so that a resumed sweep knows which stored points still hold.
 """
@@ -51,7 +52,8 @@ class SweepOptions:
     steps: int = 20
     seed: int = 0
     budgets: tuple[str, ...] = DEFAULT_BUDGETS
-    # named GDWS points beyond the budget ladder: (label, optimize() keyword options), e.g.
+    # named points beyond the budget ladder (GDWS, or spatial SVD with conv="ssvd"): (label, optimize()
+    # keyword options), e.g.
     # ("fwd mismatch 0.005", {"alphas": "alphas.npz", "mismatch_budget": 0.005, "width_multiple": 16})
     points: tuple[tuple[str, dict], ...] = ()
     peers: tuple[str, ...] = DEFAULT_PEERS
@@ -126,7 +128,8 @@ class SweepOptions:
 class PointSpec:
     """One model to build: a method and its parameters."""
 
-    method: str  # original | gdws | dws | uniform | ssvd | prune | int8 | gdws+int8 | fc-kronecker | fc-lowrank
+    # original | gdws | dws | uniform | ssvd | prune | int8 | gdws+int8 | ssvd+int8 | fc-kronecker | fc-lowrank
+    method: str
     params: dict = field(default_factory=dict)
     label: str = ""
 
