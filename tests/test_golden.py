@@ -1,7 +1,8 @@
 """Golden outputs: `optimize` writes byte-identical models for fixed inputs and options.
 
-The hashes in tests/golden/optimize.json were recorded by `python tools/golden.py --write`
-before the package was restructured; a refactor must not change them.
+tests/golden/optimize.json holds, per case, the hash of the graph's structure and its outputs on
+a seeded input (`python tools/golden.py --write`); a refactor must change neither. Byte hashes
+are not used: SVD bits differ between CPUs' BLAS kernels (tools/golden.py).
 """
 
 import json
@@ -21,4 +22,5 @@ EXPECTED = json.loads((ROOT / "tests" / "golden" / "optimize.json").read_text())
 def test_optimize_output_is_unchanged(name, model, options, request):
     if "fashion-mnist" in str(options.get("data", "")):
         request.getfixturevalue("fashion_mnist")
-    assert golden.case_hash(model, options) == EXPECTED[name]
+    got = golden.case_fingerprint(model, options)
+    assert golden.matches(got, EXPECTED[name]), (got["structure"], EXPECTED[name]["structure"])
