@@ -7,7 +7,6 @@ import sys
 
 import click
 import pytest
-from click.utils import make_default_short_help
 
 HEAVY = ("scipy.stats", "torch", "matplotlib", "onnx_ad")
 
@@ -74,14 +73,14 @@ def test_public_names_resolve_lazily():
 def test_listed_short_helps_match_the_commands():
     """`onnx-gdws --help` lists subcommands without importing them; what it lists must be what
     each command's docstring gives."""
-    from gdws_onnx.cli import SUBCOMMANDS, main
+    from gdws_onnx.cli import SUBCOMMANDS, main, short_help
 
     ctx = click.Context(main)
     for name, (_, _, listed) in SUBCOMMANDS.items():
         cmd = main.get_command(ctx, name)
         assert cmd.name == name
         for limit in (30, 45, 70, 200):
-            assert make_default_short_help(listed, limit) == cmd.get_short_help_str(limit), (name, limit)
+            assert short_help(listed, limit) == cmd.get_short_help_str(limit), (name, limit)
 
 
 def test_subcommand_help_and_unknown_command(runner):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 
 import click
-from click.utils import make_default_short_help
 
 from gdws_onnx import __version__
 
@@ -61,9 +60,15 @@ class LazyGroup(click.Group):
                 if not cmd.hidden:
                     rows.append((name, cmd.get_short_help_str(limit)))
             else:
-                rows.append((name, make_default_short_help(self.lazy[name][2], limit)))
+                rows.append((name, short_help(self.lazy[name][2], limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+def short_help(text: str, limit: int) -> str:
+    """What click lists for a command whose help is `text`, at `limit` characters (click's own
+    public shortening, through a stand-in command: its helper for this is deprecated)."""
+    return click.Command("listed", help=text).get_short_help_str(limit)
 
 
 @click.group(cls=LazyGroup, lazy=SUBCOMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

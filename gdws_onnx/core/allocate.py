@@ -252,6 +252,41 @@ def choose_options(options: list[list[tuple[float, float]]], required: float, bi
     return choice, met
 
 
+def most_saving_within(options: list[list[tuple[float, float]]], budget: float, bins: int = 1000
+                       ) -> list[int]:
+    """Multiple-choice knapsack, the reverse of `choose_options`: one (saving, error) option per
+    layer, total error <= `budget`, maximum total saving. Dynamic program over `bins` error steps;
+    each error is rounded *up* to a step, so the choice never exceeds the budget (it may leave up
+    to one step per layer unspent). Option 0 of each layer is conventionally (0, 0): keep it as is.
+    Returns the option index per layer."""
+    if not options:
+        return []
+    if budget <= 0:
+        return [next((j for j, (_, e) in enumerate(opts) if e <= 0), 0) for opts in options]
+    step = budget / bins
+    neg = float("-inf")
+    dp = [0.0] + [neg] * bins  # dp[e]: most saving with error exactly e steps
+    trace = []
+    for opts in options:
+        steps = [int(np.ceil(error / step - 1e-9)) for _, error in opts]
+        new, pick, prev = [neg] * (bins + 1), [0] * (bins + 1), [0] * (bins + 1)
+        for e, base in enumerate(dp):
+            if base == neg:
+                continue
+            for j, (saving, _) in enumerate(opts):
+                t = e + steps[j]
+                if t <= bins and base + saving > new[t]:
+                    new[t], pick[t], prev[t] = base + saving, j, e
+        trace.append((pick, prev))
+        dp = new
+    state = max(range(bins + 1), key=lambda e: (dp[e], -e))
+    choice = [0] * len(options)
+    for layer in range(len(options) - 1, -1, -1):
+        pick, prev = trace[layer]
+        choice[layer], state = pick[state], prev[state]
+    return choice
+
+
 def round_width(scores: np.ndarray, ranks: np.ndarray, group_of: np.ndarray, multiple: int,
                 down: bool = False) -> np.ndarray:
     """Ranks whose GDWS width W = max over groups of sum g_c (every group is padded to W) is a

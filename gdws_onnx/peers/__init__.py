@@ -21,10 +21,8 @@ or not; its conv structure, and so its conv MACs, are the float model's.
 from gdws_onnx.peers.common import PeerLayer, PeerReport, PeerSite
 from gdws_onnx.peers.prune import PruneChannelsPass, PruneSite, channel_chain, filter_norms, kept_filters
 from gdws_onnx.peers.quantize import QuantizeInt8Pass, calibration_batches, restore_ir_version
-from gdws_onnx.peers.spatial_svd import (
-    SpatialSVDPass,
+from gdws_onnx.core.spatial_svd import (
     dense_conv_macs,
-    geometry,
     relative_energy,
     relative_error,
     rank_at_error,
@@ -35,6 +33,8 @@ from gdws_onnx.peers.spatial_svd import (
     spatial_spectrum,
     ssvd_macs_per_rank,
 )
+from gdws_onnx.graph.spatial_svd import geometry
+from gdws_onnx.peers.spatial_svd import SpatialSVDPass
 
 __all__ = ["PeerLayer", "PeerReport", "PeerSite", "PruneSite", "SpatialSVDPass", "PruneChannelsPass",
            "QuantizeInt8Pass", "calibration_batches", "channel_chain", "dense_conv_macs", "filter_norms", "geometry",

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from gdws_onnx.core import decompose
+from gdws_onnx.core.blas import blas_threads
 from gdws_onnx.errors import GDWSError, OptionError, OptionText, literal
 from gdws_onnx.graph.convs import ConvSite, find_convs, node_label
 from gdws_onnx.graph.fold import FoldGatherPass
@@ -214,8 +215,14 @@ class Selection:
 
 
 def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.ModelProto, OptimizeReport]:
-    """The pipeline on a loaded model; the model object is rewritten in place."""
+    """The pipeline on a loaded model; the model object is rewritten in place. numpy's BLAS runs
+    on `opts.run.threads` threads (default: `blas.default_blas_threads()`)."""
     opts.validate()
+    with blas_threads(opts.run.threads):
+        return _optimize_loaded(loaded, opts)
+
+
+def _optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.ModelProto, OptimizeReport]:
     clock, model = Stopwatch(), loaded.model
     with clock("analyze"):
         analysis = analyze(loaded, opts.run, opts.budget)
