@@ -137,7 +137,7 @@ def _latency_optimize(gather_price: float):
         def compare(self, baseline, candidate, threshold=None):
             return Ratio("baseline", "candidate", 0.5, 0.5, 0.5, 1.0, 0.5)
 
-    return optimize(small_cnn(channels=(16, 32, 32)), target="latency", error_budget=0.3, cache="",
+    return optimize(small_cnn(channels=(16, 32, 32)), conv="gdws", target="latency", error_budget=0.3, cache="",
                     probe_factory=lambda b, kind: LayerProbe(0) if kind == "layer"
                     else FoldProbe(gather_price))
 

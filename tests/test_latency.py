@@ -116,7 +116,7 @@ def test_latency_target_keeps_layers_measurably_faster_within_the_error_budget(t
     """conv1 is clearly faster, conv2 clearly slower, conv3 straddles the threshold: only conv1 may
     be rewritten, within the error budget, and budget.achieved is that error, not a MAC ratio."""
     probes = {"layer_args": {"layer_ratio": {"conv1": (0.6, 0.05), "conv2": (1.3, 0.05), "conv3": (0.95, 0.3)}}}
-    out, report = optimize(_model(), target="latency", error_budget=0.3, cache=str(tmp_path / "c.json"),
+    out, report = optimize(_model(), conv="gdws", target="latency", error_budget=0.3, cache=str(tmp_path / "c.json"),
                            probe_factory=_factory(probes), verify=False)
     status = {layer.name: layer for layer in report.layers}
     assert status["conv1"].status == "rewritten" and max(status["conv1"].measured_ratio.values()) < 0.95
@@ -137,7 +137,7 @@ def test_latency_target_keeps_layers_measurably_faster_within_the_error_budget(t
 def test_cache_keeps_the_interval_and_remeasures_what_did_not_decide(tmp_path):
     cache = str(tmp_path / "c.json")
     probes = {"layer_args": {"layer_ratio": {"conv3": (0.95, 0.3)}}}
-    optimize(_model(), target="latency", error_budget=0.3, cache=cache, probe_factory=_factory(probes), verify=False)
+    optimize(_model(), conv="gdws", target="latency", error_budget=0.3, cache=cache, probe_factory=_factory(probes), verify=False)
     first_calls = probes["layer"][-1].calls
     entries = json.load(open(cache))
     assert first_calls == len(entries) > 0
@@ -145,17 +145,17 @@ def test_cache_keeps_the_interval_and_remeasures_what_did_not_decide(tmp_path):
     undecided = [e for e in entries.values() if bench.verdict(bench.ratio_of(e), 0.95) == "undecided"]
     assert undecided  # conv3's
     probes2 = {"layer_args": probes["layer_args"]}
-    _, report = optimize(_model(), target="latency", error_budget=0.3, cache=cache,
+    _, report = optimize(_model(), conv="gdws", target="latency", error_budget=0.3, cache=cache,
                          probe_factory=_factory(probes2), verify=False)
     assert probes2["layer"][-1].calls == len(undecided) == report.latency["cache"]["misses"]
     assert all(layers == ["conv3"] for layers, _ in probes2["layer"][-1].results)
     legacy = {k: {"ratio": e["median"], "baseline_ms": 1.0, "candidate_ms": 0.5} for k, e in entries.items()}
     json.dump(legacy, open(cache, "w"))  # entries without their spread are measured again
     probes3 = {}
-    optimize(_model(), target="latency", error_budget=0.3, cache=cache, probe_factory=_factory(probes3), verify=False)
+    optimize(_model(), conv="gdws", target="latency", error_budget=0.3, cache=cache, probe_factory=_factory(probes3), verify=False)
     assert probes3["layer"][-1].calls == len(entries)
     probes4 = {}
-    _, report = optimize(_model(), target="latency", error_budget=0.3, cache=cache, batches=[4],
+    _, report = optimize(_model(), conv="gdws", target="latency", error_budget=0.3, cache=cache, batches=[4],
                          probe_factory=_factory(probes4), verify=False)
     assert probes4["layer"][-1].calls > 0  # another batch is another measurement
 
@@ -163,7 +163,7 @@ def test_cache_keeps_the_interval_and_remeasures_what_did_not_decide(tmp_path):
 def test_never_slower_reverts_the_layer_that_hurts(tmp_path):
     """conv3 measures barely faster alone (worst layer ratio) but slows the whole model."""
     probes = {"args": {"slow_layers": {"conv3"}}, "layer_args": {"layer_ratio": {"conv3": 0.9}}}
-    out, report = optimize(_model(), target="latency", error_budget=0.5, cache="",
+    out, report = optimize(_model(), conv="gdws", target="latency", error_budget=0.5, cache="",
                            probe_factory=_factory(probes), verify=False)
     status = {layer.name: (layer.status, layer.reason) for layer in report.layers}
     assert status["conv3"][0] == "skipped" and "reverted" in status["conv3"][1]
@@ -175,7 +175,7 @@ def test_never_slower_reverts_the_layer_that_hurts(tmp_path):
 def test_never_slower_returns_the_original_when_nothing_helps(tmp_path):
     probes = {"args": {"slow_layers": {"conv1", "conv2", "conv3"}}}
     original = _model()
-    out, report = optimize(original, target="latency", error_budget=0.5, cache="",
+    out, report = optimize(original, conv="gdws", target="latency", error_budget=0.5, cache="",
                            probe_factory=_factory(probes), verify=False)
     assert not report.rewritten and not report.latency["faster"]
     assert "unchanged" in report.latency["message"]
@@ -191,7 +191,7 @@ def test_a_whole_model_that_does_not_measure_faster_is_not_kept(tmp_path):
             return fake_compare(b, 0.98 * b, 0.4, threshold, seed=self.calls, max_rounds=40)
 
     original = _model()
-    out, report = optimize(original, target="latency", error_budget=0.5, cache="", verify=False,
+    out, report = optimize(original, conv="gdws", target="latency", error_budget=0.5, cache="", verify=False,
                            probe_factory=lambda b, kind: FakeProbe(kind) if kind == "layer" else Straddling(kind))
     assert report.latency["checks"] and not report.latency["faster"] and not report.rewritten
     assert all(step["reverted"] for step in report.latency["checks"])
@@ -229,14 +229,14 @@ def test_table_and_latency_lines_use_one_ratio_convention(tmp_path):
 
     probes = {"args": {"gather_price": 2000.0},  # Gathers are dear: folding them wins
               "layer_args": {"layer_ratio": {"conv1": 0.5, "conv2": 1.2, "conv3": 1.2}}}
-    _, report = optimize(_model(), target="latency", error_budget=0.5, cache="", verify=False,
+    _, report = optimize(_model(), conv="gdws", target="latency", error_budget=0.5, cache="", verify=False,
                          probe_factory=_factory(probes))
     assert report.latency["folded"] == ["conv1"]
     console = Console(file=io.StringIO(), width=400)
     console.print(optimize_table(report))
     text = console.file.getvalue()
     rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("│")}
-    assert "GDWS / original latency" in text and "measured x" not in text
+    assert "rewritten / original latency" in text and "measured x" not in text
     assert re.search(r"rewritten \(.*Gather folded into conv0\), layer ratio 0\.\d\d \[0\.\d\d-0\.\d\d\]",
                      rows["conv1"])
     assert re.search(r"skipped: not measurably faster on cpu \(best layer ratio 1\.\d\d \[1\.\d\d-1\.\d\d\]\)",
@@ -447,7 +447,7 @@ def test_nchwc_block_size_follows_the_cpu_flags():
 
 def test_speedup_per_mac_cut_of_a_rewritten_layer(tmp_path):
     probes = {"layer_args": {"layer_ratio": {"conv1": (0.6, 0.05)}}}
-    _, report = optimize(_model(), target="latency", error_budget=0.3, cache=str(tmp_path / "c.json"),
+    _, report = optimize(_model(), conv="gdws", target="latency", error_budget=0.3, cache=str(tmp_path / "c.json"),
                          probe_factory=_factory(probes), verify=False)
     (layer,) = [x for x in report.rewritten if x.name == "conv1"]
     cut = layer.macs_per_pixel_before / layer.macs_per_pixel_after

@@ -52,10 +52,14 @@ from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_ERROR_BUDGET
 @click.option("--include", default=None, metavar="REGEX", help="Only convs (and, with --fc, FC layers) whose name matches.")
 @click.option("--exclude", default=None, metavar="REGEX", help="Skip convs (and, with --fc, FC layers) whose name matches.")
 @click.option("--force", is_flag=True, help="Rewrite eligible convs even where GDWS is not cheaper.")
-@click.option("--conv", type=click.Choice(list(CONV_REWRITES)), default="gdws", show_default=True,
-              help="The Conv rewrite: gdws; ssvd, spatial SVD (k x 1 then 1 x k convs, ranks allocated across "
-                   "layers at --mac-reduction, or per layer at --error-budget, default "
-                   f"{DEFAULT_ERROR_BUDGET}); off leaves every conv alone (with --fc: FC layers only).")
+@click.option("--conv", type=click.Choice(list(CONV_REWRITES)), default=None,
+              help="The Conv rewrite. auto (the default under --target latency): per conv, the fastest "
+                   "measurably faster form of every family (GDWS, spatial SVD) at ranks within the error "
+                   "budget, which is then the mean relative weight error over the eligible convs (default "
+                   f"{DEFAULT_ERROR_BUDGET}); gdws (the default under --target macs, or with a GDWS-only option); "
+                   "ssvd, spatial SVD (k x 1 then 1 x k convs; under --target macs at --mac-reduction, or per "
+                   f"layer at --error-budget, default {DEFAULT_ERROR_BUDGET}; under --target latency as auto "
+                   "restricted to spatial SVD); off leaves every conv alone (with --fc: FC layers only).")
 @click.option("--fc", type=click.Choice(["off", "kronecker", "lowrank"]), default="off", show_default=True,
               help="Also rewrite Gemm/MatMul layers with constant weights: a sum of Kronecker products (nearest "
                    "by Van Loan-Pitsianis SVD) or plain low rank, at --error-budget (each weight's relative "

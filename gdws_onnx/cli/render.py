@@ -46,6 +46,8 @@ def _status(layer: LayerReport, lat: dict | None, folded_in: str | None) -> str:
 
     if layer.status == "rewritten":
         text = "rewritten" + (f" ({layer.realization})" if layer.realization else "")
+        if layer.family and layer.family != "gdws":
+            text = f"rewritten ({layer.family} {layer.realization})"
         measured = (lat or {}).get("layers", {}).get(layer.name)
         if measured and measured["chosen"] is not None:
             text += f", layer ratio {format_ratio(_worst(measured['options'][measured['chosen']]['ratios']))}"
@@ -58,6 +60,13 @@ def _status(layer: LayerReport, lat: dict | None, folded_in: str | None) -> str:
     return text
 
 
+def _rank_cell(layer: LayerReport) -> str:
+    """Total rank / the rank at which the family is exact: GDWS G / (C x max rank), spatial SVD r / r_max."""
+    if layer.family == "ssvd":
+        return f"ssvd {layer.total_rank}/{layer.max_rank}"
+    return f"{layer.total_rank}/{layer.in_channels * layer.max_rank}"
+
+
 def optimize_table(report: OptimizeReport):
     """A rich Table: one row per Conv, a totals row. Under --target latency its caption says
     what the ratios are: GDWS / original latency (below 1 is faster), median [interval]."""
@@ -66,11 +75,14 @@ def optimize_table(report: OptimizeReport):
     lat = report.latency
     caption = None
     if lat:
-        caption = ("layer ratio = GDWS / original latency of the layer alone (< 1 is faster), median "
+        caption = ("layer ratio = rewritten / original latency of the layer alone (< 1 is faster), median "
                    f"[{lat.get('confidence', 0.95):.0%} confidence interval of the median] over interleaved "
                    f"rounds; a layer is kept only if the whole interval is below {lat.get('layer_threshold', 1):g}")
-    t = Table(title="GDWS rewrite", show_lines=False, caption=caption, caption_justify="left")
-    for col, justify in (("conv", "left"), ("kernel", "left"), ("C->M (g)", "left"), ("G/max", "right"),
+    families = sorted({layer.family for layer in report.rewritten})
+    title = "GDWS rewrite" if families in ([], ["gdws"]) else f"conv rewrite ({', '.join(families)})"
+    t = Table(title=title, show_lines=False, caption=caption, caption_justify="left")
+    for col, justify in (("conv", "left"), ("kernel", "left"), ("C->M (g)", "left"),
+                         ("G/max" if title == "GDWS rewrite" else "rank/max", "right"),
                          ("MACs before", "right"), ("MACs after", "right"), ("params before", "right"),
                          ("params after", "right"), ("rel. err", "right"), ("status", "left")):
         t.add_column(col, justify=justify, overflow="fold")
@@ -80,7 +92,7 @@ def optimize_table(report: OptimizeReport):
         grp = f" ({layer.groups})" if layer.groups > 1 else ""
         t.add_row(
             layer.name, "x".join(map(str, layer.kernel)), f"{layer.in_channels}->{layer.out_channels}{grp}",
-            f"{layer.total_rank}/{layer.in_channels * layer.max_rank}" if rewritten else "-",
+            _rank_cell(layer) if rewritten else "-",
             human(layer.macs_before), human(layer.macs_after),
             human(layer.params_before), human(layer.params_after),
             f"{layer.relative_error:.4f}" if rewritten else "-",

@@ -102,49 +102,51 @@ class GDWSRewritePass:
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         sites = [r.site for r in self.rewrites.values()]
-        replace_convs(model, sites, lambda site, names: self._subgraph(self.rewrites[site.index], names))
+        replace_convs(model, sites, lambda site, names: gdws_subgraph(self.rewrites[site.index], names))
         return PassResult(model, bool(sites), RewriteReport([s.name for s in sorted(sites, key=lambda s: s.index)]))
 
-    @staticmethod
-    def _subgraph(r: LayerRewrite, names: Names) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-        site, f = r.site, r.factors
-        conv = site.node
 
-        def name(role: str) -> str:
-            return names.fresh(pattern.node_name(site.name, role))
+def gdws_subgraph(r: LayerRewrite, names: Names) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """The GDWS realization of one conv (a `SubgraphBuilder` result): [Gather ->] depthwise
+    (or stacked depthwise + Concat) -> pointwise, with the conv's bias on the pointwise conv."""
+    site, f = r.site, r.factors
+    conv = site.node
 
-        x, out = conv.input[0], conv.output[0]
-        weights, nodes = [], []
-        g_total = f.depthwise.shape[0]
-        if not f.multiplier and not np.array_equal(f.gather, np.arange(site.in_channels)):
-            idx = numpy_helper.from_array(f.gather, name("gather_indices"))
-            gathered = name("gather_out")
-            weights.append(idx)
-            nodes.append(helper.make_node("Gather", [x, idx.name], [gathered],
-                                          name=name(pattern.GATHER), axis=1))
-            x = gathered
-        dw_w = numpy_helper.from_array(f.depthwise, name("dw_weight"))
-        pw_w = numpy_helper.from_array(f.pointwise, name("pw_weight"))
-        weights += [dw_w, pw_w]
-        dw_out = name("dw_out")
-        spatial = dict(kernel_shape=list(site.kernel_shape), strides=list(site.strides),
-                       dilations=list(site.dilations),
-                       group=site.in_channels if f.multiplier else g_total)
-        if site.auto_pad == "NOTSET":
-            spatial["pads"] = list(site.pads)
-        else:
-            spatial["auto_pad"] = site.auto_pad
-        if f.stacked:
-            weights.remove(dw_w)  # the depthwise kernels go in one initializer per term
-            nodes += _stacked_depthwise(x, f, site.in_channels, dw_out, spatial, name, weights)
-        else:
-            nodes.append(helper.make_node("Conv", [x, dw_w.name], [dw_out],
-                                          name=name(pattern.DEPTHWISE), **spatial))
-        ones = [1] * len(site.kernel_shape)
-        pw_inputs = [dw_out, pw_w.name] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
-        nodes.append(helper.make_node("Conv", pw_inputs, [out], name=name(pattern.POINTWISE),
-                                      kernel_shape=ones, group=f.groups))
-        return weights, nodes
+    def name(role: str) -> str:
+        return names.fresh(pattern.node_name(site.name, role))
+
+    x, out = conv.input[0], conv.output[0]
+    weights, nodes = [], []
+    g_total = f.depthwise.shape[0]
+    if not f.multiplier and not np.array_equal(f.gather, np.arange(site.in_channels)):
+        idx = numpy_helper.from_array(f.gather, name("gather_indices"))
+        gathered = name("gather_out")
+        weights.append(idx)
+        nodes.append(helper.make_node("Gather", [x, idx.name], [gathered],
+                                      name=name(pattern.GATHER), axis=1))
+        x = gathered
+    dw_w = numpy_helper.from_array(f.depthwise, name("dw_weight"))
+    pw_w = numpy_helper.from_array(f.pointwise, name("pw_weight"))
+    weights += [dw_w, pw_w]
+    dw_out = name("dw_out")
+    spatial = dict(kernel_shape=list(site.kernel_shape), strides=list(site.strides),
+                   dilations=list(site.dilations),
+                   group=site.in_channels if f.multiplier else g_total)
+    if site.auto_pad == "NOTSET":
+        spatial["pads"] = list(site.pads)
+    else:
+        spatial["auto_pad"] = site.auto_pad
+    if f.stacked:
+        weights.remove(dw_w)  # the depthwise kernels go in one initializer per term
+        nodes += _stacked_depthwise(x, f, site.in_channels, dw_out, spatial, name, weights)
+    else:
+        nodes.append(helper.make_node("Conv", [x, dw_w.name], [dw_out],
+                                      name=name(pattern.DEPTHWISE), **spatial))
+    ones = [1] * len(site.kernel_shape)
+    pw_inputs = [dw_out, pw_w.name] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
+    nodes.append(helper.make_node("Conv", pw_inputs, [out], name=name(pattern.POINTWISE),
+                                  kernel_shape=ones, group=f.groups))
+    return weights, nodes
 
 
 def _stacked_depthwise(x: str, f: GDWSFactors, channels: int, out: str, spatial: dict,

@@ -241,7 +241,7 @@ class LatencyPlanner:
             return plan(cands, model, self.budget, self.timing, self.run, quantize=self.quantize)
         self.ranks.plan(cands, sites, model)
         allocated = [c for c in cands if c.ranks is not None and not c.reason]
-        require_input_shapes(allocated)
+        require_input_shapes([c.site for c in allocated])
         timers = Timers.create(self.timing, self.run, model, self.quantize)
         allocated, dropped = self.reallocate(allocated, sites, model, timers)
         result = plan(allocated, model, self.budget, self.timing, self.run, fixed_ranks=True, quantize=self.quantize,
@@ -352,7 +352,7 @@ def plan(cands: list[Candidate], model: onnx.ModelProto, budget: BudgetOptions, 
     "int8" every comparison is between INT8 forms (pipeline.int8.QuantizedProbe): a layer's INT8
     GDWS form against the INT8 layer, the whole model against INT8 alone.
     Returns the BudgetReport and the LatencyReport of what was measured."""
-    require_input_shapes(cands)
+    require_input_shapes([c.site for c in cands])
     if timing.latency_table is not None:
         return plan_from_table(cands, budget, timing, LatencyTable.load(timing.latency_table))
     timers = timers or Timers.create(timing, run, model, quantize)
@@ -448,9 +448,9 @@ def table_message(table: LatencyTable, path: str, batches: list[int]) -> str:
             f"at batch {','.join(map(str, batches))}")
 
 
-def require_input_shapes(cands: list[Candidate]) -> None:
-    """Raise OptionError unless every candidate's input shape is known (layers are timed at it)."""
-    unknown = [c.site.name for c in cands if c.site.in_spatial is None]
+def require_input_shapes(sites: list[ConvSite]) -> None:
+    """Raise OptionError unless every conv's input shape is known (layers are timed at it)."""
+    unknown = [s.name for s in sites if s.in_spatial is None]
     if unknown:
         raise OptionError("{0} latency measures each conv at its real input shape, unknown for "
                           f"{literal(unknown[:3])}: give {{1}} NAME:DIMS", "target", "input_shapes")

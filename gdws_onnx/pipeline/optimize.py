@@ -110,7 +110,7 @@ def _layer_report(site: ConvSite, reason: str, cand: Candidate | None,
     rep.params_before = rep.params_after = site.params
     if cand is not None and factors is not None:
         spec, ranks = cand.spec, cand.ranks
-        rep.status = "rewritten"
+        rep.status, rep.family = "rewritten", "gdws"
         identity = np.array_equal(factors.gather, np.arange(site.in_channels))
         rep.realization = ("stacked dw+concat+pw" if factors.stacked else "multiplier dw+pw" if factors.multiplier else
                            "dw+pw" if identity else "gather+dw+pw")
@@ -233,7 +233,10 @@ def _optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.M
         return model, unchanged_report(opts, NO_CONV, clock.timings)
     with clock("keep_original"):
         original = keep_original(loaded) if opts.verification.verify else None
-    if opts.selection.conv == "ssvd" and analysis.sites:
+    if analysis.sites and opts.selection.conv in ("auto", "ssvd") and opts.budget.target == "latency":
+        with clock("plan"):
+            report, convs_changed = rewrite_auto(model, analysis, opts)
+    elif opts.selection.conv == "ssvd" and analysis.sites:
         with clock("rewrite"):
             budget, ssvd = rewrite_spatial_svd(model, opts)
         report = OptimizeReport(layers=[], budget=budget, verification=VerificationReport(ran=False),
@@ -276,6 +279,41 @@ def rewrite_gdws(model: onnx.ModelProto, analysis: Analysis, opts: OptimizeOptio
     report = build_report(model, analysis, selection, rewrites, folded, plan, opts)
     report.bias_correction = None if correction is None else correction.to_dict()
     return report, bool(rewrites)
+
+
+def rewrite_auto(model: onnx.ModelProto, analysis: Analysis, opts: OptimizeOptions) -> tuple[OptimizeReport, bool]:
+    """conv="auto" (every family) or conv="ssvd" under target="latency" (spatial SVD alone): each
+    eligible conv in its fastest measurably faster form within the network-wide error budget
+    (`auto.plan_auto`), in place; returns the report (verification not run yet) and whether a conv changed."""
+    from gdws_onnx.pipeline.auto import apply_choices, plan_auto
+    from gdws_onnx.pipeline.families import families
+
+    fams = families(None if opts.selection.conv == "auto" else (opts.selection.conv,))
+    reasons = {s.name: skip_reason(s, i == 0, opts.selection) for i, s in enumerate(analysis.sites)}
+    eligible = [s for s in analysis.sites if not reasons[s.name]]
+    plan = plan_auto(model, eligible, fams, opts.budget, opts.timing, opts.run, quantize=opts.calibration.quantize)
+    apply_choices(model, plan.choices, fams)
+    layers = [auto_layer_report(s, reasons[s.name], plan.choices.get(s.name), fams) for s in analysis.sites]
+    report = OptimizeReport(layers=layers, budget=plan.budget, verification=VerificationReport(ran=False),
+                            options=opts.to_dict(), versions=versions(), latency=plan.latency.to_dict())
+    return report, any(layer.status == "rewritten" for layer in layers)
+
+
+def auto_layer_report(site: ConvSite, reason: str, choice, fams: dict) -> LayerReport:
+    """A conv's report row under conv="auto": its family, rank, realization, error, MACs and
+    parameters, and the measured layer ratio; or why it stayed dense."""
+    rep = _layer_report(site, reason or (choice.reason if choice is not None else ""), None, None)
+    if choice is None or choice.picked is None or site.weight is None:
+        return rep
+    form = choice.picked.form
+    rep.status, rep.reason, rep.family = "rewritten", "", form.family
+    rep.realization = form.realization
+    rep.total_rank, rep.max_rank = form.rank, fams[form.family].max_rank(site)
+    rep.macs_per_pixel_after = round(form.macs / site.pixels)
+    rep.params_after = form.params + (site.params - int(site.weight.size))
+    rep.relative_error = form.error
+    rep.measured_ratio = {b: r["median"] for b, r in choice.picked.ratios.items()}
+    return rep
 
 
 def analyze(loaded: LoadedModel, run: RunOptions, budget: BudgetOptions) -> Analysis:

@@ -18,8 +18,12 @@ from gdws_onnx.pipeline.report import BudgetReport
 DEFAULT_ERROR_BUDGET = 0.1  # per-layer relative weighted error when no budget is given
 FC_SCHEMES = ("off", "kronecker", "lowrank")  # Gemm/MatMul rewrites (graph.fc)
 QUANTIZE_SCHEMES = ("off", "int8")  # after the rewrites: ORT static QDQ quantization (peers.quantize)
-# the Conv rewrite: GDWS, spatial SVD (peers.spatial_svd: k x 1 then 1 x k convs, at a MAC budget), none
-CONV_REWRITES = ("gdws", "ssvd", "off")
+# the Conv rewrite: auto (per layer, the fastest family by measured latency: pipeline.auto), GDWS,
+# spatial SVD (k x 1 then 1 x k convs), none
+CONV_REWRITES = ("auto", "gdws", "ssvd", "off")
+# what conv="auto" cannot go with yet (GDWS-only options, or budgets it does not plan)
+AUTO_EXCLUDES = ("mismatch_budget", "uniform_rank", "latency_reduction", "alphas", "width_multiple", "data_aware",
+                 "bias_correction", "latency_table")
 BUDGETS = ("error_budget", "mac_reduction", "latency_reduction", "mismatch_budget", "uniform_rank")
 
 
@@ -102,7 +106,7 @@ class SelectionOptions:
     include: str | None = None  # regex on conv names
     exclude: str | None = None
     fc: str = "off"  # Gemm/MatMul layers: "kronecker", "lowrank" (graph.fc) or "off"
-    conv: str = "gdws"  # Conv layers: one of CONV_REWRITES ("off": leave every conv alone)
+    conv: str | None = None  # Conv layers: one of CONV_REWRITES ("off": leave every conv alone); None: `default_conv`
 
     def validate(self) -> None:
         _check(self.conv in CONV_REWRITES, f"{{0}} must be one of {', '.join(CONV_REWRITES)}, got "
@@ -212,6 +216,22 @@ class OptimizeOptions:
             if key not in GROUP_OF:
                 raise TypeError(f"OptimizeOptions got an unexpected keyword argument {key!r}")
             setattr(getattr(self, GROUP_OF[key]), key, value)
+        if self.selection.conv is None:
+            self.selection.conv = self.default_conv()
+
+    def auto_conflicts(self) -> list[str]:
+        """The options given that conv="auto" cannot go with (AUTO_EXCLUDES)."""
+        b, c, t = self.budget, self.calibration, self.timing
+        given = {"mismatch_budget": b.mismatch_budget is not None, "uniform_rank": b.uniform_rank is not None,
+                 "latency_reduction": b.latency_reduction is not None, "alphas": b.alphas is not None,
+                 "width_multiple": b.width_multiple != 1, "data_aware": c.data_aware is not None,
+                 "bias_correction": c.bias_correction, "latency_table": t.latency_table is not None}
+        return [k for k in AUTO_EXCLUDES if given[k]]
+
+    def default_conv(self) -> str:
+        """The conv rewrite when none is given: "auto" under target="latency" (every family, by
+        measured latency), unless an option only the GDWS planner takes is given; else "gdws"."""
+        return "auto" if self.budget.target == "latency" and not self.auto_conflicts() else "gdws"
 
     @classmethod
     def from_kwargs(cls, **flat) -> OptimizeOptions:
@@ -219,7 +239,14 @@ class OptimizeOptions:
         return cls(**flat)
 
     def validate(self) -> None:
-        """Check every group, then what ties groups together; raise OptionError."""
+        """Check conflicts between options first (a conflict is the error to fix, not a missing
+        companion of one of its sides), then every group, then what ties groups together; raise OptionError."""
+        if self.selection.conv is None:
+            self.selection.conv = self.default_conv()
+        if self.selection.conv == "ssvd":
+            self.check_spatial_svd()
+        if self.selection.conv == "auto" or (self.selection.conv == "ssvd" and self.budget.target == "latency"):
+            self.check_auto()
         for name in GROUPS:
             check = getattr(getattr(self, name), "validate", None)
             if check is not None:
@@ -240,16 +267,27 @@ class OptimizeOptions:
             _check(not on or bool(self.run.data), "{0} needs {1} (calibration inputs)", param, "data")
         _check(self.calibration.quantize == "off" or self.timing.latency_table is None,
                "{0} cannot go with {1}: a profiled table holds float layer timings", "quantize", "latency_table")
-        if self.selection.conv == "ssvd":
-            self.check_spatial_svd()
+
+    def check_auto(self) -> None:
+        """conv="auto" (and conv="ssvd" under target="latency", auto restricted to spatial SVD)
+        decides by measured latency under an error budget, and takes none of AUTO_EXCLUDES."""
+        conv = f"conv={self.selection.conv}"
+        _check(self.budget.target == "latency", "{0} chooses by measured latency: it needs {1} latency",
+               conv, "target")
+        conflicts = self.auto_conflicts()
+        if conflicts:
+            raise OptionError("{0} cannot go with {1} (" + ("a profiled table holds GDWS layers only"
+                              if conflicts[0] == "latency_table" else "not planned across families yet")
+                              + "); use conv=gdws for it", conv, conflicts[0])
 
     def check_spatial_svd(self) -> None:
         """conv="ssvd" takes a MAC budget (ranks allocated across layers by one greedy) or an error
-        budget (per layer, default DEFAULT_ERROR_BUDGET), and none of the GDWS-only options."""
+        budget (per layer, default DEFAULT_ERROR_BUDGET; under target="latency" network-wide, as
+        conv="auto" restricted to spatial SVD), and none of the GDWS-only options."""
         b, c, t, sel = self.budget, self.calibration, self.timing, self.selection
         for param, on in (("mismatch_budget", b.mismatch_budget is not None),
                           ("uniform_rank", b.uniform_rank is not None), ("alphas", b.alphas is not None),
-                          ("width_multiple", b.width_multiple != 1), ("target=latency", b.target == "latency"),
+                          ("width_multiple", b.width_multiple != 1),
                           ("data_aware", c.data_aware is not None), ("bias_correction", c.bias_correction),
                           ("latency_table", t.latency_table is not None), ("include", sel.include is not None),
                           ("exclude", sel.exclude is not None)):

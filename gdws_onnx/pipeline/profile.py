@@ -39,7 +39,7 @@ def profile(loaded: LoadedModel, opts: ProfileOptions) -> LatencyTable:
     opts.validate()
     analysis = analyze(loaded, opts.run, opts.budget)
     cands = select(loaded.model, analysis, opts.selection, CalibrationOptions(), opts.run).cands
-    latency.require_input_shapes(cands)
+    latency.require_input_shapes([c.site for c in cands])
     timing, run = opts.timing, opts.run
     env = measure.environment_key(timing.ep, run.threads)
     probes = measure.layer_probes(timing, run, "layer")

@@ -30,7 +30,8 @@ class LayerReport:
     params_before: int = 0
     params_after: int = 0
     relative_error: float = 0.0  # sum alpha ||W - Q||^2 / sum alpha ||W||^2
-    measured_ratio: dict[int, float] | None = None  # batch -> GDWS / original layer latency
+    measured_ratio: dict[int, float] | None = None  # batch -> rewritten / original layer latency
+    family: str = ""  # the factorization of a rewritten conv: "gdws" or "ssvd" (pipeline.families)
 
     @property
     def macs_before(self) -> int | None:

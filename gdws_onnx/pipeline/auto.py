@@ -1,0 +1,244 @@
+"""`conv="auto"`: every eligible conv in the fastest measurably faster form of any factorization
+family (`families.FAMILIES`), under one network-wide accuracy budget; never a slower model.
+
+    forms    each family's forms at a ladder of relative weight errors (LEVELS x the budget)
+    prune    drop forms with no MAC cut, and forms another form beats by PRUNE_MACS in MACs at no
+             more error: only what can win is timed
+    time     each form alone against the dense layer on the target EP, interleaved, cached
+             (`measure`: kept only if the whole interval of the median ratio is below FASTER)
+    allocate one knapsack over all layers: most measured saving with the mean relative weight
+             error over the eligible convs <= the budget (`allocate.most_saving_within`)
+    check    the whole model against the original, reverting the worst layers until measurably
+             faster (`measure.never_slower`)
+
+The accuracy currency is relative weight error ||W - W'||^2 / ||W||^2, which every family
+shares. The budget is its *mean* over the eligible convs, so that a layer which buys much speed
+with little harm can take more than one which does not; no layer goes past MAX_LAYER_ERROR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+from gdws_onnx.core import allocate
+from gdws_onnx.graph.convs import ConvSite
+from gdws_onnx.graph.rewrite import layer_model, replace_convs
+from gdws_onnx.pipeline.families import Family, Form, dense_macs
+from gdws_onnx.pipeline.latency import Timers, require_input_shapes
+from gdws_onnx.pipeline.measure import CONFIDENCE, FASTER, LatencyCache, conclusive, faster, never_slower
+from gdws_onnx.pipeline.options import BudgetOptions, RunOptions, TimingOptions
+from gdws_onnx.pipeline.report import BudgetReport, LatencyReport
+from gdws_onnx.runtime.bench import format_ratio, ratio_of
+
+LEVELS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # per-layer errors tried, as multiples of the mean budget
+MAX_LAYER_ERROR = 0.5  # no layer's relative weight error goes past this, whatever the budget
+PRUNE_MACS = 2.0  # a form is not timed if another has no more error and PRUNE_MACS x fewer MACs
+
+
+@dataclass
+class Measured:
+    """One timed form of one layer: batch -> bench.Ratio dict (form / dense layer latency)."""
+
+    form: Form
+    ratios: dict[int, dict]
+
+    @property
+    def faster(self) -> bool:
+        """Measurably below FASTER x the dense layer at every batch."""
+        return all(faster(r, FASTER) for r in self.ratios.values())
+
+    @property
+    def worst(self) -> dict:
+        return max(self.ratios.values(), key=lambda r: r["median"])
+
+    @property
+    def saving_ms(self) -> float:
+        """Dense minus form latency at the first batch (what the knapsack maximizes)."""
+        r = self.ratios[next(iter(self.ratios))]
+        return r["baseline_ms"] - r["candidate_ms"]
+
+    def to_dict(self) -> dict:
+        return {"family": self.form.family, "total_rank": self.form.rank, "form": self.form.realization,
+                "error": self.form.error, "macs": self.form.macs, "ratios": self.ratios}
+
+
+@dataclass
+class Choice:
+    """What the planner decided for one eligible conv."""
+
+    site: ConvSite
+    measured: list[Measured] = field(default_factory=list)
+    picked: Measured | None = None
+    reason: str = ""  # why it stays dense ('' when picked)
+    skipped: dict[str, str] = field(default_factory=dict)  # family -> why it cannot realize the conv
+
+
+@dataclass
+class AutoPlan:
+    """The chosen form per conv (name -> Choice), the budget report and what was measured."""
+
+    choices: dict[str, Choice]
+    budget: BudgetReport
+    latency: LatencyReport
+
+
+def ladder(eps: float) -> list[float]:
+    """The per-layer relative errors at which each family's forms are built: LEVELS x eps, capped."""
+    return sorted({min(level * eps, MAX_LAYER_ERROR) for level in LEVELS})
+
+
+def prune(forms: list[Form], dense: int) -> list[Form]:
+    """Only forms that can win: fewer MACs than the dense conv, and no other form with at most
+    its error and PRUNE_MACS times fewer MACs."""
+    cheaper = [f for f in forms if f.macs < dense]
+    return [f for f in cheaper
+            if not any(g.error <= f.error and g.macs * PRUNE_MACS <= f.macs for g in cheaper if g is not f)]
+
+
+def candidate_forms(site: ConvSite, fams: dict[str, Family], errors: list[float], choice: Choice) -> list[Form]:
+    """Every family's forms of one conv at `errors`, pruned; records the families that cannot realize it."""
+    forms = []
+    for name, fam in fams.items():
+        why = fam.skip_reason(site)
+        if why:
+            choice.skipped[name] = why
+        else:
+            forms += fam.forms(site, errors)
+    return prune(forms, dense_macs(site))
+
+
+def form_model(site: ConvSite, batch: int, fam: Family, form: Form) -> onnx.ModelProto:
+    """The conv alone at its input shape (`layer_model`), replaced by the family's realization of `form`."""
+    from gdws_onnx.graph.convs import ConvSite as Site
+
+    model = layer_model(site, batch)
+    local = Site(**{**site.__dict__, "index": 0, "node": model.graph.node[0], "weight_producers": set()})
+    return replace_convs(model, [local], lambda s, names: fam.subgraph(s, form, names))
+
+
+def cache_key(site: ConvSite, form: Form, batch: int, env: dict) -> str:
+    """The layer cache's key of a form: GDWS forms keep their historical keys; others add the family."""
+    if form.family == "gdws":
+        return LatencyCache.key(site, (form.rank, form.realization), batch, env)
+    return LatencyCache.key(site, (form.rank, f"{form.family}:{form.realization}"), batch, env)
+
+
+def time_forms(site: ConvSite, forms: list[Form], fams: dict[str, Family], timers: Timers) -> list[Measured]:
+    """Each form against the dense layer at every batch, until its interval decides FASTER (or the
+    probe's limits); conclusive cached measurements are reused."""
+    out = []
+    originals = {b: layer_model(site, b) for b in timers.layer}
+    for form in forms:
+        ratios = {}
+        for batch, probe in timers.layer.items():
+            key = cache_key(site, form, batch, timers.env)
+            hit = timers.cache.get(key, usable=conclusive)
+            if hit is None:
+                candidate = form_model(site, batch, fams[form.family], form)
+                hit = asdict(probe.compare(originals[batch], candidate, threshold=FASTER))
+                timers.cache.put(key, hit)
+            ratios[batch] = asdict(ratio_of(hit))
+        out.append(Measured(form, ratios))
+    return out
+
+
+def allocate_forms(choices: list[Choice], eps: float) -> None:
+    """Pick each layer's form: most total measured saving with sum of errors <= eps x the number
+    of eligible convs, among forms measurably faster; sets `picked` or `reason`."""
+    usable = [[m for m in c.measured if m.faster] for c in choices]
+    table = [[(0.0, 0.0)] + [(m.saving_ms, m.form.error) for m in opts] for opts in usable]
+    picks = allocate.most_saving_within(table, eps * len(choices))
+    for c, opts, j in zip(choices, usable, picks):
+        c.picked = opts[j - 1] if j else None
+        if c.picked is None:
+            c.reason = not_picked_reason(c)
+
+
+def not_picked_reason(c: Choice) -> str:
+    """Why a layer stays dense: no family realizes it with fewer MACs, none of its forms is
+    measurably faster (with the best ratio), or the budget was worth more elsewhere."""
+    if not c.measured:
+        why = "; ".join(f"{k}: {v}" for k, v in c.skipped.items())
+        return "no family has a form with fewer MACs within the error ladder" + (f" ({why})" if why else "")
+    if any(m.faster for m in c.measured):
+        return "its measurably faster forms cost more accuracy budget than they save time"
+    best = min(c.measured, key=lambda m: ratio_of(m.worst).bounds()[1])
+    return (f"no form measurably faster (best: {best.form.family} rank {best.form.rank}, layer ratio "
+            f"{format_ratio(best.worst)})")
+
+
+def plan_auto(model: onnx.ModelProto, sites: list[ConvSite], fams: dict[str, Family], budget: BudgetOptions,
+              timing: TimingOptions, run: RunOptions, quantize: str = "off") -> AutoPlan:
+    """Choose every eligible conv's family, rank and realization by measured latency under the
+    network-wide error budget, then check the whole model (never slower). `model` is the
+    unmodified original; `sites` the eligible convs. With quantize "int8" every comparison is
+    between INT8 forms (layer against the INT8 layer, model against INT8 alone)."""
+    eps = budget.error
+    require_input_shapes(sites)
+    timers = Timers.create(timing, run, model, quantize)
+    errors = ladder(eps)
+    choices = {}
+    for site in sites:
+        c = Choice(site)
+        forms = candidate_forms(site, fams, errors, c)
+        c.measured = time_forms(site, forms, fams, timers)
+        choices[site.name] = c
+    timers.cache.save()
+    allocate_forms(list(choices.values()), eps)
+    picked = sorted([c for c in choices.values() if c.picked],
+                    key=lambda c: -ratio_of(c.picked.worst).bounds()[1])  # worst layer ratio first
+    check = never_slower(model, lambda names: realize(model, {n: choices[n] for n in names}, fams),
+                         [c.site.name for c in picked], timers.model)
+    for c in picked:
+        if c.site.name not in check.kept:
+            c.picked, c.reason = None, "reverted: the whole model was not faster with it"
+    timers.cache.save()
+    final = check.steps[-1].ratios if check.faster else {}
+    speedup = 1 / max(r["median"] for r in final.values()) if final else None
+    errors_used = [c.picked.form.error for c in choices.values() if c.picked]
+    report = LatencyReport(
+        ep=timing.ep, batches=timing.batches, threads=run.threads, environment=timers.env,
+        cache={"path": timers.cache.path, "hits": timers.cache.hits, "misses": timers.cache.misses},
+        model_baseline_ms=None, budget_search=[], faster=check.faster, final_ratios=final, speedup=speedup,
+        layer_threshold=FASTER, confidence=CONFIDENCE,
+        layers={n: {"options": [m.to_dict() for m in c.measured],
+                    "chosen": next((i for i, m in enumerate(c.measured) if m is c.picked), None),
+                    "families_skipped": c.skipped} for n, c in choices.items()},
+        checks=check.steps, fold_trials=[], folded=[], message=outcome(picked, check.faster, timing.ep, quantize))
+    mean = sum(errors_used) / len(choices) if choices else 0.0
+    budget_report = BudgetReport(
+        mode="error", target=eps, achieved=mean,
+        message=f"network-wide budget: mean relative weight error ||W - W'||^2 / ||W||^2 over the {len(choices)} "
+                f"eligible convs <= {eps:g} (achieved {mean:.4f}; each layer <= {min(max(LEVELS) * eps, MAX_LAYER_ERROR):g})")
+    return AutoPlan(choices, budget_report, report)
+
+
+def realize(model: onnx.ModelProto, chosen: dict[str, Choice], fams: dict[str, Family]) -> onnx.ModelProto:
+    """A copy of `model` with each chosen conv replaced by its picked form (one splice for all families)."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    apply_choices(m, chosen, fams)
+    return m
+
+
+def apply_choices(model: onnx.ModelProto, chosen: dict[str, Choice], fams: dict[str, Family]) -> None:
+    """Replace, in place, each conv of `chosen` that has a pick by its family's realization."""
+    from gdws_onnx.graph.convs import ConvSite as Site
+
+    picks = {c.site.index: c for c in chosen.values() if c.picked is not None}
+    sites = [Site(**{**c.site.__dict__, "node": model.graph.node[i]}) for i, c in picks.items()]
+
+    def build(site, names):
+        c = picks[site.index]
+        return fams[c.picked.form.family].subgraph(site, c.picked.form, names)
+
+    replace_convs(model, sites, build)
+
+
+def outcome(picked: list[Choice], faster_model: bool, ep: str, quantize: str) -> str:
+    """'' when a faster model is returned, else why the original is."""
+    kind = f"{quantize.upper()} " if quantize != "off" else ""
+    if not picked:
+        return f"no conv is measurably faster in any factorized {kind}form on {ep}: every conv stays as it is"
+    return "" if faster_model else f"no rewrite made the {kind}model faster: every conv stays as it is"
