@@ -92,7 +92,7 @@ def test_conv_off_rewrites_fc_only_and_says_the_budget_went_to_fc(cnn_path):
     assert not report.rewritten and all("conv pass is off" in layer.reason for layer in report.layers)
     assert sum(n.op_type == "Conv" for n in out.graph.node) == sum(n.op_type == "Conv" for n in model.graph.node)
     assert "FC layers" in report.budget.message
-    with pytest.raises(Exception, match="conv must be one of gdws, ssvd, off, got 'dense'"):
+    with pytest.raises(Exception, match="conv must be one of auto, gdws, ssvd, off, got 'dense'"):
         optimize(model, conv="dense")
 
 

@@ -58,8 +58,9 @@ class Family(Protocol):
         """The rank at which the family is exact."""
         ...
 
-    def forms(self, site: ConvSite, errors: list[float]) -> list[Form]:
-        """Its forms at the lowest ranks within each relative weight error, fewer MACs than the conv."""
+    def forms(self, site: ConvSite, errors: list[float], cheaper_only: bool = True) -> list[Form]:
+        """Its forms at the lowest ranks within each relative weight error (with `cheaper_only`,
+        those with fewer MACs than the conv); at error 0 the exact ones."""
         ...
 
     def subgraph(self, site: ConvSite, form: Form, names: Names) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
@@ -98,14 +99,15 @@ class GDWSFamily:
     def max_rank(self, site: ConvSite) -> int:
         return int(self.spectrum(site).s.size)
 
-    def forms(self, site: ConvSite, errors: list[float]) -> list[Form]:
+    def forms(self, site: ConvSite, errors: list[float], cheaper_only: bool = True) -> list[Form]:
         spec = self.spectrum(site)
         sc = decompose.scores(spec)
         energy = decompose.weighted_energy(spec)
         out, seen = [], set()
         for e in errors:
             ranks, _ = allocate.relative_lego(sc, e, site.weight.dtype)
-            for r, form in realizations(spec, sc, ranks):
+            choices = realizations(spec, sc, ranks) if cheaper_only else [(ranks, "gather")]
+            for r, form in choices:
                 cost = (decompose.gdws_cost_per_pixel(spec, r) if form == "gather"
                         else decompose.multiplier_cost_per_pixel(spec, r))
                 f = Form(self.name, int(r.sum()), form, decompose.weighted_error(spec, r) / energy if energy else 0.0,
@@ -147,14 +149,14 @@ class SpatialSVDFamily:
     def max_rank(self, site: ConvSite) -> int:
         return self.spectrum(site).max_rank
 
-    def forms(self, site: ConvSite, errors: list[float]) -> list[Form]:
+    def forms(self, site: ConvSite, errors: list[float], cheaper_only: bool = True) -> list[Form]:
         spec = self.spectrum(site)
         per_rank = ssvd_math.ssvd_macs_per_rank(spec.weight_shape, geometry(site))
         dense = dense_macs(site)
         out, seen = [], set()
         for e in errors:
             r = ssvd_math.rank_at_error(spec.s, e)
-            if r not in seen and r * per_rank < dense:
+            if r not in seen and (r * per_rank < dense or not cheaper_only):
                 seen.add(r)
                 o, i, kh, kw = spec.weight_shape
                 out.append(Form(self.name, r, SSVD_REALIZATION, ssvd_math.relative_error(spec, r), r * per_rank,
