@@ -28,7 +28,7 @@ from gdws_onnx.graph.rewrite import layer_model, replace_convs
 from gdws_onnx.pipeline.families import Family, Form, dense_macs
 from gdws_onnx.pipeline.latency import Timers, require_input_shapes
 from gdws_onnx.pipeline.measure import CONFIDENCE, FASTER, LatencyCache, conclusive, faster, never_slower
-from gdws_onnx.pipeline.options import BudgetOptions, RunOptions, TimingOptions
+from gdws_onnx.pipeline.options import DEFAULT_AUTO_ERROR_BUDGET, BudgetOptions, RunOptions, TimingOptions
 from gdws_onnx.pipeline.report import BudgetReport, LatencyReport
 from gdws_onnx.runtime.bench import format_ratio, ratio_of
 
@@ -175,7 +175,7 @@ def plan_auto(model: onnx.ModelProto, sites: list[ConvSite], fams: dict[str, Fam
     network-wide error budget, then check the whole model (never slower). `model` is the
     unmodified original; `sites` the eligible convs. With quantize "int8" every comparison is
     between INT8 forms (layer against the INT8 layer, model against INT8 alone)."""
-    eps = budget.error
+    eps = DEFAULT_AUTO_ERROR_BUDGET if budget.error_budget is None else budget.error_budget
     require_input_shapes(sites)
     timers = Timers.create(timing, run, model, quantize)
     errors = ladder(eps)
