@@ -1,7 +1,8 @@
 """graph/fc.py: Kronecker and low-rank rewrites of Gemm/MatMul, checked in ONNX Runtime against the
-original on a seeded fuzz corpus (transB, alpha/beta, bias shapes and sources, batched MatMul,
+original on a seeded fuzz corpus (transA, transB, alpha/beta, bias shapes and sources, batched MatMul,
 Constant and Cast weights, float16/float64), truncated ranks against their predicted error, skip
-reasons, and what the rewrite must leave alone (IR version, opsets, metadata, I/O names)."""
+reasons, and what the rewrite must leave alone (IR version, opsets, metadata, I/O names); then a
+seeded corpus of one-layer models through `optimize(..., force=True)` at error_budget=0."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from gdws_onnx import optimize
+from gdws_onnx.cli.common import flag_of
 from gdws_onnx.core import kronecker as K
-from gdws_onnx.errors import OptionError
+from gdws_onnx.errors import OptionError, OptionText
 from gdws_onnx.graph import fc
 from gdws_onnx.graph.pattern import layer_of, role_of
+from gdws_onnx.runtime.session import make_session
 
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16),
           "float64": (np.float64, TensorProto.DOUBLE)}
@@ -33,6 +37,7 @@ class FCCase:
     n_out: int
     lead: tuple[int, ...]  # leading dims of the input (Gemm: (M,))
     trans_b: bool = False
+    trans_a: bool = False  # Gemm only: the input is stored [n_in, M]
     alpha: float | None = None  # None: attribute left out
     beta: float | None = None
     bias: str = "none"
@@ -48,13 +53,17 @@ class FCCase:
     def lead_dims(self) -> list[int | str]:
         return [f"d{i}" for i in range(len(self.lead))] if self.dynamic else list(self.lead)
 
+    def input_dims(self, lead: list) -> list:
+        """The input's dims for these leading dims: [*lead, n_in], or [n_in, M] with transA."""
+        return [self.n_in, *lead] if self.trans_a else [*lead, self.n_in]
+
 
 def random_case(rng: np.random.Generator, seed: int) -> FCCase:
     op = str(rng.choice(["Gemm", "MatMul"]))
     lead = (int(rng.integers(1, 6)),) if op == "Gemm" else \
         tuple(int(d) for d in rng.integers(1, 4, size=int(rng.choice([0, 1, 1, 2, 3]))))
     opset = int(rng.choice(list(OPSET_IR)))
-    return FCCase(
+    case = FCCase(
         op=op, n_in=int(rng.choice(DIMS)), n_out=int(rng.choice(DIMS)), lead=lead,
         trans_b=bool(rng.integers(2)) and op == "Gemm",
         alpha=None if op == "MatMul" or rng.random() < 0.4 else float(rng.choice([0.5, -1.7, 2.0])),
@@ -64,6 +73,8 @@ def random_case(rng: np.random.Generator, seed: int) -> FCCase:
         weight_source=str(rng.choice(["initializer", "initializer", "constant", "cast"])),
         dtype=str(rng.choice(["float32", "float32", "float16", "float64"])),
         opset=opset, relu_after=bool(rng.integers(2)), dynamic=bool(rng.random() < 0.3), seed=seed)
+    case.trans_a = op == "Gemm" and bool(rng.random() < 0.35)  # drawn last: the other fields stay as they were
+    return case
 
 
 def _bias_shape(case: FCCase) -> list[int] | None:
@@ -80,8 +91,8 @@ def build(case: FCCase) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     wshape = [case.n_out, case.n_in] if case.trans_b else [case.n_in, case.n_out]
     w = (rng.standard_normal(wshape) / np.sqrt(case.n_in)).astype(npdt)
     nodes, inits = [], []
-    inputs = [helper.make_tensor_value_info("x", elem, [*case.lead_dims, case.n_in])]
-    feeds = {"x": rng.standard_normal((*case.lead, case.n_in)).astype(npdt)}
+    inputs = [helper.make_tensor_value_info("x", elem, case.input_dims(case.lead_dims))]
+    feeds = {"x": rng.standard_normal(case.input_dims(list(case.lead))).astype(npdt)}
     if case.weight_source == "initializer":
         inits.append(numpy_helper.from_array(w, "W"))
     elif case.weight_source == "constant":
@@ -104,8 +115,9 @@ def build(case: FCCase) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         fc_inputs.append("C")
     attrs = {}
     if case.op == "Gemm":
-        attrs = {k: v for k, v in (("transB", int(case.trans_b)), ("alpha", case.alpha), ("beta", case.beta))
-                 if v is not None and (k != "transB" or v)}
+        attrs = {k: v for k, v in (("transA", int(case.trans_a)), ("transB", int(case.trans_b)),
+                                   ("alpha", case.alpha), ("beta", case.beta))
+                 if v is not None and (k not in ("transA", "transB") or v)}
     y = "h" if case.relu_after else "y"
     nodes.append(helper.make_node(case.op, fc_inputs, [y], name="fc", **attrs))
     if case.relu_after:
@@ -194,7 +206,8 @@ def test_corpus_covers_the_forms():
     seen = lambda f: {f(c) for c in CASES}  # noqa: E731
     assert seen(lambda c: c.op) == {"Gemm", "MatMul"}
     assert seen(lambda c: c.bias) == set(BIAS_SHAPES)
-    assert seen(lambda c: (c.op, c.trans_b)) >= {("Gemm", True), ("Gemm", False)}
+    assert seen(lambda c: (c.op, c.trans_a, c.trans_b)) >= {("Gemm", a, b) for a in (False, True) for b in (False, True)}
+    assert seen(lambda c: (c.trans_a, c.dynamic)) >= {(True, True), (True, False)}
     assert seen(lambda c: c.dtype) == set(DTYPES)
     assert seen(lambda c: c.weight_source) == {"initializer", "constant", "cast"}
     assert seen(lambda c: c.bias_source if c.bias != "none" else None) >= {"initializer", "constant", "input"}
@@ -276,10 +289,7 @@ def _skip_model(kind: str) -> onnx.ModelProto:
     inits, inputs = [numpy_helper.from_array(w, "W")], \
         [helper.make_tensor_value_info("x", f32, [2, 8])]
     node = helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")
-    if kind == "transA":
-        node = helper.make_node("Gemm", ["x", "W"], ["y"], name="fc", transA=1)
-        inputs = [helper.make_tensor_value_info("x", f32, [8, 2])]
-    elif kind == "dynamic":
+    if kind == "dynamic":
         inits, inputs = [], inputs + [helper.make_tensor_value_info("W", f32, [8, 6])]
     elif kind == "3d":
         inits = [numpy_helper.from_array(np.ones((3, 8, 6), np.float32), "W")]
@@ -296,7 +306,6 @@ def _skip_model(kind: str) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("kind,scheme,min_weight,expected", [
-    ("transA", "lowrank", 1, "transA=1"),
     ("dynamic", "lowrank", 1, "computed at run time"),
     ("3d", "lowrank", 1, "only a 2-D weight"),
     ("int", "lowrank", 1, "not float16, float32 or float64"),
@@ -316,6 +325,31 @@ def test_skip_reasons(kind, scheme, min_weight, expected):
     if expected != "costs":
         assert fc.FCRewritePass([], min_weight).check(site) == "no plan for this layer"
         assert expected in fc.fc_skip_reason(site, scheme, min_weight)
+
+
+def test_min_weight_reason_says_force_overrides_it():
+    """The min_weight skip reason names force as an option (`force=True` in Python, `--force` in the CLI)."""
+    (site,) = fc.find_fc_sites(_skip_model("plain"))
+    reason = fc.fc_skip_reason(site, "lowrank")
+    assert isinstance(reason, OptionText) and reason.params == ("force=True",)
+    assert "fewer than min_weight=1024" in reason and "force=True overrides it" in reason
+    assert "--force overrides it" in reason.render(flag_of)
+    assert fc.fc_skip_reason(site, "lowrank", min_weight=0) is None
+
+
+def test_fc_layer_model_takes_a_transposed_input():
+    """A Gemm with transA=1 is modelled (for timing) at its [n_in, M] input; its factored form agrees."""
+    case = FCCase(op="Gemm", n_in=12, n_out=8, lead=(3,), trans_a=True, trans_b=True, alpha=0.5, beta=2.0,
+                  bias="n", seed=4)
+    (site,) = fc.find_fc_sites(build(case)[0])
+    assert (site.feature_axis, site.batch_axis, site.in_features) == (0, -1, 12)
+    x = {"x": np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)}
+    dense = fc.fc_layer_model(site, [12, 5])
+    factored = fc.fc_layer_model(site, [12, 5], K.truncated_svd(site.matrix(), 8))
+    assert factored.graph.node[0].op_type == "Transpose"
+    assert_close(run(factored, x), run(dense, x), "float32")
+    with pytest.raises(ValueError, match="12 features"):
+        fc.fc_layer_model(site, [5, 12])
 
 
 def test_pass_check_rejects_a_plan_for_another_weight_or_model():
@@ -361,3 +395,68 @@ def test_bad_scheme_and_budgets_are_option_errors():
         fc.rewrite_fc(model, "svd")
     with pytest.raises(OptionError, match="error_budget"):
         fc.rewrite_fc(model, "lowrank", error_budget=0.1, mac_reduction=2.0)
+
+
+# ------------------------------------------------------------ optimize(force=True) on one-layer models
+
+SMALL_DIMS = (4, 5, 6, 7, 8, 11, 12, 16, 20)  # every weight under fc.MIN_WEIGHT elements; two primes: no Kronecker shape
+LARGE_DIMS = (32, 40, 48, 64)  # every weight at least fc.MIN_WEIGHT elements
+
+
+def optimize_case(seed: int) -> FCCase:
+    """A float32 Gemm (transA/transB, alpha/beta, bias C) or MatMul (2-D weight, input of rank 1 to 3)
+    with a small or a large weight."""
+    rng = np.random.default_rng(seed)
+    gemm = bool(rng.random() < 0.65)
+    dims = LARGE_DIMS if rng.integers(2) else SMALL_DIMS
+    n_in, n_out = int(rng.choice(dims)), int(rng.choice(dims))
+    lead = (int(rng.integers(1, 6)),) if gemm else tuple(int(d) for d in rng.integers(1, 4, size=int(rng.integers(3))))
+    trans_a, trans_b = gemm and bool(rng.integers(2)), gemm and bool(rng.integers(2))
+    alpha = float(rng.choice([0.5, -1.7, 2.0])) if gemm and rng.random() < 0.5 else None
+    beta = float(rng.choice([0.3, -2.0, 0.0])) if gemm and rng.random() < 0.5 else None
+    bias = str(rng.choice(["none", "n", "1n", "mn", "scalar"])) if gemm else "none"
+    return FCCase(op="Gemm" if gemm else "MatMul", n_in=n_in, n_out=n_out, lead=lead, trans_a=trans_a,
+                  trans_b=trans_b, alpha=alpha, beta=beta, bias=bias,
+                  weight_source=str(rng.choice(["initializer", "constant"])), seed=seed)
+
+
+OPTIMIZE_CASES = [optimize_case(2000 + i) for i in range(30)]
+
+
+def test_optimize_corpus_covers_the_forms():
+    seen = lambda f: {f(c) for c in OPTIMIZE_CASES}  # noqa: E731
+    assert seen(lambda c: (c.op, c.trans_a, c.trans_b)) >= {("Gemm", a, b) for a in (False, True) for b in (False, True)}
+    assert seen(lambda c: c.op) == {"Gemm", "MatMul"}
+    assert seen(lambda c: c.n_in * c.n_out >= fc.MIN_WEIGHT) == {False, True}
+    assert seen(lambda c: (c.op, c.n_in * c.n_out >= fc.MIN_WEIGHT)) == {(o, b) for o in ("Gemm", "MatMul")
+                                                                          for b in (False, True)}
+    assert seen(lambda c: c.alpha not in (None, 1.0)) == {False, True}
+    assert seen(lambda c: c.beta not in (None, 1.0) and c.bias != "none") == {False, True}
+    assert seen(lambda c: c.bias != "none") == {False, True}
+    assert {len(c.lead) for c in OPTIMIZE_CASES if c.op == "MatMul"} >= {0, 1, 2}
+    assert seen(lambda c: bool(K.kronecker_shapes(c.n_out, c.n_in))) == {False, True}
+
+
+@pytest.mark.parametrize("case", OPTIMIZE_CASES,
+                         ids=lambda c: f"{c.seed}-{c.op}{'-tA' if c.trans_a else ''}{'-tB' if c.trans_b else ''}"
+                                       f"-{c.n_out}x{c.n_in}")
+def test_optimize_force_rewrites_every_fc_layer_exactly(case):
+    """force=True rewrites every layer, under min_weight too, by low rank and (where the weight has a
+    Kronecker factor shape) Kronecker; at error_budget=0 the output matches the original in ONNX Runtime."""
+    model, feeds = build(case)
+    ref = make_session(model).run(None, feeds)[0]
+    schemes = ["lowrank"] + (["kronecker"] if K.kronecker_shapes(case.n_out, case.n_in) else [])
+    for scheme in schemes:
+        out, report = optimize(model, fc=scheme, error_budget=0.0, force=True, verify=False)
+        assert report.fc.skipped == [], report.fc.skipped
+        assert [(layer.name, layer.scheme) for layer in report.fc.layers] == [("fc", scheme)]
+        scope = fc.KRON_SCOPE if scheme == "kronecker" else fc.LOWRANK_SCOPE
+        assert all(layer_of(n.name) == "fc" and role_of(n.name, scope) for n in out.graph.node
+                   if n.name not in ("w_const", "c_const"))
+        assert not any(n.op_type == "Gemm" for n in out.graph.node)
+        assert any(n.op_type == "Transpose" and role_of(n.name, scope) == "transpose_in"
+                   for n in out.graph.node) == case.trans_a
+        y = make_session(out).run(None, feeds)[0]
+        assert y.shape == ref.shape
+        err = np.abs(y.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12)
+        assert err <= 1e-4, f"{scheme}: max relative output error {err:.3g}"

@@ -44,7 +44,8 @@ def test_conv_free_model_is_a_target_and_exact_at_zero_error(scheme):
     out, report = optimize(model, fc=scheme, error_budget=0.0, force=True, input_shapes={"x": [4, 64]})
     assert report.fc is not None and report.fc.layers, report.fc
     assert report.layers == []  # no conv
-    assert {name for name, _ in report.fc.skipped} == {"fc2"}  # under min_weight; the others are forced
+    assert report.fc.skipped == []  # force: fc2 too, under min_weight, and the layers not cheaper than dense
+    assert {layer.name for layer in report.fc.layers} == {"fc0", "fc1", "fc2"}
     assert report.verification.ran and report.verification.outputs[0].relative < 1e-5
     x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
     np.testing.assert_allclose(logits(out, x), logits(model, x), rtol=1e-4, atol=1e-5)
@@ -77,11 +78,31 @@ def test_cli_fc_rows_report_and_bad_combinations(runner, tmp_path):
                              "--report", str(rep)])
     assert r.exit_code == 0, r.output
     assert "fc fc0:" in r.output and "layers rewritten" in r.output
+    assert "fc fc2: skipped: the weight has 480 elements, fewer than min_weight=1024 (--force overrides it)" in r.output
     assert json.loads(rep.read_text())["fc"]["scheme"] == "kronecker"
     bad = runner.invoke(main, ["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--fc", "lowrank",
                                "--uniform-rank", "2"])
     assert bad.exit_code == 2 and "--fc" in bad.output and "--uniform-rank" in bad.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_prints_no_conv_table_for_a_model_without_convs(runner, tmp_path, cnn_path):
+    src, dst = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
+    onnx.save(mlp(), src)
+    r = runner.invoke(main, ["optimize", str(src), "-o", str(dst), "--fc", "lowrank", "--force"])
+    assert r.exit_code == 0, r.output
+    assert "GDWS rewrite" not in r.output and "skipped" not in r.output
+    assert "fc fc0:" in r.output and "fc fc2:" in r.output  # every FC layer forced, fc2 under min_weight too
+    with_convs = runner.invoke(main, ["optimize", cnn_path, "-o", str(tmp_path / "cnn_out.onnx")])
+    assert with_convs.exit_code == 0 and "GDWS rewrite" in with_convs.output, with_convs.output
+
+
+def test_latency_timing_sets_the_batch_of_a_transposed_input_on_its_last_axis():
+    from gdws_onnx.pipeline.fc_latency import at_batch, timeable
+
+    assert at_batch([5, 64], 8) == [8, 64] and at_batch([64, 5], 8, -1) == [64, 8] and at_batch([64], 8) == [64]
+    assert timeable([None, 64], 2) and not timeable([64, None], 2)
+    assert timeable([64, None], 2, -1) and not timeable([None, 5], 2, -1)
 
 
 def test_conv_off_rewrites_fc_only_and_says_the_budget_went_to_fc(cnn_path):

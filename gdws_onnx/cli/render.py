@@ -277,8 +277,13 @@ def spatial_svd_table(ssvd: dict):
 
 
 def optimize_summary(report: OptimizeReport, model: str, output: str, budget: BudgetOptions) -> list:
-    """What `optimize` prints before it writes: the table (a rich Table), then plain note lines."""
-    lines: list = [optimize_table(report) if report.spatial_svd is None else spatial_svd_table(report.spatial_svd)]
+    """What `optimize` prints before it writes: the table (a rich Table; none for a model without
+    convs), then plain note lines."""
+    lines: list = []
+    if report.spatial_svd is not None:
+        lines.append(spatial_svd_table(report.spatial_svd))
+    elif report.layers:
+        lines.append(optimize_table(report))
     if report.budget.message:
         lines.append(f"note: {report.budget.message}")
     lines += (fc_lines(report) + latency_lines(report.latency) + verification_lines(report.verification)

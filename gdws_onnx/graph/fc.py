@@ -1,8 +1,10 @@
 """Fully connected layers rewritten as sums of Kronecker products or plain low rank (ONNX only).
 
-A site is a Gemm (transA = 0) or a MatMul whose second input is a constant 2-D weight. It
-computes y = alpha x W^T + beta C (Gemm: W = B^T, or B with transB = 1; C broadcast to [M, m])
-or y = x W^T (MatMul x @ B, x of any rank >= 1: W = B^T), W of shape (m, n) = (out, in).
+A site is a Gemm or a MatMul whose second input is a constant 2-D weight. It computes
+y = alpha x W^T + beta C (Gemm: W = B^T, or B with transB = 1; x = A, or A^T with transA = 1;
+C broadcast to [M, m]) or y = x W^T (MatMul x @ B, x of any rank >= 1: W = B^T), W of shape
+(m, n) = (out, in). A Gemm with transA = 1 reads A [n, M]: its subgraph starts with a Transpose
+(perm [1, 0], `<fc>/<scope>/transpose_in`) to x [M, n], then goes on as below.
 The factors of core/kronecker.py approximate site.matrix() = alpha W and become:
 
   kronecker, B first: Reshape x to [..., q, s] -> MatMul [s, R r] (the B_t^T side by side)
@@ -32,7 +34,7 @@ from gdws_onnx.core.kronecker import (
     A_FIRST, SCHEMES, FCFactors, KroneckerFactors, LowRankFactors, SchemeComparison, check_budgets,
     compare_schemes, kronecker_shapes,
 )
-from gdws_onnx.errors import OptionError
+from gdws_onnx.errors import OptionError, OptionText
 from gdws_onnx.graph.convs import ConstantResolver, infer_shapes, node_attrs, node_label
 from gdws_onnx.graph.passes import PassResult
 from gdws_onnx.graph.pattern import node_name
@@ -40,7 +42,9 @@ from gdws_onnx.graph.rewrite import Names, replace_convs, single_node_model
 
 FC_OPS = ("Gemm", "MatMul")
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-MIN_WEIGHT = 1024  # elements: smaller FC weights are left alone
+# elements: smaller FC weights are left alone (optimize's force=True lowers it to 0, except under
+# target="latency", where pipeline.fc_latency keeps it)
+MIN_WEIGHT = 1024
 DEFAULT_ERROR_BUDGET = 0.1  # relative squared Frobenius error when no budget is given
 KRON_SCOPE, LOWRANK_SCOPE = "kron", "lowrank"  # node name scopes (pattern.SCOPES)
 
@@ -79,6 +83,17 @@ class FCSite:
     @property
     def in_features(self) -> int:
         return int(self.weight.shape[1 if self.trans_b else 0])
+
+    @property
+    def feature_axis(self) -> int:
+        """The input axis of the in_features: the last, or the first of Gemm's A with transA = 1."""
+        return 0 if self.trans_a else -1
+
+    @property
+    def batch_axis(self) -> int:
+        """The input axis of the rows (where a timing sets its batch): the first, or the last of
+        Gemm's A with transA = 1."""
+        return -1 if self.trans_a else 0
 
     @property
     def macs(self) -> int:
@@ -121,8 +136,6 @@ def find_fc_sites(model: onnx.ModelProto, base_dir: str = "",
 
 def fc_skip_reason(site: FCSite, scheme: str | None = None, min_weight: int = MIN_WEIGHT) -> str | None:
     """Why the site cannot be rewritten (by `scheme`, when given), or None when it can."""
-    if site.trans_a:
-        return "Gemm with transA=1 (a transposed input) is not rewritten"
     if site.weight is None:
         return site.weight_source
     if site.weight.ndim != 2:
@@ -132,7 +145,8 @@ def fc_skip_reason(site: FCSite, scheme: str | None = None, min_weight: int = MI
     if site.input_rank is None:
         return "the input's rank is unknown (ONNX shape inference cannot tell it)"
     if site.weight.size < min_weight:
-        return f"the weight has {site.weight.size} elements, fewer than min_weight={min_weight}"
+        return OptionText(f"the weight has {site.weight.size} elements, fewer than min_weight={min_weight} "
+                          "({0} overrides it)", "force=True")
     if scheme == "kronecker":
         if site.opset < 5:
             return f"opset {site.opset} predates Reshape with a shape input (5)"
@@ -253,6 +267,8 @@ def fc_subgraph(plan: FCPlan, names: Names) -> tuple[list[onnx.TensorProto], lis
     f = plan.factors.astype(site.weight.dtype)
     b = _Builder(site, KRON_SCOPE if isinstance(f, KroneckerFactors) else LOWRANK_SCOPE, names)
     x, out = site.node.input[0], site.node.output[0]
+    if site.trans_a:  # Gemm's A [n, M] -> x [M, n]
+        x = b.node("Transpose", "transpose_in", [x], perm=[1, 0])
     with_bias = bool(site.bias) and site.beta != 0
     y = names.fresh(node_name(site.name, "pre_bias", b.scope)) if with_bias else out
     (_kronecker_nodes if isinstance(f, KroneckerFactors) else _lowrank_nodes)(b, f, x, y)
@@ -312,7 +328,7 @@ def fc_layer_model(site: FCSite, input_shape: list[int], factors: FCFactors | No
     (the same Add for every batch; C's values do not change the time)."""
     if fc_skip_reason(site, min_weight=0) is not None:
         raise ValueError(f"FC layer '{site.name}' cannot be modelled: {fc_skip_reason(site, min_weight=0)}")
-    if len(input_shape) != site.input_rank or input_shape[-1] != site.in_features:
+    if len(input_shape) != site.input_rank or input_shape[site.feature_axis] != site.in_features:
         raise ValueError(f"FC layer '{site.name}' takes rank {site.input_rank} inputs of {site.in_features} "
                          f"features, not shape {input_shape}")
     with_bias = site.op == "Gemm" and bool(site.bias)

@@ -3,13 +3,14 @@ measurably faster than the dense layer, and the FC rewrites together keep the mo
 
 Per eligible layer, both schemes' factors at the error budget (graph.fc.plan_fc, which also
 compares them on error per MAC) are each timed alone against the dense layer
-(graph.fc.fc_layer_model at the layer's real input shape, the first dim set to each batch),
-interleaved, with pipeline.measure's probes, cache and rule: "faster" means the whole confidence
-interval of the median per-round ratio lies below measure.FASTER, at every batch. The requested
-scheme's form is kept where it is faster; the report names the scheme that won on measured
-latency (or "dense"). The kept layers then pass measure.never_slower against the model as it
-entered the FC step (its convs already rewritten and checked): a layer is reverted, worst measured
-layer ratio first, until the whole model measures faster at every batch, else all stay dense.
+(graph.fc.fc_layer_model at the layer's real input shape, its rows' dim set to each batch: the
+first, or the last of a Gemm with transA=1), interleaved, with pipeline.measure's probes, cache
+and rule: "faster" means the whole confidence interval of the median per-round ratio lies below
+measure.FASTER, at every batch. The requested scheme's form is kept where it is faster; the
+report names the scheme that won on measured latency (or "dense"). The kept layers then pass
+measure.never_slower against the model as it entered the FC step (its convs already rewritten
+and checked): a layer is reverted, worst measured layer ratio first, until the whole model
+measures faster at every batch, else all stay dense.
 """
 
 from __future__ import annotations
@@ -120,22 +121,26 @@ def fc_cache_key(site: FCSite, shape: list[int], factors: FCFactors, env: dict) 
     layer = dict(fc=site.op, out=site.out_features, inp=site.in_features, trans_b=site.trans_b,
                  alpha=site.alpha, beta=site.beta, bias=bool(site.bias), shape=list(shape),
                  dtype=str(site.weight.dtype), form=factors.describe())
+    if site.trans_a:  # only then, so that the keys of the other layers stay as they were
+        layer["trans_a"] = True
     blob = json.dumps({"env": env, "layer": layer}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def timeable(dims: list[int | None], rank: int) -> bool:
-    """The dims a layer is timed at are known: all but the first (the batch, set when timed), or
-    the only one of a 1-D input."""
-    return len(dims) == rank and all(dims[1:] if rank > 1 else dims)
+def timeable(dims: list[int | None], rank: int, batch_axis: int = 0) -> bool:
+    """The dims a layer is timed at are known: all but the batch's (FCSite.batch_axis, set when
+    timed), or the only one of a 1-D input."""
+    if len(dims) != rank:
+        return False
+    return all(dims) if rank == 1 else all(d for i, d in enumerate(dims) if i != batch_axis % rank)
 
 
 def input_shapes_of(model: onnx.ModelProto, sites: list[FCSite], run: RunOptions) -> dict[str, list[int] | str]:
-    """Each site's input dims (the first one, its batch, is replaced when timed), by ONNX shape
+    """Each site's input dims (its batch's, FCSite.batch_axis, is replaced when timed), by ONNX shape
     inference at `run.input_shapes`, else from one ONNX Runtime run; a string says why unknown."""
     shapes = infer_shapes(model, run.input_shapes)
     dims = {s.name: shapes.get(s.node.input[0], []) for s in sites}
-    unknown = [s for s in sites if not timeable(dims[s.name], s.input_rank)]
+    unknown = [s for s in sites if not timeable(dims[s.name], s.input_rank, s.batch_axis)]
     if unknown:
         why = "its input shape is unknown (give input_shapes)"
         try:
@@ -147,9 +152,12 @@ def input_shapes_of(model: onnx.ModelProto, sites: list[FCSite], run: RunOptions
     return {name: d if isinstance(d, str) else [int(x or 1) for x in d] for name, d in dims.items()}
 
 
-def at_batch(shape: list[int], batch: int) -> list[int]:
-    """The input shape at `batch` (its first dim; a 1-D input has none)."""
-    return [batch, *shape[1:]] if len(shape) > 1 else list(shape)
+def at_batch(shape: list[int], batch: int, axis: int = 0) -> list[int]:
+    """The input shape at `batch` (its dim `axis`, FCSite.batch_axis; a 1-D input has none)."""
+    out = list(shape)
+    if len(out) > 1:
+        out[axis] = batch
+    return out
 
 
 def measure_fc_layer(site: FCSite, shape: list[int], forms: list[FCFactors], probes: dict[int, Probe],
@@ -157,15 +165,15 @@ def measure_fc_layer(site: FCSite, shape: list[int], forms: list[FCFactors], pro
     """Time each factored form alone against the dense layer at every batch (interleaved, until
     its interval decides FASTER or the probe's limits are reached). Cached with its interval; a
     cached entry that did not decide is measured again."""
-    dense = {b: fc_layer_model(site, at_batch(shape, b)) for b in probes}
+    dense = {b: fc_layer_model(site, at_batch(shape, b, site.batch_axis)) for b in probes}
     options = []
     for f in forms:
         option = FCOption(f.scheme, f.describe(), f.error, f.macs)
         for batch, probe in probes.items():
-            key = fc_cache_key(site, at_batch(shape, batch), f, env)
+            key = fc_cache_key(site, at_batch(shape, batch, site.batch_axis), f, env)
             hit = cache.get(key, usable=conclusive)
             if hit is None:
-                candidate = fc_layer_model(site, at_batch(shape, batch), f)
+                candidate = fc_layer_model(site, at_batch(shape, batch, site.batch_axis), f)
                 hit = asdict(probe.compare(dense[batch], candidate, threshold=FASTER))
                 cache.put(key, hit)
             option.measured[batch] = asdict(ratio_of(hit))

@@ -401,21 +401,24 @@ def fold(model: onnx.ModelProto, chosen: list[Candidate]) -> dict[str, str]:
 def rewrite_fc_layers(model: onnx.ModelProto, base_dir: str, opts: OptimizeOptions) -> FCSummary | None:
     """With fc != "off": rewrite the Gemm/MatMul layers by that scheme (graph.fc), in place, at the
     error budget (each weight's relative squared error) or the MAC reduction (each layer's MACs / R);
-    a layer whose factors would not cut MACs is left alone unless `force`; include/exclude select
-    FC layers by name as they select convs. Under target="latency", at the error budget, only
-    where measured faster (pipeline.fc_latency)."""
+    a layer whose factors would not cut MACs, or whose weight is under graph.fc.MIN_WEIGHT elements,
+    is left alone unless `force`; include/exclude select FC layers by name as they select convs.
+    Under target="latency", at the error budget, only where measured faster (pipeline.fc_latency;
+    `force` there too lifts both the MAC check and MIN_WEIGHT)."""
     if opts.selection.fc == "off":
         return None
     if opts.budget.target == "latency":
         from gdws_onnx.pipeline.fc_latency import rewrite_fc_by_latency
 
-        report, lat = rewrite_fc_by_latency(model, base_dir, opts.selection, opts.budget, opts.timing, opts.run)
+        report, lat = rewrite_fc_by_latency(model, base_dir, opts.selection, opts.budget, opts.timing, opts.run,
+                                            min_weight=0 if opts.budget.force else MIN_WEIGHT)
         return FCSummary(opts.selection.fc, report.layers, report.skipped, lat.to_dict())
-    from gdws_onnx.graph.fc import rewrite_fc
+    from gdws_onnx.graph.fc import MIN_WEIGHT, rewrite_fc
 
     result = rewrite_fc(model, opts.selection.fc, opts.budget.error_budget, opts.budget.mac_reduction,
-                        only_if_cheaper=not opts.budget.force, base_dir=base_dir,
-                        input_shapes=opts.run.input_shapes, exclude=lambda name: name_filter(name, opts.selection))
+                        min_weight=0 if opts.budget.force else MIN_WEIGHT, only_if_cheaper=not opts.budget.force,
+                        base_dir=base_dir, input_shapes=opts.run.input_shapes,
+                        exclude=lambda name: name_filter(name, opts.selection))
     return FCSummary(opts.selection.fc, result.report.layers, result.report.skipped)
 
 
