@@ -2,7 +2,7 @@
 
 A rewritten conv `<conv>` becomes `[<conv>/gdws/gather: Gather] -> <conv>/gdws/dw: Conv (grouped)
 -> <conv>/gdws/pw: Conv (1x1)`, or in the stacked form `<conv>/gdws/dw, dw_1, ...: Conv (depthwise)
--> <conv>/gdws/concat: Concat -> <conv>/gdws/pw`; the spatial-SVD peer writes `<conv>/ssvd/a|b`. Profiles, the
+-> <conv>/gdws/concat: Concat -> <conv>/gdws/pw`; spatial SVD writes `<conv>/ssvd/a|b`, Tucker-2 `<conv>/tucker/first|core|last`. Profiles, the
 fold, the torch replica and the tests find layers through these functions, never by strings.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-SCOPES = ("gdws", "ssvd", "kron", "lowrank")  # the rewrite's, the spatial-SVD peer's, the FC rewrites' (graph/fc.py)
+SCOPES = ("gdws", "ssvd", "tucker", "kron", "lowrank")  # GDWS, spatial SVD, Tucker-2, the FC rewrites (graph/fc.py)
 GATHER, DEPTHWISE, POINTWISE = "gather", "dw", "pw"
 CONCAT = "concat"  # the stacked form: r depthwise convs `dw`, `dw_1`, ... -> Concat -> pw
 

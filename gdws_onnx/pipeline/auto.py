@@ -125,7 +125,8 @@ def cache_key(site: ConvSite, form: Form, batch: int, env: dict) -> str:
     """The layer cache's key of a form: GDWS forms keep their historical keys; others add the family."""
     if form.family == "gdws":
         return LatencyCache.key(site, (form.rank, form.realization), batch, env)
-    return LatencyCache.key(site, (form.rank, f"{form.family}:{form.realization}"), batch, env)
+    ranks = "x".join(map(str, form.ranks)) if form.family == "tucker" else str(form.rank)
+    return LatencyCache.key(site, (form.rank, f"{form.family}:{form.realization}:{ranks}"), batch, env)
 
 
 def time_forms(site: ConvSite, forms: list[Form], fams: dict[str, Family], timers: Timers) -> list[Measured]:

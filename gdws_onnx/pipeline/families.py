@@ -19,12 +19,15 @@ import onnx
 
 from gdws_onnx.core import allocate, decompose
 from gdws_onnx.core import spatial_svd as ssvd_math
+from gdws_onnx.core import tucker as tucker_math
 from gdws_onnx.graph.convs import ConvSite
 from gdws_onnx.graph.rewrite import LayerRewrite, Names, gdws_subgraph
 from gdws_onnx.graph.spatial_svd import geometry, ssvd_skip_reason, ssvd_subgraph
+from gdws_onnx.graph.tucker import tucker_skip_reason, tucker_subgraph
 from gdws_onnx.pipeline.latency import form_factors, realizations
 
 SSVD_REALIZATION = "kx1+1xk"  # the spatial SVD's only realization: a k_h x 1 conv, then a 1 x k_w conv
+TUCKER_REALIZATION = "1x1+k+1x1"  # Tucker-2's: 1x1 conv C -> r1, the k conv r1 -> r2, 1x1 conv r2 -> M
 
 
 @dataclass(frozen=True)
@@ -32,17 +35,17 @@ class Form:
     """One candidate factorization of one conv: family, total rank, realization, error, MACs."""
 
     family: str  # a FAMILIES key
-    rank: int  # total rank: GDWS width G = sum_c g_c, spatial SVD rank r
+    rank: int  # total rank: GDWS width G = sum_c g_c, spatial SVD rank r, Tucker-2 r1 + r2
     realization: str  # GDWS: one of latency.FORMS; spatial SVD: SSVD_REALIZATION
     error: float  # relative weight error ||W - W'||^2 / ||W||^2
     macs: int  # MACs per sample of the realization
     params: int  # weights of the realization (the conv's bias not counted)
-    ranks: tuple[int, ...] = field(default=(), compare=False)  # GDWS: terms per input channel
+    ranks: tuple[int, ...] = field(default=(), compare=False)  # GDWS: terms per input channel; Tucker-2: (r1, r2)
 
     @property
-    def key(self) -> tuple[str, int, str]:
+    def key(self) -> tuple:
         """What identifies the form's latency at a given geometry (the layer cache's option)."""
-        return self.family, self.rank, self.realization
+        return (self.family, self.rank, self.realization) + ((self.ranks,) if self.family == "tucker" else ())
 
 
 class Family(Protocol):
@@ -168,7 +171,49 @@ class SpatialSVDFamily:
         return ssvd_subgraph(site, a, b, geometry(site), names)
 
 
-FAMILIES: dict[str, type] = {"gdws": GDWSFamily, "ssvd": SpatialSVDFamily}  # conv="auto" chooses among these
+class Tucker2Family:
+    """Tucker-2: HOSVD of the weight over its channel modes (`core.tucker`), realized as a 1x1
+    conv to r1 channels, the conv's kernel r1 -> r2, and a 1x1 conv to M (`graph.tucker`); the
+    cheapest (r1, r2) pair by MACs within each error."""
+
+    name = "tucker"
+
+    def __init__(self):
+        self.spectra: dict[str, tucker_math.TuckerSpectrum] = {}
+
+    def spectrum(self, site: ConvSite) -> tucker_math.TuckerSpectrum:
+        if site.name not in self.spectra:
+            self.spectra[site.name] = tucker_math.tucker_spectrum(site.weight)
+        return self.spectra[site.name]
+
+    def skip_reason(self, site: ConvSite) -> str | None:
+        return tucker_skip_reason(site)
+
+    def max_rank(self, site: ConvSite) -> int:
+        return sum(self.spectrum(site).max_ranks)
+
+    def forms(self, site: ConvSite, errors: list[float], cheaper_only: bool = True) -> list[Form]:
+        spec = self.spectrum(site)
+        in_pixels = int(np.prod(site.in_spatial, dtype=np.int64))
+        dense = dense_macs(site)
+        out, seen = [], set()
+        for e in errors:
+            r1, r2 = spec.max_ranks if e <= 0 and not cheaper_only else \
+                tucker_math.ranks_at_error(spec, e, in_pixels, int(site.pixels))
+            macs = tucker_math.tucker_macs(spec.weight_shape, r1, r2, in_pixels, int(site.pixels))
+            if (r1, r2) not in seen and (macs < dense or not cheaper_only):
+                seen.add((r1, r2))
+                m, c, *k = spec.weight_shape
+                out.append(Form(self.name, r1 + r2, TUCKER_REALIZATION, tucker_math.relative_error(spec, r1, r2), macs,
+                                c * r1 + r1 * r2 * int(np.prod(k)) + r2 * m, (r1, r2)))
+        return out
+
+    def subgraph(self, site: ConvSite, form: Form, names: Names) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+        first, core, last = tucker_math.tucker_factors(self.spectrum(site), *form.ranks, site.weight.dtype)
+        return tucker_subgraph(site, first, core, last, names)
+
+
+FAMILIES: dict[str, type] = {"gdws": GDWSFamily, "ssvd": SpatialSVDFamily, "tucker": Tucker2Family}  # conv="auto" chooses among these
 
 
 def families(names: tuple[str, ...] | None = None) -> dict[str, Family]:

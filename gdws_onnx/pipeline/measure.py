@@ -57,7 +57,8 @@ class LatencyCache:
 
     @staticmethod
     def key(site: ConvSite, option: tuple[int, str | bool], batch: int, env: dict) -> str:
-        """The entry of (total rank G, form: one of FORMS, or a bool = multiplier or Gather form)."""
+        """The entry of (total rank G, form: one of FORMS, a bool = multiplier or Gather form, or
+        another family's form named '<family>:<realization>:<ranks>' by `auto.cache_key`)."""
         g, form = option
         form = ("multiplier" if form else "gather") if isinstance(form, (bool, np.bool_)) else form
         geometry = dict(C=site.in_channels, M=site.out_channels, groups=site.group, kernel=site.kernel_shape,
@@ -66,6 +67,8 @@ class LatencyCache:
                         batch=batch)
         if form == "stacked":  # keys of the older two forms unchanged
             geometry["stacked"] = True
+        elif form not in ("gather", "multiplier"):  # another family's form ("ssvd:...", "tucker:...")
+            geometry["form"] = form
         blob = json.dumps({"env": env, "layer": geometry}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
