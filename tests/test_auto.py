@@ -136,6 +136,11 @@ def test_auto_picks_the_family_that_measures_faster_per_layer():
         assert rep.budget.achieved == max(layer.relative_error for layer in rewritten)
         d = json.loads(rep.to_json())
         assert d["summary"]["rewritten"] == len(rewritten) and d["layers"][1]["family"] in FAMILIES
+        assert sum(d["summary"]["families"].values()) == len(rewritten)
+        from gdws_onnx.cli.render import family_lines
+
+        (line,) = family_lines(rep)
+        assert line.startswith("families: ") and line.endswith(f"{len(rep.layers) - len(rewritten)} dense")
         assert all("families_skipped" in v for v in d["latency"]["layers"].values())
 
 

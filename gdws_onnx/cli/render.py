@@ -276,6 +276,16 @@ def spatial_svd_table(ssvd: dict):
     return t
 
 
+def family_lines(report: OptimizeReport) -> list[str]:
+    """Which family won where, when more than one could (conv="auto"): one line."""
+    fams = report.families
+    if report.options.get("conv") != "auto" or not report.layers:
+        return []
+    won = "; ".join(f"{name} {len(convs)}" for name, convs in sorted(fams.items(), key=lambda kv: -len(kv[1])))
+    dense = len(report.layers) - len(report.rewritten)
+    return [f"families: {won or 'none'} (convs rewritten by each); {dense} dense"]
+
+
 def optimize_summary(report: OptimizeReport, model: str, output: str, budget: BudgetOptions) -> list:
     """What `optimize` prints before it writes: the table (a rich Table; none for a model without
     convs), then plain note lines."""
@@ -284,6 +294,7 @@ def optimize_summary(report: OptimizeReport, model: str, output: str, budget: Bu
         lines.append(spatial_svd_table(report.spatial_svd))
     elif report.layers:
         lines.append(optimize_table(report))
+    lines += family_lines(report)
     if report.budget.message:
         lines.append(f"note: {report.budget.message}")
     lines += (fc_lines(report) + latency_lines(report.latency) + verification_lines(report.verification)

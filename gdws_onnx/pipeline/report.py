@@ -226,6 +226,14 @@ class OptimizeReport:
     def rewritten(self) -> list[LayerReport]:
         return [layer for layer in self.layers if layer.status == "rewritten"]
 
+    @property
+    def families(self) -> dict[str, list[str]]:
+        """Which factorization family won which convs: family -> rewritten conv names, in graph order."""
+        out: dict[str, list[str]] = {}
+        for layer in self.rewritten:
+            out.setdefault(layer.family or "gdws", []).append(layer.name)
+        return out
+
     def to_dict(self) -> dict:
         layers = []
         for layer in self.layers:
@@ -236,6 +244,7 @@ class OptimizeReport:
         return {
             "summary": {
                 "convs": len(self.layers), "rewritten": len(self.rewritten),
+                "families": {k: len(v) for k, v in self.families.items()},
                 "conv_macs_before": self.conv_macs_before, "conv_macs_after": self.conv_macs_after,
                 "mac_reduction": self.mac_reduction, "predicted_mismatch": self.predicted_mismatch,
                 "params_before": self._params("params_before"), "params_after": self._params("params_after"),
