@@ -1,82 +1,66 @@
-"""tools/robust_eval.py: chunked runs merge into one result, and only chunks that belong together."""
+"""tools/robust_eval.py is a thin wrapper over the product (issue 26): old command lines map to
+`onnx-gdws evaluate` / `validate`, and its markdown table is `eval.results.markdown_table`."""
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from gdws_onnx.core.stats import proportion
+from gdws_onnx.errors import GDWSError
+from gdws_onnx.eval.results import EvalSettings, EvaluationResult, markdown_table
+from gdws_onnx.eval.validation import ModelResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import robust_eval  # noqa: E402
 
 
-def _chunk(tmp_path, start, robust, clean=1.0, model="m.onnx", eps=0.1):
+def _result(tmp_path, name, robust, sha="a" * 64, eps=0.1):
     n = len(robust)
-    d = {"model": model, "start": start, "seconds": 10.0,
-         "settings": {"data": "fashion-mnist:test", "n": n, "attacks": ["autoattack"], "eps": eps},
-         "result": {"clean_accuracy": clean, "robust_accuracy": sum(robust) / n, "predictions": [0] * n,
-                    "robust_correct": robust, "robust_accuracy_interval": [0, 1]}}
-    path = tmp_path / f"{model}_{start}_{eps}.json"
-    path.write_text(json.dumps(d))
-    return str(path)
-
-
-def test_chunks_merge_in_sample_order(tmp_path):
-    b = _chunk(tmp_path, 4, [False, False, True, True], clean=0.5)
-    a = _chunk(tmp_path, 0, [True, True, True, False])
-    m = robust_eval.merge([b, a])
-    assert m["result"]["robust_correct"] == [True, True, True, False, False, False, True, True]
-    assert m["settings"]["n"] == 8 and m["seconds"] == 20.0 and m["start"] == 0
-    assert m["result"]["robust_accuracy"] == pytest.approx(5 / 8)
-    assert m["result"]["clean_accuracy"] == pytest.approx(6 / 8)
-    lo, hi = m["result"]["robust_accuracy_interval"]
-    assert lo < 5 / 8 < hi
-
-
-@pytest.mark.parametrize("second,message", [
-    (dict(start=5), "not contiguous"),
-    (dict(start=4, model="other.onnx"), "different models"),
-    (dict(start=4, eps=0.2), "different settings"),
-])
-def test_chunks_that_do_not_belong_together_are_refused(tmp_path, second, message):
-    a = _chunk(tmp_path, 0, [True, False, True, True])
-    b = _chunk(tmp_path, robust=[True, True], **second)
-    with pytest.raises(SystemExit, match=message):
-        robust_eval.merge([a, b])
-
-
-def test_threads_do_not_keep_chunks_apart(tmp_path):
-    a = _chunk(tmp_path, 0, [True, False])
-    b = _chunk(tmp_path, 2, [True, True], model="m.onnx")
-    d = json.loads(open(b).read())
-    d["settings"]["threads"] = 2
-    open(b, "w").write(json.dumps(d))
-    assert robust_eval.merge([a, b])["result"]["robust_correct"] == [True, False, True, True]
-
-
-def test_compare_needs_the_same_samples(tmp_path):
-    a = _chunk(tmp_path, 0, [True, True, False, True])
-    b = _chunk(tmp_path, 0, [True, False, False, True], model="g.onnx")
-    assert "McNemar p = 1" in robust_eval.compare(a, b)
-    c = _chunk(tmp_path, 4, [True, True, False, True], model="g.onnx")
-    with pytest.raises(SystemExit, match="different settings"):
-        robust_eval.compare(a, c)
+    rp = proportion(robust)
+    settings = EvalSettings(model_sha256=sha, data="fashion-mnist:test", n=n, shard_size=100, attacks=("autoattack",),
+                            eps=eps, steps=20, step_size=None, restarts=1, random_start=True, queries=1000, seed=0,
+                            gradient="auto", batch_size=128, gradient_check_samples=8)
+    result = ModelResult(path=f"{name}.onnx", clean_accuracy=1.0, clean_accuracy_interval=[0.6, 1.0],
+                         robust_accuracy=rp.value, robust_accuracy_interval=[rp.low, rp.high],
+                         robust_accuracy_by_attack={"autoattack": rp.value}, gradient_source="torch",
+                         gradient_check=None, softmax_cut=False, predictions=[0] * n, robust_correct=list(robust))
+    r = EvaluationResult(model=f"{name}.onnx", settings=settings, result=result, labels=[0] * n,
+                         logits=[[1.0, 0.0]] * n, attacks=[], data={"spec": "fashion-mnist:test", "n": n},
+                         shards=[])
+    path = tmp_path / f"{name}.json"
+    r.write(path)
+    return r, str(path)
 
 
 def test_table_compares_each_model_with_the_first(tmp_path):
-    ref = ",".join([_chunk(tmp_path, 0, [True, True, True, False]), _chunk(tmp_path, 4, [True, True, True, True])])
-    fast = ",".join([_chunk(tmp_path, 0, [True, False, True, False], model="f.onnx"),
-                     _chunk(tmp_path, 4, [False, True, True, True], model="f.onnx")])
-    text = robust_eval.table([f"original={ref}", f"fast={fast}"])
+    ref, ref_path = _result(tmp_path, "original", [True, True, True, False, True, True, True, True])
+    fast, fast_path = _result(tmp_path, "fast", [True, False, True, False, False, True, True, True], sha="b" * 64)
+    text = markdown_table([("original", ref), ("fast", fast)])
+    assert text == robust_eval.table([f"original={ref_path}", f"fast={fast_path}"])
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| model | clean % | autoattack % [95 % CI]")
     assert rows[1].startswith("| original | 100.0 | 87.5 [") and rows[1].endswith("| - | - | - |")
     assert rows[2].startswith("| fast | 100.0 | 62.5 [") and rows[2].endswith("| 2 / 0 | 0.5 |")
     assert "| -25.0 [-55.0 to +5.0] |" in rows[2]  # 2 lost, 0 gained of 8
-    assert "test images 0-7" in text
-    short = _chunk(tmp_path, 0, [True, False], model="s.onnx")
-    with pytest.raises(SystemExit, match="different settings"):
-        robust_eval.table([f"original={ref}", f"short={short}"])
-    with pytest.raises(SystemExit, match="NAME=JSON"):
-        robust_eval.table([ref])
+    assert "samples 0-7" in text
+    other, _ = _result(tmp_path, "other", [True] * 8, sha="c" * 64, eps=0.2)
+    with pytest.raises(GDWSError, match="eps 0.1 vs 0.2"):
+        markdown_table([("original", ref), ("other", other)])
+    with pytest.raises(GDWSError, match="NAME=RESULT.json"):
+        robust_eval.table([ref_path])
+
+
+def test_old_command_lines_map_to_the_product(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(robust_eval, "cli", calls.append)
+    robust_eval.main(["m.onnx", "--attack", "autoattack", "--n", "50", "-o", "r.json"])
+    robust_eval.main(["--compare", "a.json", "b.json"])
+    assert calls[0][:4] == ["evaluate", "m.onnx", "-o", "r.json"]
+    assert ["--n", "50"] == calls[0][calls[0].index("--n"):][:2] and calls[0][-2:] == ["--attack", "autoattack"]
+    assert "--resume" in calls[0] and calls[1] == ["validate", "a.json", "b.json"]
+    for gone in (["m.onnx", "--start", "100", "-o", "r.json"], ["--compare", "a.json,b.json", "c.json"]):
+        with pytest.raises(SystemExit) as e:
+            robust_eval.main(gone)
+        assert e.value.code == 2

@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                 "spatial SVD can cut each conv's MACs at the same weight error."),
     "validate": ("gdws_onnx.cli.validate", "validate_cmd",
                  "Clean and adversarially robust accuracy of ORIGINAL vs OPTIMIZED on the same samples."),
+    "evaluate": ("gdws_onnx.cli.evaluate", "evaluate_cmd",
+                 "Clean and adversarially robust accuracy of MODEL, per sample, written to -o."),
     "bench": ("gdws_onnx.cli.bench", "bench_cmd",
               "Time MODELS interleaved (A B, B A, ...; spinning off) and report each vs the first."),
     "sensitivity": ("gdws_onnx.cli.sensitivity", "sensitivity_cmd",

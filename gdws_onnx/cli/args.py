@@ -11,7 +11,9 @@ one 'error:' line and exit code 2.
     ATTACK      --eps --steps --seed              -> AttackArgs    validate, sweep, sensitivity
     DATA        --data --n                        -> DataArgs      validate, sweep, sensitivity
     INPUT_SHAPES --input-shape (repeatable)       -> {name: dims}  optimize, bench, inspect
-    ATTACKS     --attack (repeatable)             -> attack names  validate, sweep
+    ATTACKS     --attack (repeatable)             -> attack names  validate, sweep, evaluate
+    BATCH_SIZE RESTARTS RANDOM_START QUERIES (one option each)         validate, evaluate
+    SHARDS      --shard-size --ray [ADDRESS] --workers -> ShardArgs    evaluate, validate
 """
 
 from __future__ import annotations
@@ -114,6 +116,17 @@ class DataArgs:
     n: int | None
 
 
+@dataclass
+class ShardArgs:
+    """How an evaluation is cut into shards and where they run: `ray_address` None = this process,
+    "" = Ray at RAY_ADDRESS or a local instance (of `workers` CPUs x threads when started here),
+    else that address."""
+
+    shard_size: int
+    ray_address: str | None
+    workers: int | None
+
+
 EP = Option("--ep", default="cpu", show_default=True)
 BATCH = Option("--batch", "batches", default="1", show_default=True)
 THREADS = Option("--threads", type=int, default=None)
@@ -133,8 +146,24 @@ INPUT_SHAPE = Option("--input-shape", "input_shapes", multiple=True, metavar="NA
                      help="Fix an input's shape (repeatable), e.g. input:1,3,224,224.")
 ATTACK_NAMES = Option("--attack", "attacks", multiple=True)  # type: click.Choice of the command's attacks
 
+BATCH_SIZE = Option("--batch-size", type=int, default=128, show_default=True)
+RESTARTS = Option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
+RANDOM_START = Option("--random-start/--no-random-start", default=True, show_default=True)
+QUERIES = Option("--queries", type=int, default=1000, show_default=True, help="Square attack iterations.")
+SHARD_SIZE = Option("--shard-size", type=int, default=100, show_default=True,
+                    help="Samples per shard; each shard is attacked with a seed derived from --seed and its index, "
+                         "so results depend on the shard size, never on the order or the runner.")
+RAY = Option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+             help="Run the shards as Ray tasks (pip install \"onnx-gdws[ray]\"): alone, RAY_ADDRESS or a local "
+                  "instance; 'auto' a running `ray start` cluster; HOST:PORT that cluster. Put it after the "
+                  "arguments, or write --ray=ADDRESS.")
+WORKERS = Option("--workers", type=int, default=None,
+                 help="With --ray and no cluster: start a local instance with this many workers of --threads "
+                      "threads (default: one per CPU).")
+
 TIMING = Group("timing", TimingArgs.parse, EP, BATCH, THREADS, RUNS)
 ATTACK = Group("attack", AttackArgs, EPS, STEPS, SEED)
 DATA = Group("data", lambda data, n: DataArgs(data, n), DATA_SPEC, N)
 INPUT_SHAPES = Group("input_shapes", lambda input_shapes: parse_input_shapes(list(input_shapes)), INPUT_SHAPE)
+SHARDS = Group("shards", ShardArgs, SHARD_SIZE, RAY, WORKERS)
 ATTACKS = Group("attacks", lambda attacks: tuple(a for a in (attacks or ("pgd",)) if a != "none"), ATTACK_NAMES)

@@ -68,9 +68,10 @@ def handle_errors(fn):
 
 
 @contextmanager
-def progress_reporter(quiet: bool):
+def progress_reporter(quiet: bool, unit: str = "samples"):
     """A ProgressFactory for long commands: rich bars when stderr is a terminal, one line per task
-    on stderr when it is piped (so a log shows what is running), None when quiet."""
+    on stderr when it is piped (so a log shows what is running: 'task: TOTAL UNIT ...'), None when
+    quiet."""
     if quiet:
         yield None
     elif sys.stderr.isatty():
@@ -78,7 +79,7 @@ def progress_reporter(quiet: bool):
             yield factory
     else:
         def factory(desc: str, total: int):
-            click.echo(f"{desc}: {total} samples ...", err=True)
+            click.echo(f"{desc}: {total} {unit} ...", err=True)
             return lambda k: None
         yield factory
 

@@ -20,9 +20,9 @@ from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_AUTO_ERROR_BUDGET,
 @click.argument("model")
 @click.option("-o", "--output", required=True, help="Path of the optimized model.")
 @click.option("--error-budget", type=float, default=None,
-              help="Relative weight error ||W - W'||^2 / ||W||^2, 0 <= EPS < 1: per layer (default "
-                   f"{DEFAULT_ERROR_BUDGET}), or with --conv auto its mean over the eligible convs (default "
-                   f"{DEFAULT_AUTO_ERROR_BUDGET}); with --fc also each FC weight's.")
+              help="Per-layer relative weight error ||W - W'||^2 / ||W||^2, 0 <= EPS < 1 (default "
+                   f"{DEFAULT_AUTO_ERROR_BUDGET} with --conv auto, measured safe on every robust zoo model; "
+                   f"{DEFAULT_ERROR_BUDGET} otherwise); with --fc also each FC weight's.")
 @click.option("--mac-reduction", type=float, default=None,
               help="Divide the model's total conv MACs by R, ranks allocated across layers.")
 @click.option("--mismatch-budget", type=float, default=None, metavar="P",
@@ -55,9 +55,9 @@ from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_AUTO_ERROR_BUDGET,
 @click.option("--force", is_flag=True, help="Rewrite eligible convs even where GDWS is not cheaper.")
 @click.option("--conv", type=click.Choice(list(CONV_REWRITES)), default=None,
               help="The Conv rewrite. auto (the default under --target latency): per conv, the fastest "
-                   "measurably faster form of every family (GDWS, spatial SVD) at ranks within the error "
-                   "budget, which is then the mean relative weight error over the eligible convs (default "
-                   f"{DEFAULT_AUTO_ERROR_BUDGET}); gdws (the default under --target macs, or with a GDWS-only option); "
+                   "measurably faster form of every family (GDWS, spatial SVD, Tucker-2) within the per-layer "
+                   f"error budget (default {DEFAULT_AUTO_ERROR_BUDGET}); gdws (the default under --target macs, or "
+                   "with a GDWS-only option); "
                    "ssvd, spatial SVD (k x 1 then 1 x k convs; under --target macs at --mac-reduction, or per "
                    f"layer at --error-budget, default {DEFAULT_ERROR_BUDGET}; under --target latency as auto "
                    "restricted to spatial SVD); off leaves every conv alone (with --fc: FC layers only).")

@@ -151,6 +151,8 @@ class ValidationReport:
     warnings: list[str]
     versions: dict
     timings: dict[str, float]
+    # robust correctness from original to optimized: lost, gained, change and its approximate 95 % interval
+    robust_change: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -303,6 +305,26 @@ def validate(original: onnx.ModelProto | str, optimized: onnx.ModelProto | str,
     opts.check()
     check_attack_requirements(opts.attacks, opts.gradient)
     t0 = time.perf_counter()
+    x, y, data_name, indices = load_samples(opts, x, y)
+    load_s = time.perf_counter() - t0
+    warnings: list[str] = []
+    m_a, p_a = _as_model(original)
+    m_b, p_b = _as_model(optimized)
+    pair = bool(activation_quantizers(m_a) or activation_quantizers(m_b))
+    res_a, logits_a = evaluate_model(m_a, p_a, x, y, opts, warnings, "original", progress, pair)
+    res_b, logits_b = evaluate_model(m_b, p_b, x, y, opts, warnings, "optimized", progress, pair)
+    data = {"spec": data_name, "n": int(len(x)), "indices": [int(i) for i in indices],
+            "shape": list(x.shape[1:]), "batch_size": opts.batch_size}
+    report = paired_report(res_a, res_b, y, logits_a, logits_b, opts, data, warnings, pair)
+    report.timings = {"load_data": load_s, "total": time.perf_counter() - start}
+    return report
+
+
+def load_samples(opts: ValidateOptions, x: np.ndarray | None = None, y: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+    """(x, y, data name, indices) as `validate` uses them: `opts.data`'s first `opts.n` samples, or
+    the first `opts.n` of the arrays `x`, `y`; x float32 in [0, 1], y int64. OptionError naming
+    `data` for a data set that cannot be loaded; GDWSError without labels or outside [0, 1]."""
     if x is None:
         try:
             ds = load_dataset(opts.data, n=opts.n)
@@ -319,21 +341,36 @@ def validate(original: onnx.ModelProto | str, optimized: onnx.ModelProto | str,
     if x.size and (x.min() < 0 or x.max() > 1):
         raise GDWSError("inputs must lie in [0, 1] (normalisation belongs inside the model) so that eps "
                         "is in pixel space")
-    load_s = time.perf_counter() - t0
-    warnings: list[str] = []
-    m_a, p_a = _as_model(original)
-    m_b, p_b = _as_model(optimized)
-    pair = bool(activation_quantizers(m_a) or activation_quantizers(m_b))
-    res_a, logits_a = evaluate_model(m_a, p_a, x, y, opts, warnings, "original", progress, pair)
-    res_b, logits_b = evaluate_model(m_b, p_b, x, y, opts, warnings, "optimized", progress, pair)
+    return x, y, data_name, indices
+
+
+def paired_change(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """Paired change from a to b of per-sample correctness: samples `lost` (right under a, wrong
+    under b) and `gained`, b's accuracy minus a's (`change`) and its approximate 95 % interval
+    (`low`, `high`: normal approximation of the paired difference)."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    n, lost, gained = len(a), int((a & ~b).sum()), int((~a & b).sum())
+    change = (gained - lost) / n if n else 0.0
+    se = np.sqrt(max(lost + gained - (gained - lost) ** 2 / n, 0.0)) / n if n else 0.0
+    return {"lost": lost, "gained": gained, "change": change, "low": change - 1.96 * se,
+            "high": change + 1.96 * se}
+
+
+def paired_report(res_a: ModelResult, res_b: ModelResult, y: np.ndarray, logits_a: np.ndarray,
+                  logits_b: np.ndarray, opts: ValidateOptions, data: dict, warnings: list[str],
+                  quantized_pair: bool = False) -> ValidationReport:
+    """The paired comparison of two models' results on the same samples (labels `y`, clean logits):
+    agreement, drops, McNemar on clean and robust correctness, lost / gained, output error, and the
+    drop gates of `opts`. `validate` and the comparison of two result files both end here."""
     ca = np.asarray(res_a.predictions) == y
     cb = np.asarray(res_b.predictions) == y
     agree = proportion(np.asarray(res_a.predictions) == np.asarray(res_b.predictions))
     clean_drop = 100.0 * (res_a.clean_accuracy - res_b.clean_accuracy)
-    robust_drop, robust_test = None, None
+    robust_drop, robust_test, robust_change = None, None, None
     if res_a.robust_accuracy is not None and res_b.robust_accuracy is not None:
         robust_drop = 100.0 * (res_a.robust_accuracy - res_b.robust_accuracy)
         robust_test = mcnemar_exact(res_a.robust_correct, res_b.robust_correct).to_dict()
+        robust_change = paired_change(res_a.robust_correct, res_b.robust_correct)
         if robust_drop < 0 and robust_test["p_value"] < 0.05:
             warnings.append("the optimized model looks significantly MORE robust than the original: "
                             "a red flag for gradient masking, not a win")
@@ -346,18 +383,15 @@ def validate(original: onnx.ModelProto | str, optimized: onnx.ModelProto | str,
     attacks = []
     for name in opts.attacks:
         attacks.append(opts.settings(name).to_dict())
-    if pair and any(a in WHITE_BOX for a in opts.attacks) and "square" not in opts.attacks:
+    if quantized_pair and any(a in WHITE_BOX for a in opts.attacks) and "square" not in opts.attacks:
         attacks.append(dict(opts.settings("square").to_dict(),
                             added="QDQ model: white-box gradients are straight-through (BPDA)"))
     return ValidationReport(
         original=res_a, optimized=res_b, agreement=agree.value, agreement_interval=[agree.low, agree.high],
         clean_drop_pp=clean_drop, robust_drop_pp=robust_drop,
         clean_difference_test=mcnemar_exact(ca, cb).to_dict(), robust_difference_test=robust_test,
-        output_error=error_stats(logits_a, logits_b).to_dict(), attacks=attacks,
-        data={"spec": data_name, "n": int(len(x)), "indices": [int(i) for i in indices],
-              "shape": list(x.shape[1:]), "batch_size": opts.batch_size},
+        output_error=error_stats(logits_a, logits_b).to_dict(), attacks=attacks, data=data,
         gates={"max_drop_clean_pp": opts.max_drop_clean, "max_drop_robust_pp": opts.max_drop_robust,
                "passed": not failures, "failures": failures},
-        warnings=warnings, versions=versions(),
-        timings={"load_data": load_s, "total": time.perf_counter() - start},
+        warnings=warnings, versions=versions(), timings={}, robust_change=robust_change,
     )
