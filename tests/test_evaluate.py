@@ -222,10 +222,11 @@ def ray_local():
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         pytest.skip("a Ray instance is already connected in this process")
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
 
 
 def test_ray_run_equals_the_single_process_run(setup, ray_local, tmp_path):
@@ -284,3 +285,12 @@ def test_ray_reports_a_shard_that_keeps_failing_with_its_shard(setup, ray_local)
     with pytest.raises(GDWSError, match=r"shard 1 \(samples 10-19\): ValueError: always"):
         evaluate(setup["model"], _opts(setup["data"]), shard_size=SHARD,
                  runner=RayRunner(threads=1, max_retries=1, shard_fn=broken))
+
+
+def test_cli_validate_of_two_models_on_ray(runner, setup, ray_local, tmp_path):
+    r = runner.invoke(main, ["validate", setup["model"], setup["model"], "--data", setup["data"], "--eps", "0.05",
+                             "--steps", "3", "--shard-size", str(SHARD), "--ray", "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["optimized"]["robust_correct"] == setup["reference"].result.robust_correct
+    assert rep["robust_change"]["lost"] == rep["robust_change"]["gained"] == 0

@@ -70,9 +70,9 @@ def test_inspect_cli_prints_both_cuts(tmp_path):
     path = _saved(tmp_path, w)
     r = CliRunner().invoke(main, ["inspect", path, "--error", "0.01"])
     assert r.exit_code == 0, r.output
-    assert "spatial SVD cut" in r.output and "at weight error 0.01 in every conv" in r.output
+    assert "spatial SVD cut" in r.output and "Tucker-2 cut" in r.output and "at weight error 0.01 in every conv" in r.output
     (info,) = json.loads(CliRunner().invoke(main, ["inspect", path, "--json"]).output)
-    assert set(info["cut_at_error"]) == {"error", "gdws", "spatial_svd"} and info["cut_at_error"]["error"] == 0.05
+    assert set(info["cut_at_error"]) == {"error", "gdws", "spatial_svd", "tucker"} and info["cut_at_error"]["error"] == 0.05
     bad = CliRunner().invoke(main, ["inspect", path, "--error", "2"])
     assert bad.exit_code == 2 and bad.output.startswith("error: --error must be in [0, 1)")
 
@@ -90,3 +90,19 @@ def test_gdws_cut_is_what_optimize_reaches_at_that_error_budget(tmp_path):
         _, report = optimize(path, error_budget=eps, skip_first=False, verify=False)
         assert model_cut(infos, "gdws") == pytest.approx(report.mac_reduction, rel=1e-9), eps
     assert report.mac_reduction > 1.2  # at 0.2 the random weights do give GDWS room
+
+
+def test_tucker_cut_is_what_the_auto_family_builds_at_that_error():
+    """inspect's Tucker-2 column and `optimize --conv auto`'s Tucker-2 form at the same error agree."""
+    from builders import small_cnn
+
+    from gdws_onnx.graph.convs import find_convs
+    from gdws_onnx.pipeline.families import Tucker2Family, dense_macs
+    from gdws_onnx.pipeline.inspection import tucker_cut
+
+    for site in find_convs(small_cnn(seed=3, channels=(16, 32, 32))):
+        for eps in (0.05, 0.3):
+            forms = Tucker2Family().forms(site, [eps])
+            cut = tucker_cut(site, eps)
+            assert cut == (pytest.approx(dense_macs(site) / forms[0].macs) if forms else 1.0)
+            assert not forms or forms[0].error <= eps + 1e-9

@@ -15,8 +15,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "optimize": ("gdws_onnx.cli.optimize", "optimize_cmd",
                  "Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."),
     "inspect": ("gdws_onnx.cli.inspect", "inspect_cmd",
-                "Per-conv shapes, MACs, eligibility, per-channel spectrum summary, and how far GDWS and "
-                "spatial SVD can cut each conv's MACs at the same weight error."),
+                "Per-conv shapes, MACs, eligibility, per-channel spectrum summary, and how far GDWS, spatial "
+                "SVD and Tucker-2 can cut each conv's MACs at the same weight error."),
     "validate": ("gdws_onnx.cli.validate", "validate_cmd",
                  "Clean and adversarially robust accuracy of ORIGINAL vs OPTIMIZED on the same samples."),
     "evaluate": ("gdws_onnx.cli.evaluate", "evaluate_cmd",

@@ -1,11 +1,15 @@
 """`inspect`: per-conv shapes, MACs, eligibility, how much weight energy low ranks keep, and how
-far each factorization can cut a conv's MACs at a given weight error (GDWS beside spatial SVD)."""
+far each factorization family can cut a conv's MACs at a given weight error (GDWS, spatial SVD,
+Tucker-2: the families `optimize --conv auto` times)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from gdws_onnx.core import allocate, decompose
+from gdws_onnx.core import tucker
 from gdws_onnx.errors import OptionError
 from gdws_onnx.graph.convs import ConvSite, find_convs
 from gdws_onnx.graph.model_io import load_model
@@ -18,6 +22,7 @@ from gdws_onnx.peers import (
     spatial_singular_values,
     ssvd_macs_per_rank,
 )
+from gdws_onnx.graph.tucker import tucker_skip_reason
 from gdws_onnx.pipeline.candidates import skip_reason
 from gdws_onnx.pipeline.options import SelectionOptions
 from gdws_onnx.runtime.session import probe_shapes
@@ -47,7 +52,7 @@ class ConvInfo:
     energy_kept: dict[str, float]  # "top1" -> fraction of ||W||_F^2 kept by the top-1 per channel
     # each method's conv MACs before / after at relative weight error `error` (||W - W'||^2 / ||W||^2),
     # 1.0 where it would not be cheaper (it leaves the conv dense), None where it does not apply:
-    # {"error": 0.05, "gdws": 1.17, "spatial_svd": 5.15}
+    # {"error": 0.05, "gdws": 1.17, "spatial_svd": 5.15, "tucker": 5.45}
     cut_at_error: dict[str, float | None]
 
 
@@ -68,6 +73,19 @@ def spatial_svd_cut(site: ConvSite, error: float) -> float | None:
     return max(1.0, dense_conv_macs(shape, geo) / (rank * ssvd_macs_per_rank(shape, geo)))
 
 
+def tucker_cut(site: ConvSite, error: float) -> float | None:
+    """Conv MACs before / after Tucker-2 at the cheapest rank pair whose relative weight error is
+    <= error, >= 1; None where Tucker-2 does not apply (`graph.tucker.tucker_skip_reason`) or the
+    output size is unknown."""
+    if tucker_skip_reason(site) is not None or site.pixels is None:
+        return None
+    spec = tucker.tucker_spectrum(site.weight)
+    in_pixels = int(np.prod(site.in_spatial, dtype=np.int64))
+    r1, r2 = tucker.ranks_at_error(spec, error, in_pixels, site.pixels)
+    return max(1.0, site.pixels * site.macs_per_pixel / tucker.tucker_macs(spec.weight_shape, r1, r2, in_pixels,
+                                                                          site.pixels))
+
+
 def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None,
                   error: float = CUT_ERROR) -> list[ConvInfo]:
     """Describe every Conv of the model at `path` (eligibility as `optimize` defaults judge it;
@@ -84,7 +102,8 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None,
         reason = skip_reason(s, i == 0, selection)
         if s.weight is None:
             infos.append(ConvInfo(s.name, [], 0, 0, s.group, [], [], None, None, 0, s.weight_source,
-                                  False, reason, 0, {}, {"error": error, "gdws": None, "spatial_svd": None}))
+                                  False, reason, 0, {}, {"error": error, "gdws": None, "spatial_svd": None,
+                                                                     "tucker": None}))
             continue
         spec = decompose.spectrum(s.weight, s.group)
         infos.append(ConvInfo(
@@ -93,7 +112,8 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None,
             macs=None if s.pixels is None else s.pixels * s.macs_per_pixel, params=s.params,
             weight_source=s.weight_source, eligible=not reason, reason=reason, max_rank=spec.max_rank,
             energy_kept={f"top{r}": decompose.energy_kept(spec, r) for r in TOP_RANKS},
-            cut_at_error={"error": error, "gdws": gdws_cut(spec, error), "spatial_svd": spatial_svd_cut(s, error)}))
+            cut_at_error={"error": error, "gdws": gdws_cut(spec, error), "spatial_svd": spatial_svd_cut(s, error),
+                          "tucker": tucker_cut(s, error)}))
     return infos
 
 
