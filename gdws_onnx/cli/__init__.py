@@ -13,7 +13,8 @@ from gdws_onnx import __version__
 # tests/test_startup.py checks these against the commands' own docstrings)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "optimize": ("gdws_onnx.cli.optimize", "optimize_cmd",
-                 "Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."),
+                 "Replace eligible Conv nodes of MODEL by factorized forms (GDWS, spatial SVD, Tucker-2) and "
+                 "write the result to -o."),
     "inspect": ("gdws_onnx.cli.inspect", "inspect_cmd",
                 "Per-conv shapes, MACs, eligibility, per-channel spectrum summary, and how far GDWS, spatial "
                 "SVD and Tucker-2 can cut each conv's MACs at the same weight error."),

@@ -15,6 +15,9 @@ from gdws_onnx.pipeline.optimize import OptimizeOptions, optimize_loaded
 from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_AUTO_ERROR_BUDGET, DEFAULT_ERROR_BUDGET
 
 
+PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken this long
+
+
 @click.command("optimize")
 @handle_errors
 @click.argument("model")
@@ -24,7 +27,8 @@ from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_AUTO_ERROR_BUDGET,
                    f"{DEFAULT_AUTO_ERROR_BUDGET} with --conv auto, measured safe on every robust zoo model; "
                    f"{DEFAULT_ERROR_BUDGET} otherwise); with --fc also each FC weight's.")
 @click.option("--mac-reduction", type=float, default=None,
-              help="Divide the model's total conv MACs by R, ranks allocated across layers.")
+              help="Divide the model's total conv MACs by R, ranks allocated across layers (--target macs; "
+                   "with --fc, each FC layer's MACs by R too).")
 @click.option("--mismatch-budget", type=float, default=None, metavar="P",
               help="0 < P < 1: fewest MACs with the predicted top-1 mismatch sum alpha * e <= P "
                    "(one greedy over all layers; needs --alphas from `onnx-gdws sensitivity`). With --target "
@@ -44,7 +48,8 @@ from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_AUTO_ERROR_BUDGET,
 @args.MAX_ROUNDS()
 @args.MEASURE_SECONDS()
 @click.option("--cache", "cache", default=None,
-              help="Latency-table cache file (default ~/.cache/onnx-gdws/latency.json; '' disables).")
+              help="Latency-table cache file (default $XDG_CACHE_HOME/onnx-gdws/latency.json, "
+                   "$XDG_CACHE_HOME being ~/.cache when unset; '' disables).")
 @click.option("--latency-table", default=None, metavar="TABLE",
               help="With --target latency: layer latencies from `onnx-gdws profile` run on the device, nothing "
                    "timed here (the whole-model check is skipped: run `onnx-gdws bench` there).")
@@ -72,8 +77,10 @@ from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_AUTO_ERROR_BUDGET,
                    "for INT8 alone. Reports which convs ORT runs as int8 kernels (QLinearConv).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare original and optimized outputs in ONNX Runtime.")
-@args.DATA_SPEC(default=None, help="Verification inputs: .npz with 'x' (or arrays named after inputs), or a data "
-                                  "set (fashion-mnist[:test|train], an image folder; first 256 samples).")
+@args.DATA_SPEC(default=None, help="Inputs from real data: .npz with 'x' (or arrays named after inputs), or a data "
+                                  "set (fashion-mnist[:test|train], an image folder). The verification runs on its "
+                                  "first 256 samples (random inputs without it); --quantize, --bias-correction and "
+                                  "--data-aware need it for calibration.")
 @click.option("--bias-correction", is_flag=True,
               help="Shift each rewritten conv's bias by its mean output error on --data (first 1000 samples of "
                    "a data set spec, or the whole .npz), layer by layer on the rewritten model's own activations.")
@@ -93,13 +100,27 @@ from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_AUTO_ERROR_BUDGET,
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def optimize_cmd(model, output, timing: args.TimingArgs, input_shapes, report_path, overwrite_input, quiet,
                  **options) -> None:
-    """Replace eligible Conv nodes of MODEL by GDWS subgraphs and write the result to -o."""
+    """Replace eligible Conv nodes of MODEL by factorized forms (GDWS, spatial SVD, Tucker-2) and write the result to -o."""
     start = time.perf_counter()
     opts = OptimizeOptions(**options, input_shapes=input_shapes, ep=timing.ep, batches=timing.batches,
                            threads=timing.threads, runs=timing.runs)
     opts.validate()
     check_output_path(output, model, overwrite_input)
-    with stderr_console().status("optimizing..."):
+    err = stderr_console()
+    with err.status("optimizing...") as status:
+        start_step = time.perf_counter()
+
+        def progress(step: str) -> None:
+            """On a terminal, the spinner names the step; piped, a line per step once the run has
+            taken PROGRESS_AFTER_S (a quick run, or a refusal, prints nothing but its result)."""
+            elapsed = time.perf_counter() - start_step
+            line = f"optimizing: {step} ({elapsed:.0f} s)"
+            if err.is_terminal:
+                status.update(line)
+            elif not quiet and elapsed >= PROGRESS_AFTER_S:
+                err.print(line)
+
+        opts.run.progress = progress
         t0 = time.perf_counter()
         loaded = load_model(model)
         load_time = time.perf_counter() - t0

@@ -185,13 +185,17 @@ def plan_auto(model: onnx.ModelProto, sites: list[ConvSite], fams: dict[str, Fam
     timers = Timers.create(timing, run, model, quantize)
     errors = ladder(eps)
     choices = {}
-    for site in sites:
+    for i, site in enumerate(sites, 1):
         c = Choice(site)
         forms = candidate_forms(site, fams, errors, c)
+        if run.progress is not None:
+            run.progress(f"timing conv {i}/{len(sites)} {site.name}: {len(forms)} forms")
         c.measured = time_forms(site, forms, fams, timers)
         choices[site.name] = c
     timers.cache.save()
     allocate_forms(list(choices.values()), eps)
+    if run.progress is not None:
+        run.progress("whole-model check (never slower)")
     picked = sorted([c for c in choices.values() if c.picked],
                     key=lambda c: -ratio_of(c.picked.worst).bounds()[1])  # worst layer ratio first
     check = never_slower(model, lambda names: realize(model, {n: choices[n] for n in names}, fams),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -186,13 +186,17 @@ def spectra(model: onnx.ModelProto, sites: list[ConvSite], calibration: Calibrat
 
 
 class Stopwatch:
-    """Wall time of named steps: `with clock("rewrite"): ...` sets timings["rewrite"]."""
+    """Wall time of named steps: `with clock("rewrite"): ...` sets timings["rewrite"]; `progress`,
+    when given, is told each step as it starts."""
 
-    def __init__(self):
+    def __init__(self, progress: Callable[[str], None] | None = None):
         self.timings: dict[str, float] = {}
+        self.progress = progress
 
     @contextmanager
     def __call__(self, step: str) -> Iterator[None]:
+        if self.progress is not None:
+            self.progress(step)
         t0 = time.perf_counter()
         yield
         self.timings[step] = time.perf_counter() - t0
@@ -223,7 +227,7 @@ def optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.Mo
 
 
 def _optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.ModelProto, OptimizeReport]:
-    clock, model = Stopwatch(), loaded.model
+    clock, model = Stopwatch(opts.run.progress), loaded.model
     with clock("analyze"):
         analysis = analyze(loaded, opts.run, opts.budget)
     quantizing = opts.calibration.quantize != "off"

@@ -184,6 +184,7 @@ class RunOptions:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     seed: int = 0  # of random inputs
     threads: int | None = None
+    progress: Callable[[str], None] | None = None  # told, in a line, each long step as it starts
 
 
 GROUPS: dict[str, type] = {  # OptimizeOptions attribute -> its group's class
