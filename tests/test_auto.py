@@ -175,3 +175,11 @@ def test_refusals_name_the_conflict(options, names):
     with pytest.raises(OptionError) as e:
         optimize(small_cnn(), verify=False, **options)
     assert all(n in e.value.params for n in names), (e.value.params, names)
+
+
+def test_auto_composes_with_the_fc_rewrite():
+    """conv="auto" then the FC pass under target="latency": each timed by its own planner."""
+    model = small_cnn(channels=(16, 32, 32, 32), size=8)
+    out, report = _auto(model, {f: 0.3 for f in FAMILIES}, fc="lowrank", error_budget=0.2)
+    assert report.rewritten and report.fc is not None and report.fc.latency is not None
+    assert _families_used(out)

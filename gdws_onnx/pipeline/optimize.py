@@ -411,14 +411,14 @@ def rewrite_fc_layers(model: onnx.ModelProto, base_dir: str, opts: OptimizeOptio
     `force` there too lifts both the MAC check and MIN_WEIGHT)."""
     if opts.selection.fc == "off":
         return None
+    from gdws_onnx.graph.fc import MIN_WEIGHT, rewrite_fc
+
     if opts.budget.target == "latency":
         from gdws_onnx.pipeline.fc_latency import rewrite_fc_by_latency
 
         report, lat = rewrite_fc_by_latency(model, base_dir, opts.selection, opts.budget, opts.timing, opts.run,
                                             min_weight=0 if opts.budget.force else MIN_WEIGHT)
         return FCSummary(opts.selection.fc, report.layers, report.skipped, lat.to_dict())
-    from gdws_onnx.graph.fc import MIN_WEIGHT, rewrite_fc
-
     result = rewrite_fc(model, opts.selection.fc, opts.budget.error_budget, opts.budget.mac_reduction,
                         min_weight=0 if opts.budget.force else MIN_WEIGHT, only_if_cheaper=not opts.budget.force,
                         base_dir=base_dir, input_shapes=opts.run.input_shapes,
