@@ -13,6 +13,8 @@ one 'error:' line and exit code 2.
     INPUT_SHAPES --input-shape (repeatable)       -> {name: dims}  optimize, bench, inspect
     ATTACKS     --attack (repeatable)             -> attack names  validate, sweep, evaluate
     BATCH_SIZE RESTARTS RANDOM_START QUERIES (one option each)         validate, evaluate
+    robust_eval_options(n_help): DATA, BATCH_SIZE, ATTACKS, ATTACK, STEP_SIZE, RESTARTS,
+                RANDOM_START, QUERIES, --gradient: what attacks a model     validate, evaluate
     SHARDS      --shard-size --ray [ADDRESS] --workers -> ShardArgs    evaluate, validate
 """
 
@@ -167,3 +169,30 @@ DATA = Group("data", lambda data, n: DataArgs(data, n), DATA_SPEC, N)
 INPUT_SHAPES = Group("input_shapes", lambda input_shapes: parse_input_shapes(list(input_shapes)), INPUT_SHAPE)
 SHARDS = Group("shards", ShardArgs, SHARD_SIZE, RAY, WORKERS)
 ATTACKS = Group("attacks", lambda attacks: tuple(a for a in (attacks or ("pgd",)) if a != "none"), ATTACK_NAMES)
+
+
+def robust_eval_options(n_help: str) -> Callable:
+    """The options of attacking a model, shared by `validate` and `evaluate` (declared once):
+    data and --n (`n_help`), batch size, attacks and their settings, the gradient source."""
+    from gdws_onnx.eval.attacks import ATTACKS as ATTACK_CHOICES  # the CLI's own lazy import of the attack list
+    from gdws_onnx.eval.validation import GRADIENT_CHOICES
+
+    stack = [
+        DATA(data={"default": "fashion-mnist:test", "show_default": True,
+                   "help": "fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and y, or an image folder."},
+             n={"default": None, "help": n_help}),
+        BATCH_SIZE(),
+        ATTACKS(attacks={"type": click.Choice(ATTACK_CHOICES + ("none",)),
+                         "help": "Attack(s) to run (repeatable; default pgd). Robust accuracy is the per-sample "
+                                 "worst case."}),
+        ATTACK(), STEP_SIZE(), RESTARTS(), RANDOM_START(), QUERIES(),
+        click.option("--gradient", type=click.Choice(GRADIENT_CHOICES), default="auto", show_default=True,
+                     help="Gradient source for white-box attacks."),
+    ]
+
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(stack):  # applied bottom-up, so they list in this order
+            fn = option(fn)
+        return fn
+
+    return decorate

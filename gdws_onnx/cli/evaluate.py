@@ -9,8 +9,7 @@ import click
 from gdws_onnx.cli import args
 from gdws_onnx.cli.common import handle_errors, progress_reporter, stdout_console
 from gdws_onnx.errors import OptionError
-from gdws_onnx.eval.attacks import ATTACKS
-from gdws_onnx.eval.validation import GRADIENT_CHOICES, ValidateOptions
+from gdws_onnx.eval.validation import ValidateOptions
 
 
 def runner_of(shards: args.ShardArgs, threads: int | None):
@@ -44,20 +43,7 @@ def percent(v: float | None, interval: list[float] | None = None) -> str:
 @handle_errors
 @click.argument("model")
 @click.option("-o", "--output", required=True, help="The result JSON (what `validate` compares).")
-@args.DATA(data={"default": "fashion-mnist:test", "show_default": True,
-                 "help": "fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and y, or an image folder."},
-           n={"default": None, "help": "Use the first N samples."})
-@args.BATCH_SIZE()
-@args.ATTACKS(attacks={"type": click.Choice(ATTACKS + ("none",)),
-                       "help": "Attack(s) to run (repeatable; default pgd). Robust accuracy is the per-sample worst "
-                               "case."})
-@args.ATTACK()
-@args.STEP_SIZE()
-@args.RESTARTS()
-@args.RANDOM_START()
-@args.QUERIES()
-@click.option("--gradient", type=click.Choice(GRADIENT_CHOICES), default="auto", show_default=True,
-              help="Gradient source for white-box attacks.")
+@args.robust_eval_options(n_help="Use the first N samples.")
 @args.THREADS(help="Intra-op threads of ONNX Runtime and the gradient source, per worker (default: theirs; "
                    "with --ray: 1).")
 @args.SHARDS()

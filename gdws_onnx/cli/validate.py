@@ -10,8 +10,7 @@ from gdws_onnx.cli import args
 from gdws_onnx.cli.common import handle_errors, progress_reporter, stdout_console, write_text_atomic
 from gdws_onnx.cli.evaluate import runner_of
 from gdws_onnx.errors import GateFailed, GDWSError
-from gdws_onnx.eval.attacks import ATTACKS
-from gdws_onnx.eval.validation import GRADIENT_CHOICES, ValidateOptions, ValidationReport, validate
+from gdws_onnx.eval.validation import ValidateOptions, ValidationReport, validate
 
 
 def _pct(v, interval=None) -> str:
@@ -26,20 +25,7 @@ def _pct(v, interval=None) -> str:
 @click.argument("original")
 @click.argument("optimized")
 @click.argument("more", nargs=-1)
-@args.DATA(data={"default": "fashion-mnist:test", "show_default": True,
-                 "help": "fashion-mnist[:test|train], a .npz with x (N,C,H,W in [0,1]) and y, or an image folder."},
-           n={"default": None, "help": "Use the first N samples (same for both models)."})
-@args.BATCH_SIZE()
-@args.ATTACKS(attacks={"type": click.Choice(ATTACKS + ("none",)),
-                       "help": "Attack(s) to run (repeatable; default pgd). Robust accuracy is the per-sample worst "
-                               "case."})
-@args.ATTACK()
-@args.STEP_SIZE()
-@args.RESTARTS()
-@args.RANDOM_START()
-@args.QUERIES()
-@click.option("--gradient", type=click.Choice(GRADIENT_CHOICES), default="auto", show_default=True,
-              help="Gradient source for white-box attacks.")
+@args.robust_eval_options(n_help="Use the first N samples (same for both models).")
 @click.option("--max-drop-clean", type=float, default=None, metavar="PP",
               help="Gate: exit 1 if clean accuracy drops by more than PP percentage points.")
 @click.option("--max-drop-robust", type=float, default=None, metavar="PP",
