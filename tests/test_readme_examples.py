@@ -1,9 +1,12 @@
-"""The README's example outputs are what the commands print (tools/readme_examples.py).
+"""The example outputs of README.md and docs/*.md are what the commands print
+(tools/readme_examples.py); the README leads in at most 300 lines; the links between these files
+resolve.
 
 The fast deterministic blocks are run and compared exactly here; the timed and the slow ones
 are checked with `python tools/readme_examples.py --check` on a quiet machine.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -52,6 +55,24 @@ def test_blocks_are_parsed_with_their_kind_and_commands():
     assert readme_examples.needed([timing, slow, bench], [slow]) == [slow]
 
 
+def test_blocks_of_several_files_are_told_apart_and_run_in_file_order(tmp_path):
+    """Blocks at the same line of two files are different blocks; a block reads what a block of an
+    earlier file wrote."""
+    first, second = tmp_path / "a.md", tmp_path / "b.md"
+    first.write_text("```\n$ onnx-gdws optimize m.onnx -o w.onnx\n```\n")
+    second.write_text("```\n$ onnx-gdws bench m.onnx w.onnx\n```\n")
+    writer, reader = readme_examples.parse_files([first, second])
+    assert writer.start == reader.start and writer.key != reader.key
+    assert readme_examples.needed([writer, reader], [reader]) == [writer, reader]
+    assert readme_examples.needed([writer, reader], [writer]) == [writer]
+
+
+def test_the_documentation_files_are_the_readme_then_docs():
+    paths = readme_examples.files()
+    assert paths[0] == readme_examples.README
+    assert {p.name for p in paths[1:]} >= {"cli.md", "results.md", "methods.md", "auto.md", "python.md"}
+
+
 def test_timed_output_is_compared_by_its_skeleton():
     timing, slow, _ = readme_examples.parse(SAMPLE)
     shown = timing.commands[0].output
@@ -69,13 +90,66 @@ def test_write_replaces_only_the_outputs_of_the_blocks_given():
     assert new.replace("acc 90.00%", "acc 88.20%") == SAMPLE
 
 
-def test_the_fast_exact_readme_examples_are_current():
-    every = readme_examples.parse(readme_examples.README.read_text())
+def test_the_fast_exact_examples_are_current():
+    every = readme_examples.parse_files(readme_examples.files())
     chosen = readme_examples.select(every, "exact", fast=True)
-    assert chosen, "the README has no fast exact example left to check"
+    assert chosen, "README.md and docs/*.md have no fast exact example left to check"
     problems = readme_examples.check(every, chosen)
-    assert not problems, ("README example output is out of date; regenerate it with "
+    assert not problems, ("example output is out of date; regenerate it with "
                           "`python tools/readme_examples.py --write`:\n" + "\n\n".join(problems))
+
+
+def test_the_readme_leads_in_at_most_300_lines():
+    assert readme_examples.README_MAX_LINES == 300
+    assert readme_examples.readme_length_problem() is None, readme_examples.readme_length_problem()
+    assert readme_examples.readme_length_problem(limit=10)  # and it would say so
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation other than - and _ dropped, spaces
+    to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    in_fence = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and (m := re.match(r"#{1,6} (.+)", line)):
+            a = _anchor(m.group(1))
+            n = seen.get(a, 0)
+            seen[a] = n + 1
+            out.add(a if n == 0 else f"{a}-{n}")
+    return out
+
+
+def test_the_anchor_rule_is_githubs():
+    assert _anchor("Paper width: the decisive table (`models/vgg16_fmnist_fgsm.onnx`)") == \
+        "paper-width-the-decisive-table-modelsvgg16_fmnist_fgsmonnx"
+    assert _anchor("`--target latency` on onnx's light zoo (never slower)") == \
+        "--target-latency-on-onnxs-light-zoo-never-slower"
+
+
+def test_the_links_of_the_readme_and_docs_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists and, with a
+    #fragment into a markdown file, a heading of that file."""
+    broken = []
+    for path in readme_examples.files():
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)  # not inside code blocks
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http:, mailto:
+            file, _, fragment = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such file)")
+            elif fragment and dest.suffix == ".md" and fragment not in _anchors(dest):
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
 
 
 def test_the_readme_first_command_runs_on_the_shipped_model(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ For each model: GDWS by MACs (default error budget 0.1), GDWS by latency measure
 256 Fashion-MNIST training images); all timed interleaved against the original on --ep at each
 batch (ratio = model / original, median [p10-p90] of per-round ratios). With --compare-ep, the
 latency target also runs on that EP and the layers whose chosen realization differs are listed.
-Needs an ONNX Runtime with the EP (README, "Execution providers"): for OpenVINO
+Needs an ONNX Runtime with the EP (docs/cli.md, "Execution providers"): for OpenVINO
 
     python -m venv /tmp/venv_ov && /tmp/venv_ov/bin/pip install . && /tmp/venv_ov/bin/pip uninstall -y onnxruntime \
         && /tmp/venv_ov/bin/pip install onnxruntime-openvino==1.24.1

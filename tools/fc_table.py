@@ -1,4 +1,4 @@
-"""The README's FC table: a model's Gemm/MatMul layers rewritten as Kronecker sums and as plain low
+"""docs/results.md's FC table: a model's Gemm/MatMul layers rewritten as Kronecker sums and as plain low
 rank (convs untouched) at a few budgets, measured end to end.
 
 It runs `onnx-gdws sweep` with only the FC peers (`--budget none --peer fc-kronecker --peer

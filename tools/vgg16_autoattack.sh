@@ -8,7 +8,7 @@
 # free core (RAY=ADDRESS: on that cluster; `pip install "onnx-gdws[ray]"`).
 #   sh tools/vgg16_autoattack.sh [N_TOTAL=500] [OUT=out/vgg16/aa]
 # AA_MODELS="original gdws" limits a run to those models (default: all three).
-# then the README's table (McNemar on the same images, lost / gained against the original):
+# then docs/results.md's table (McNemar on the same images, lost / gained against the original):
 #   onnx-gdws validate OUT/original.json OUT/gdws.json OUT/ssvd8.json --markdown
 set -e
 TOTAL=${1:-500}

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The decisive table of the paper-width robust VGG-16 (README, "Paper width"): GDWS plain, with
+# The decisive table of the paper-width robust VGG-16 (docs/results.md, "Paper width"): GDWS plain, with
 # forward alphas (allocated across the network; also under --target latency, which keeps a
 # layer only where its measured realization is faster) and data-aware + forward alphas,
 # latency-targeted GDWS, spatial SVD, pruning, INT8 and GDWS + INT8, each attacked white-box (PGD-20, eps 0.1) and

@@ -1,4 +1,4 @@
-"""The README's results table: GDWS at several budgets on a zoo model, measured end to end.
+"""docs/results.md's zoo table: GDWS at several budgets on a zoo model, measured end to end.
 
 For each budget: optimize (API), validate against the original on the same first --n test
 samples (clean + white-box PGD-20 on each model, scored in ONNX Runtime), and time optimized vs

@@ -12,7 +12,7 @@ whitening. Cross-channel terms of the output error are ignored.
 
 Why a blend: on the zoo VGG, pure whitening (lam = 1, clean calibration images) lost robust
 accuracy against weight-space SVD at equal MACs, as clean-data whitening discards the
-low-variance directions attacks use; lam = 0.5 beat it at MACs / 1.5, 2 and 3; at / 4 both collapse (README,
+low-variance directions attacks use; lam = 0.5 beat it at MACs / 1.5, 2 and 3; at / 4 both collapse (docs/results.md,
 "Accuracy-aware allocation"; tools/data_aware_variants.py compares the blends).
 """
 

@@ -1,5 +1,5 @@
 """`onnx-gdws validate ORIGINAL OPTIMIZED --data fashion-mnist:test --attack pgd --eps 0.1`, of two
-models or of two `evaluate` results (`validate a.json b.json c.json --markdown`: the README's table)."""
+models or of two `evaluate` results (`validate a.json b.json c.json --markdown`: docs/results.md's AutoAttack table)."""
 
 from __future__ import annotations
 

@@ -190,7 +190,7 @@ def compare_results(a: EvaluationResult, b: EvaluationResult, max_drop_clean: fl
 def markdown_table(named: list[tuple[str, EvaluationResult]]) -> str:
     """A markdown table of several results on the same samples, the first the reference: clean %,
     robust % [95 % CI], the change from the reference in points (approximate paired 95 % interval),
-    the samples lost and gained against it, and McNemar's p (the README's AutoAttack table)."""
+    the samples lost and gained against it, and McNemar's p (docs/results.md's AutoAttack table)."""
     if len(named) < 2:
         raise GDWSError("a table needs a reference and at least one other result")
     ref = named[0][1]

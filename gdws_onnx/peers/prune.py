@@ -132,7 +132,7 @@ class PruneChannelsPass:
     its report is a PeerReport.
     multiple: keep filter counts that are multiples of it (see `kept_filters`): ONNX Runtime's CPU
     convs are much faster at widths that are multiples of 8 (on the zoo VGG, pruning 64 -> 63 and
-    128 -> 126 filters, 1.02x fewer MACs, ran 1.4x slower at batch 1 and 2.1x at batch 32; README).
+    128 -> 126 filters, 1.02x fewer MACs, ran 1.4x slower at batch 1 and 2.1x at batch 32; docs/results.md).
     """
 
     def __init__(self, mac_reduction: float | None = None, fraction: float | None = None,

@@ -1,5 +1,5 @@
 """The layer latency table `onnx-gdws profile` writes on the target device and
-`optimize --target latency --latency-table` reads on the host (format documented in README.md,
+`optimize --target latency --latency-table` reads on the host (format documented in docs/cli.md,
 "Profile on the device, optimize on the host").
 
 A table is JSON: what it is (`format`, `version`), the environment the layers were measured in,

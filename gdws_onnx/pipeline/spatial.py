@@ -3,7 +3,7 @@ each k_h x k_w conv becomes a k_h x 1 conv to r channels and a 1 x k_w conv, the
 SVD of W reshaped to (C k_h) x (M k_w); ranks allocated across layers by one greedy at conv
 MACs / R, or per layer at a relative weight error as GDWS's error budget). On trained robust
 CNNs whose kernels are close to separable this keeps accuracy at far larger MAC cuts than GDWS
-(README, "Paper width"). The FC rewrite, the INT8 step and the
+(docs/results.md, "Paper width"). The FC rewrite, the INT8 step and the
 verification follow as for GDWS.
 """
 
