@@ -28,6 +28,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                     "Noise-gain weights alpha_{l,c} of every conv (GDWS paper eq."),
     "profile": ("gdws_onnx.cli.profile", "profile_cmd",
                 "Time each eligible conv's candidate GDWS forms on this device and write the layer latency table."),
+    "finetune": ("gdws_onnx.cli.finetune", "finetune_cmd",
+                 "Fine-tune MODEL's float weights against adversarial examples and write the same graph with new "
+                 "values to -o."),
     "sweep": ("gdws_onnx.cli.sweep", "sweep_cmd",
               "Optimize MODEL at a ladder of budgets, build the peers, measure every point the same way "
               "(clean and robust accuracy, MACs, size, interleaved latency ratio) and write a report."),

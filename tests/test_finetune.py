@@ -1,0 +1,174 @@
+"""`finetune` (issue 28): robust fine-tuning of a graph's own initializers through the torch replica."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from builders import annotated_cnn, assert_model_info_kept, small_cnn
+from gdws_onnx.errors import GDWSError, OptionError
+from gdws_onnx.recover.finetune import FinetuneOptions, finetune, finetune_loaded
+from gdws_onnx.recover.params import check_same_graph, trainable_names, write_back
+from gdws_onnx.runtime.session import make_session
+
+pytest.importorskip("torch")
+
+N, HOLDOUT = 600, 60
+
+
+def classes_data(path, wrong_train_labels: bool = False, shape=(3, 8, 8)):
+    """4 classes told apart by their per-channel levels (so a global-average-pool CNN can learn them)."""
+    rng = np.random.default_rng(0)
+    levels = rng.random((4, shape[0], 1, 1), dtype=np.float32)
+    c = rng.integers(0, 4, N)
+    x = (0.3 * rng.random((N, *shape), dtype=np.float32) + 0.7 * levels[c]).astype(np.float32)
+    y = c.copy()
+    if wrong_train_labels:  # the training part learns a wrong mapping, the held-out part keeps the right one
+        y[:N - HOLDOUT] = (y[:N - HOLDOUT] + 1) % 4
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+@pytest.fixture
+def model():
+    return small_cnn(channels=(8, 16), size=8, classes=4)
+
+
+@pytest.fixture
+def rewritten(model):
+    from gdws_onnx import optimize
+
+    out, _ = optimize(model, error_budget=0.6, skip_first=False)
+    return out
+
+
+def opts(data, **kw):
+    base = dict(data=data, eps=0.02, steps=60, batch=32, threads=1, eval_steps=3, holdout=HOLDOUT, lr=0.05)
+    return FinetuneOptions(**{**base, **kw})
+
+
+def values(m):
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+def test_trainable_names(model, rewritten):
+    assert set(trainable_names(rewritten, "rewritten")) == {
+        n for node in rewritten.graph.node if "/gdws/" in node.name and node.op_type == "Conv"
+        for n in node.input[1:]}
+    assert set(trainable_names(model, "all")) == {"w0", "b0", "w1", "b1", "fc_w", "fc_b"}
+    with pytest.raises(OptionError) as e:
+        trainable_names(model, "rewritten")
+    assert e.value.params == ("train=all",)
+
+
+def test_graph_unchanged_but_initializer_values(tmp_path):
+    model = annotated_cnn()
+    data = classes_data(tmp_path / "d.npz", shape=(3, 12, 12))
+    r = finetune_loaded(model, opts(data, train="all", steps=5))
+    assert_model_info_kept(r.model, model)
+    check_same_graph(model, r.model)
+    assert [n.SerializeToString() for n in r.model.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    before, after = values(model), values(r.model)
+    assert before.keys() == after.keys() and any(not np.array_equal(before[k], after[k]) for k in before)
+    assert r.report.max_relative_error < 1e-4
+    # any structural change is caught
+    bad = write_back(model, {})
+    bad.graph.node[0].name = "renamed"
+    with pytest.raises(GDWSError, match="nodes"):
+        check_same_graph(model, bad)
+
+
+def test_steps_reduce_the_loss_and_recover_accuracy(tmp_path, model):
+    data = classes_data(tmp_path / "d.npz")
+    r = finetune_loaded(model, opts(data, train="all", attack="fgsm-rs"))
+    rep = r.report
+    assert rep.loss_last < 0.5 * rep.loss_first
+    assert rep.accepted and rep.output.robust_correct >= rep.input.robust_correct
+    assert rep.output.clean_accuracy > rep.input.clean_accuracy
+    x, y = np.load(data)["x"], np.load(data)["y"]
+    before = (make_session(model).run(None, {"x": x})[0].argmax(1) == y).mean()
+    after = (make_session(r.model).run(None, {"x": x})[0].argmax(1) == y).mean()
+    assert after > before
+
+
+def test_seed_makes_it_deterministic(tmp_path, rewritten):
+    data = classes_data(tmp_path / "d.npz")
+    a = finetune_loaded(rewritten, opts(data, attack="pgd-2", steps=8, seed=3)).model
+    b = finetune_loaded(rewritten, opts(data, attack="pgd-2", steps=8, seed=3)).model
+    c = finetune_loaded(rewritten, opts(data, attack="pgd-2", steps=8, seed=4)).model
+    va, vb, vc = values(a), values(b), values(c)
+    assert all(np.array_equal(va[k], vb[k]) for k in va)
+    assert any(not np.array_equal(va[k], vc[k]) for k in va)
+
+
+def test_teacher_mode_runs(tmp_path, model, rewritten):
+    data = classes_data(tmp_path / "d.npz")
+    r = finetune_loaded(rewritten, opts(data, attack="fgsm-rs", steps=10, allow_worse=True), teacher=model)
+    assert r.report.steps == 10 and r.report.loss_last < r.report.loss_first
+    other = small_cnn(channels=(8, 16), size=8, classes=5)
+    with pytest.raises(GDWSError, match="teacher"):
+        finetune_loaded(rewritten, opts(data, steps=2), teacher=other)
+
+
+def test_worse_result_is_refused(tmp_path, model):
+    data = classes_data(tmp_path / "d.npz", wrong_train_labels=True)
+    r = finetune_loaded(model, opts(data, train="all", attack="none"))
+    assert not r.report.accepted and "allow_worse" in r.report.reason
+    assert finetune_loaded(model, opts(data, train="all", attack="none", allow_worse=True)).report.accepted
+
+
+def test_bad_inputs(tmp_path, model):
+    data = classes_data(tmp_path / "d.npz")
+    with pytest.raises(OptionError, match="test split"):
+        finetune_loaded(model, opts("fashion-mnist:test", train="all"))
+    wrong = classes_data(tmp_path / "w.npz", shape=(1, 8, 8))
+    with pytest.raises(GDWSError, match="shape"):
+        finetune_loaded(model, opts(wrong, train="all"))
+    odd = small_cnn(channels=(8,), size=8, classes=4)
+    odd.graph.node.insert(1, helper.make_node("Erf", ["c0"], ["e0"], name="erf"))
+    odd.graph.node[2].input[0] = "e0"
+    with pytest.raises(GDWSError, match="Erf"):
+        finetune_loaded(odd, opts(data, train="all"))
+    with pytest.raises(OptionError):
+        opts(data, attack="pgd-x").check()
+
+
+def test_cli_exit_codes(tmp_path, runner, model):
+    from gdws_onnx.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    good = classes_data(tmp_path / "d.npz")
+    worse = classes_data(tmp_path / "w.npz", wrong_train_labels=True)
+    base = [str(src), "-o", str(out), "--train", "all", "--steps", "40", "--batch", "32", "--lr", "0.05",
+            "--threads", "1", "--eval-steps", "2", "--holdout", str(HOLDOUT), "--eps", "0.02"]
+    r = runner.invoke(main, ["finetune", *base, "--data", worse, "--attack", "none"])
+    assert r.exit_code == 1, r.output
+    assert "--allow-worse" in r.output and not out.exists()
+    r = runner.invoke(main, ["finetune", *base, "--data", "fashion-mnist:test"])
+    assert r.exit_code == 2 and "--data" in r.output and not out.exists()
+    r = runner.invoke(main, ["finetune", *base, "--data", good, "--teacher", str(src), "--attack", "pgd-x"])
+    assert r.exit_code == 2 and "--attack" in r.output
+    r = runner.invoke(main, ["finetune", *base[:3], "--data", good])
+    assert r.exit_code == 2 and "--train all" in r.output
+    r = runner.invoke(main, ["finetune", *base, "--data", good, "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert out.exists() and "held-out" in r.output and (tmp_path / "r.json").exists()
+    check_same_graph(model, onnx.load(out))
+
+
+def test_library_finetune_writes_only_when_accepted(tmp_path, model):
+    from gdws_onnx.errors import GateFailed
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    with pytest.raises(GateFailed):
+        finetune(str(src), str(out), opts(classes_data(tmp_path / "w.npz", True), train="all", attack="none"))
+    assert not out.exists()
+
+
+def test_cli_choices_are_the_library_s():
+    from gdws_onnx.cli.finetune import TRAIN_CHOICES
+    from gdws_onnx.recover import params
+
+    assert TRAIN_CHOICES == params.TRAIN_CHOICES
