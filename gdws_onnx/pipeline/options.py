@@ -187,6 +187,8 @@ class RunOptions:
     progress: Callable[[str], None] | None = None  # told, in a line, each long step as it starts
 
 
+CALLABLES = ("probe_factory", "progress")  # flat options that are functions: never in a report
+
 GROUPS: dict[str, type] = {  # OptimizeOptions attribute -> its group's class
     "budget": BudgetOptions, "selection": SelectionOptions, "calibration": CalibrationOptions,
     "verification": VerifyOptions, "timing": TimingOptions, "run": RunOptions,
@@ -196,7 +198,7 @@ FLAT = ("error_budget", "mac_reduction", "mismatch_budget", "uniform_rank", "alp
         "exclude", "force", "verify", "data", "input_shapes", "max_error", "seed", "bias_correction", "data_aware",
         "width_multiple", "target", "ep", "batches", "threads", "latency_reduction", "cache", "runs", "max_rounds",
         "measure_seconds", "latency_table", "fc", "conv", "quantize",
-        "probe_factory")  # the flat options, in the order reports list them
+        "probe_factory", "progress")  # the flat options, in the order reports list them (callables not)
 
 
 @dataclass(init=False)
@@ -303,7 +305,7 @@ class OptimizeOptions:
     def to_dict(self) -> dict:
         """The flat options as a report lists them (an alphas dict as '<dict>', no probe factory)."""
         merged = {k: v for name in GROUPS for k, v in asdict(getattr(self, name)).items()}
-        d = {k: merged[k] for k in FLAT if k != "probe_factory"}
+        d = {k: merged[k] for k in FLAT if k not in CALLABLES}
         if isinstance(self.budget.alphas, dict):
             d["alphas"] = "<dict>"
         return d
