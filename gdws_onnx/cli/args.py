@@ -151,7 +151,10 @@ ATTACK_NAMES = Option("--attack", "attacks", multiple=True)  # type: click.Choic
 BATCH_SIZE = Option("--batch-size", type=int, default=128, show_default=True)
 RESTARTS = Option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
 RANDOM_START = Option("--random-start/--no-random-start", default=True, show_default=True)
-QUERIES = Option("--queries", type=int, default=1000, show_default=True, help="Square attack iterations.")
+QUERIES = Option("--queries", type=int, default=1000, show_default=True,
+                 help="Square attack iterations. Square also runs on both models whenever one is INT8 (its "
+                      "gradients are BPDA's), at about one forward pass of every sample per iteration: the "
+                      "slowest part of validating an INT8 model.")
 SHARD_SIZE = Option("--shard-size", type=int, default=100, show_default=True,
                     help="Samples per shard; each shard is attacked with a seed derived from --seed and its index, "
                          "so results depend on the shard size, never on the order or the runner.")
