@@ -183,3 +183,16 @@ def test_auto_composes_with_the_fc_rewrite():
     out, report = _auto(model, {f: 0.3 for f in FAMILIES}, fc="lowrank", error_budget=0.2)
     assert report.rewritten and report.fc is not None and report.fc.latency is not None
     assert _families_used(out)
+
+
+def test_every_layer_may_take_a_form_at_the_cap():
+    """The knapsack's error steps divide the per-layer cap: twelve layers each at exactly the budget
+    all fit (with 1000 plain steps, 12 x ceil(83.3) > 1000 shut one out)."""
+    from gdws_onnx.pipeline.auto import Choice, Measured, allocate_forms
+
+    ratio = {"median": 0.5, "p10": 0.5, "p90": 0.5, "baseline_ms": 1.0, "candidate_ms": 0.5,
+             "ci_low": 0.45, "ci_high": 0.55, "rounds": 20, "confidence": 0.95}
+    choices = [Choice(site=None, measured=[Measured(Form("ssvd", 1, "kx1+1xk", 0.15, 1, 1), {1: ratio})])
+               for _ in range(12)]
+    allocate_forms(choices, 0.15)
+    assert all(c.picked is not None for c in choices)

@@ -38,6 +38,7 @@ from gdws_onnx.runtime.bench import format_ratio, ratio_of
 LEVELS = (0.25, 0.5, 0.75, 1.0)  # per-layer errors tried, as multiples of the budget
 MAX_LAYER_ERROR = 0.5  # no layer's relative weight error goes past this, whatever the budget
 PRUNE_MACS = 2.0  # a form is not timed if another has no more error and PRUNE_MACS x fewer MACs
+KNAPSACK_STEPS = 1000  # error steps of the knapsack over all layers (rounded up to a multiple of the layers)
 
 
 @dataclass
@@ -114,10 +115,8 @@ def candidate_forms(site: ConvSite, fams: dict[str, Family], errors: list[float]
 
 def form_model(site: ConvSite, batch: int, fam: Family, form: Form) -> onnx.ModelProto:
     """The conv alone at its input shape (`layer_model`), replaced by the family's realization of `form`."""
-    from gdws_onnx.graph.convs import ConvSite as Site
-
     model = layer_model(site, batch)
-    local = Site(**{**site.__dict__, "index": 0, "node": model.graph.node[0], "weight_producers": set()})
+    local = ConvSite(**{**site.__dict__, "index": 0, "node": model.graph.node[0], "weight_producers": set()})
     return replace_convs(model, [local], lambda s, names: fam.subgraph(s, form, names))
 
 
@@ -154,7 +153,9 @@ def allocate_forms(choices: list[Choice], eps: float) -> None:
     sets `picked` or `reason`."""
     usable = [[m for m in c.measured if m.faster] for c in choices]
     table = [[(0.0, 0.0)] + [(m.saving_ms, m.form.error) for m in opts] for opts in usable]
-    picks = allocate.most_saving_within(table, eps * len(choices))
+    # error steps of eps / K: a form at the cap takes exactly K steps, so rounding never shuts it out
+    steps_per_layer = max(1, -(-KNAPSACK_STEPS // max(len(choices), 1)))
+    picks = allocate.most_saving_within(table, eps * len(choices), bins=steps_per_layer * len(choices))
     for c, opts, j in zip(choices, usable, picks):
         c.picked = opts[j - 1] if j else None
         if c.picked is None:
@@ -234,10 +235,8 @@ def realize(model: onnx.ModelProto, chosen: dict[str, Choice], fams: dict[str, F
 
 def apply_choices(model: onnx.ModelProto, chosen: dict[str, Choice], fams: dict[str, Family]) -> None:
     """Replace, in place, each conv of `chosen` that has a pick by its family's realization."""
-    from gdws_onnx.graph.convs import ConvSite as Site
-
     picks = {c.site.index: c for c in chosen.values() if c.picked is not None}
-    sites = [Site(**{**c.site.__dict__, "node": model.graph.node[i]}) for i, c in picks.items()]
+    sites = [ConvSite(**{**c.site.__dict__, "node": model.graph.node[i]}) for i, c in picks.items()]
 
     def build(site, names):
         c = picks[site.index]
