@@ -11,8 +11,9 @@ A new family is one math module, one realization module, one class here and one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -72,8 +73,21 @@ class Family(Protocol):
 
 
 def dense_macs(site: ConvSite) -> int:
-    """MACs per sample of the conv as it is: output pixels x M x (C / groups) x kernel size."""
-    return int(site.pixels) * site.out_channels * (site.in_channels // site.group) * site.kernel_size
+    """MACs per sample of the conv as it is (its output size must be known)."""
+    return int(site.pixels) * site.macs_per_pixel
+
+
+class SpectrumCache:
+    """A family's decomposition of each conv, computed once per conv name by `compute(weight)`."""
+
+    def __init__(self, compute: Callable[[ConvSite], Any]):
+        self.compute = compute
+        self.by_name: dict[str, Any] = {}
+
+    def __call__(self, site: ConvSite) -> Any:
+        if site.name not in self.by_name:
+            self.by_name[site.name] = self.compute(site)
+        return self.by_name[site.name]
 
 
 class GDWSFamily:
@@ -85,12 +99,7 @@ class GDWSFamily:
     name = "gdws"
 
     def __init__(self):
-        self.spectra: dict[str, decompose.Spectrum] = {}  # conv name -> spectrum, computed once
-
-    def spectrum(self, site: ConvSite) -> decompose.Spectrum:
-        if site.name not in self.spectra:
-            self.spectra[site.name] = decompose.spectrum(site.weight, site.group)
-        return self.spectra[site.name]
+        self.spectrum = SpectrumCache(lambda site: decompose.spectrum(site.weight, site.group))
 
     def skip_reason(self, site: ConvSite) -> str | None:
         if site.weight is None:
@@ -133,12 +142,7 @@ class SpatialSVDFamily:
     name = "ssvd"
 
     def __init__(self):
-        self.spectra: dict[str, ssvd_math.SpatialSpectrum] = {}
-
-    def spectrum(self, site: ConvSite) -> ssvd_math.SpatialSpectrum:
-        if site.name not in self.spectra:
-            self.spectra[site.name] = ssvd_math.spatial_spectrum(site.weight)
-        return self.spectra[site.name]
+        self.spectrum = SpectrumCache(lambda site: ssvd_math.spatial_spectrum(site.weight))
 
     def skip_reason(self, site: ConvSite) -> str | None:
         reason = ssvd_skip_reason(site)
@@ -179,12 +183,7 @@ class Tucker2Family:
     name = "tucker"
 
     def __init__(self):
-        self.spectra: dict[str, tucker_math.TuckerSpectrum] = {}
-
-    def spectrum(self, site: ConvSite) -> tucker_math.TuckerSpectrum:
-        if site.name not in self.spectra:
-            self.spectra[site.name] = tucker_math.tucker_spectrum(site.weight)
-        return self.spectra[site.name]
+        self.spectrum = SpectrumCache(lambda site: tucker_math.tucker_spectrum(site.weight))
 
     def skip_reason(self, site: ConvSite) -> str | None:
         return tucker_skip_reason(site)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from gdws_onnx.core import allocate, decompose
-from gdws_onnx.core import tucker
 from gdws_onnx.errors import OptionError
 from gdws_onnx.graph.convs import ConvSite, find_convs
 from gdws_onnx.graph.model_io import load_model
@@ -24,6 +21,7 @@ from gdws_onnx.peers import (
 )
 from gdws_onnx.graph.tucker import tucker_skip_reason
 from gdws_onnx.pipeline.candidates import skip_reason
+from gdws_onnx.pipeline.families import Tucker2Family, dense_macs
 from gdws_onnx.pipeline.options import SelectionOptions
 from gdws_onnx.runtime.session import probe_shapes
 
@@ -75,15 +73,12 @@ def spatial_svd_cut(site: ConvSite, error: float) -> float | None:
 
 def tucker_cut(site: ConvSite, error: float) -> float | None:
     """Conv MACs before / after Tucker-2 at the cheapest rank pair whose relative weight error is
-    <= error, >= 1; None where Tucker-2 does not apply (`graph.tucker.tucker_skip_reason`) or the
-    output size is unknown."""
+    <= error, >= 1 (the form `optimize --conv auto` builds there); None where Tucker-2 does not
+    apply (`graph.tucker.tucker_skip_reason`) or the output size is unknown."""
     if tucker_skip_reason(site) is not None or site.pixels is None:
         return None
-    spec = tucker.tucker_spectrum(site.weight)
-    in_pixels = int(np.prod(site.in_spatial, dtype=np.int64))
-    r1, r2 = tucker.ranks_at_error(spec, error, in_pixels, site.pixels)
-    return max(1.0, site.pixels * site.macs_per_pixel / tucker.tucker_macs(spec.weight_shape, r1, r2, in_pixels,
-                                                                          site.pixels))
+    forms = Tucker2Family().forms(site, [error])  # only forms with fewer MACs than the conv
+    return dense_macs(site) / forms[0].macs if forms else 1.0
 
 
 def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None,
