@@ -55,3 +55,16 @@ def cnn_path(tmp_path):
     path = tmp_path / "cnn.onnx"
     onnx.save(small_cnn(), path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance of 2 CPUs for a module's Ray tests, shut down after."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already connected in this process")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()

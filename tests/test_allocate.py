@@ -156,8 +156,8 @@ def test_optimize_width_multiple(budget):
     from gdws_onnx import optimize
 
     model = small_cnn(seed=0, channels=(8, 16, 16))
-    _, plain = optimize(model, skip_first=False, force=True, verify=False, **budget)
-    _, rounded = optimize(model, skip_first=False, force=True, width_multiple=8, **budget)
+    _, plain = optimize(model, skip_first=False, force=True, verify=False, target="macs", **budget)
+    _, rounded = optimize(model, skip_first=False, force=True, width_multiple=8, target="macs", **budget)
     assert rounded.rewritten and all(lay.total_rank % 8 == 0 for lay in rounded.rewritten)
     assert rounded.verification.ran
     if "error_budget" in budget:  # rounded up: never more error than asked
@@ -191,14 +191,15 @@ def test_the_budget_options_choose_the_planner():
     from gdws_onnx.pipeline.latency import LatencyPlanner
     from gdws_onnx.pipeline.options import DEFAULT_ERROR_BUDGET, OptimizeOptions
 
-    cases = [({}, budgets.ErrorPlanner), ({"error_budget": 0.05}, budgets.ErrorPlanner),
-             ({"mac_reduction": 2.0}, budgets.MacPlanner), ({"mismatch_budget": 0.1}, budgets.MismatchPlanner),
-             ({"uniform_rank": 2}, budgets.UniformPlanner), ({"target": "latency"}, LatencyPlanner),
-             ({"target": "latency", "latency_reduction": 1.5}, LatencyPlanner)]
-    for options, planner in cases:
+    macs = {"target": "macs"}
+    cases = [(macs, budgets.ErrorPlanner), ({"error_budget": 0.05, **macs}, budgets.ErrorPlanner),
+             ({"mac_reduction": 2.0}, budgets.MacPlanner), ({"mismatch_budget": 0.1, **macs}, budgets.MismatchPlanner),
+             ({"uniform_rank": 2}, budgets.UniformPlanner), ({}, LatencyPlanner), ({"target": "latency"}, LatencyPlanner),
+             ({"latency_reduction": 1.5}, LatencyPlanner), ({"mismatch_budget": 0.1}, LatencyPlanner)]
+    for options, planner in cases:  # target latency is the default, except with a budget only MACs can fill
         assert type(budgets.planner_for(OptimizeOptions(**options))) is planner, options
-    assert budgets.planner_for(OptimizeOptions()).eps == DEFAULT_ERROR_BUDGET
-    assert budgets.planner_for(OptimizeOptions(error_budget=0.05)).eps == 0.05
+    assert budgets.planner_for(OptimizeOptions(**macs)).eps == DEFAULT_ERROR_BUDGET
+    assert budgets.planner_for(OptimizeOptions(error_budget=0.05, **macs)).eps == 0.05
     assert budgets.planner_for(OptimizeOptions(mac_reduction=2.0, width_multiple=8)).width_multiple == 8
     assert budgets.planner_for(OptimizeOptions(uniform_rank=3)).rank == 3
 

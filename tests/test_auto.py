@@ -158,13 +158,15 @@ def test_auto_is_the_default_under_target_latency_unless_a_gdws_option_is_given(
     from gdws_onnx.pipeline.options import OptimizeOptions
 
     assert OptimizeOptions(target="latency").selection.conv == "auto"
-    assert OptimizeOptions().selection.conv == "gdws"
+    assert OptimizeOptions().selection.conv == "auto"  # target latency is the default
+    assert OptimizeOptions(target="macs").selection.conv == "gdws"
+    assert OptimizeOptions(mac_reduction=2).budget.target == "macs"  # a budget only MACs fill
     assert OptimizeOptions(target="latency", width_multiple=8).selection.conv == "gdws"
     assert OptimizeOptions(target="latency", latency_table="t.json").selection.conv == "gdws"
 
 
 @pytest.mark.parametrize("options,names", [
-    ({"conv": "auto"}, ("conv=auto", "target")),
+    ({"conv": "auto", "target": "macs"}, ("conv=auto", "target")),
     ({"conv": "auto", "target": "latency", "latency_table": "t.json"}, ("conv=auto", "latency_table")),
     ({"conv": "auto", "target": "latency", "alphas": {"conv1": [1.0]}}, ("conv=auto", "alphas")),
     ({"conv": "ssvd", "target": "latency", "width_multiple": 8}, ("conv=ssvd", "width_multiple")),
@@ -196,3 +198,40 @@ def test_every_layer_may_take_a_form_at_the_cap():
                for _ in range(12)]
     allocate_forms(choices, 0.15)
     assert all(c.picked is not None for c in choices)
+
+
+def _measured_at(error: float, high: float):
+    from gdws_onnx.pipeline.auto import Measured
+
+    ratio = {"median": high - 0.05, "p10": high - 0.1, "p90": high, "baseline_ms": 1.0, "candidate_ms": high - 0.05,
+             "ci_low": high - 0.1, "ci_high": high, "rounds": 20, "confidence": 0.95}
+    return Measured(Form("ssvd", 1, "kx1+1xk", error, 1, 1), {1: ratio})
+
+
+def test_the_payoff_rule_spends_error_only_where_it_buys_speed():
+    """A form at error e is used only if its layer ratio's upper bound is <= 1 - payoff x e: the
+    narrow zoo models' forms (0.65-0.95 of their layer at 0.1-0.15) stay dense, wide layers' do not."""
+    from gdws_onnx.pipeline.auto import Choice, allocate_forms
+
+    assert _measured_at(0.15, 0.40).pays(4) and not _measured_at(0.15, 0.41).pays(4)
+    assert _measured_at(0.15, 0.90).pays(0)  # payoff 0: any measurably faster form
+    narrow = Choice(site=None, measured=[_measured_at(0.15, 0.70), _measured_at(0.1, 0.75)])
+    wide = Choice(site=None, measured=[_measured_at(0.05, 0.55), _measured_at(0.15, 0.30)])
+    cheap = Choice(site=None, measured=[_measured_at(0.05, 0.70), _measured_at(0.15, 0.65)])
+    allocate_forms([narrow, wide, cheap], 0.15, payoff=4)
+    assert narrow.picked is None and "pays for its error" in narrow.reason and "<= 0.60" in narrow.reason  # its nearest miss
+    assert wide.picked.form.error == 0.15  # the faster of its two paying forms
+    assert cheap.picked.form.error == 0.05  # 0.70 <= 1 - 4 x 0.05; 0.65 > 1 - 4 x 0.15
+    allocate_forms([narrow], 0.15, payoff=0)
+    assert narrow.picked is not None
+
+
+@pytest.mark.parametrize("options,names", [
+    ({"payoff": 4.0, "target": "macs"}, ("payoff", "target")),  # the MAC planner does not time layers
+    ({"payoff": 4.0, "target": "latency", "conv": "gdws"}, ("payoff", "target")),
+    ({"payoff": -1.0, "target": "latency"}, ("payoff",)),
+])
+def test_payoff_belongs_to_the_auto_planner(options, names):
+    with pytest.raises(OptionError) as e:
+        optimize(small_cnn(), verify=False, **options)
+    assert all(n in e.value.params for n in names), (e.value.params, names)

@@ -61,9 +61,9 @@ def test_corrected_layers_have_zero_mean_error_and_no_larger_squared_error(tmp_p
     x = tiny_inputs(40, seed=4)
     np.savez(tmp_path / "cal.npz", x=x)
     sites = {s.name: s for s in find_convs(model)}
-    plain, rep_plain = optimize(model, error_budget=budget, skip_first=False, verify=False)
+    plain, rep_plain = optimize(model, error_budget=budget, skip_first=False, verify=False, target="macs")
     fixed, rep = optimize(model, error_budget=budget, skip_first=False, verify=False,
-                          bias_correction=True, data=str(tmp_path / "cal.npz"))
+                          bias_correction=True, data=str(tmp_path / "cal.npz"), target="macs")
     rewritten = [layer.name for layer in rep.rewritten]
     assert rewritten == ["conv_a", "conv_b", "conv_c"]  # conv_c has no bias in the original
     assert rep.bias_correction["samples"] == 40 and rep.bias_correction["inputs"].startswith("sequential")
@@ -168,10 +168,10 @@ def test_cli_bias_correction(runner, tmp_path):
     np.savez(tmp_path / "cal.npz", x=tiny_inputs(16))
     out = tmp_path / "o.onnx"
     r = runner.invoke(main, ["optimize", str(model), "-o", str(out), "--error-budget", "0.3", "--no-skip-first",
-                             "--bias-correction"], catch_exceptions=False)
+                             "--bias-correction", "--target", "macs"], catch_exceptions=False)
     assert r.exit_code == 2 and "--bias-correction needs --data" in r.output and not out.exists()
     r = runner.invoke(main, ["optimize", str(model), "-o", str(out), "--error-budget", "0.3", "--no-skip-first",
-                             "--bias-correction", "--data", str(tmp_path / "cal.npz")], catch_exceptions=False)
+                             "--bias-correction", "--data", str(tmp_path / "cal.npz"), "--target", "macs"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "bias correction: 3 layer(s) shifted" in r.output and out.exists()
     onnx.checker.check_model(onnx.load(str(out)))

@@ -34,7 +34,7 @@ def _conv_macs(model: onnx.ModelProto, pixels: int) -> int:
 
 def test_optimize_writes_a_valid_model_with_fewer_macs_and_its_report(runner, cnn_path, tmp_path):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    r = _invoke(runner, "optimize", cnn_path, "-o", out, "--error-budget", "0.2", "--report", rep)
+    r = _invoke(runner, "optimize", cnn_path, "-o", out, "--error-budget", "0.2", "--report", rep, "--target", "macs")
     assert r.exit_code == 0, r.output
     onnx.checker.check_model(onnx.load(out), full_check=True)
     report = json.loads(rep.read_text())
@@ -60,7 +60,7 @@ def test_output_is_byte_identical_across_runs(runner, cnn_path, tmp_path):
 
 def test_preserves_ir_opsets_metadata_and_io(tmp_path):
     model = annotated_cnn()
-    out, _ = optimize(model, error_budget=0.3, verify=False)
+    out, _ = optimize(model, error_budget=0.3, verify=False, target="macs")
     assert out.ir_version == 7 and [o.domain for o in out.opset_import] == ["", "com.example"]
     assert_model_info_kept(out, model)
     assert model.graph.node[2].op_type == "Conv"  # the caller's model is not modified
@@ -175,7 +175,7 @@ def test_flag_of_names_a_parameter_and_a_parameter_setting(param, flag):
 
 
 def test_skip_reasons_name_the_parameter_in_python_and_the_flag_in_the_cli(runner, cnn_path, tmp_path):
-    _, rep = optimize(cnn_path, exclude="conv2", verify=False)
+    _, rep = optimize(cnn_path, exclude="conv2", verify=False, target="macs")
     reasons = {layer.name: layer.reason for layer in rep.layers if layer.status != "rewritten"}
     assert reasons["conv0"] == "first conv (skip_first=False to include)"
     assert reasons["conv2"] == "matched by the exclude pattern"
@@ -188,7 +188,7 @@ def test_skip_reasons_name_the_parameter_in_python_and_the_flag_in_the_cli(runne
 @pytest.mark.parametrize("args,needle", [
     (["bench", "{model}", "--batch", "0"], "--batch takes positive integers"),
     (["bench", "{model}", "--ep", "tpu"], "unknown execution provider(s) ['tpu']"),
-    (["optimize", "{model}", "-o", "{out}", "--batch", "1,x"], "--batch takes comma-separated integers"),
+    (["optimize", "{model}", "-o", "{out}", "--batch", "1,x", "--target", "macs"], "--batch takes comma-separated integers"),
     (["inspect", "{model}", "--input-shape", "x=1"], "bad --input-shape 'x=1'"),
 ])
 def test_shared_options_are_parsed_under_the_error_handler(runner, cnn_path, tmp_path, args, needle):
@@ -205,17 +205,17 @@ def test_unwritable_output_and_input_overwrite(runner, cnn_path, tmp_path):
     r = _invoke(runner, "optimize", cnn_path, "-o", cnn_path)
     assert r.exit_code == 2 and "refusing to overwrite the input" in r.output
     assert open(cnn_path, "rb").read() == before
-    r = _invoke(runner, "optimize", cnn_path, "-o", cnn_path, "--overwrite-input")
+    r = _invoke(runner, "optimize", cnn_path, "-o", cnn_path, "--overwrite-input", "--target", "macs")
     assert r.exit_code == 0 and open(cnn_path, "rb").read() != before
 
 
 def test_max_error_gate_fails_with_exit_1_and_writes_nothing(runner, cnn_path, tmp_path):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     r = _invoke(runner, "optimize", cnn_path, "-o", out, "--error-budget", "0.5", "--max-error", "1e-9",
-                "--report", rep)
+                "--report", rep, "--target", "macs")
     assert r.exit_code == 1 and "FAIL" in r.output
     assert not out.exists() and json.loads(rep.read_text())["verification"]["passed"] is False
-    r = _invoke(runner, "optimize", cnn_path, "-o", out, "--error-budget", "0", "--force", "--max-error", "1e-5")
+    r = _invoke(runner, "optimize", cnn_path, "-o", out, "--error-budget", "0", "--force", "--max-error", "1e-5", "--target", "macs")
     assert r.exit_code == 0 and "PASS" in r.output and out.exists()
 
 
@@ -228,7 +228,7 @@ def test_runtime_weight_is_skipped_not_fatal(tmp_path):
     for n in g.node:
         if n.name == "conv1":
             n.input[1] = "w1_rt"
-    out, report = optimize(model, error_budget=0.3, verify=False)
+    out, report = optimize(model, error_budget=0.3, verify=False, target="macs")
     reasons = {layer.name: (layer.status, layer.reason) for layer in report.layers}
     assert reasons["conv1"][0] == "skipped" and "computed at run time" in reasons["conv1"][1]
     assert reasons["conv2"][0] == "rewritten"
@@ -236,9 +236,9 @@ def test_runtime_weight_is_skipped_not_fatal(tmp_path):
 
 def test_mac_reduction_meets_the_target_or_says_so(tmp_path):
     _, report = optimize(small_cnn(channels=(16, 32, 32, 32), size=16), mac_reduction=1.5,
-                         verify=False)
+                         verify=False, target="macs")
     assert report.budget.met and report.mac_reduction >= 1.5 * (1 - 1e-3)
-    _, report = optimize(small_cnn(), mac_reduction=50, verify=False)
+    _, report = optimize(small_cnn(), mac_reduction=50, verify=False, target="macs")
     assert not report.budget.met and "cannot" in report.budget.message
 
 
@@ -247,8 +247,8 @@ def test_mac_reduction_needs_known_shapes(tmp_path):
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "H", "W"
     with pytest.raises(Exception, match="input_shapes"):  # the parameter, not the CLI flag
-        optimize(model, mac_reduction=2, verify=False)
-    _, report = optimize(model, mac_reduction=2, verify=False, input_shapes={"x": [1, 3, 12, 12]})
+        optimize(model, mac_reduction=2, verify=False, target="macs")
+    _, report = optimize(model, mac_reduction=2, verify=False, input_shapes={"x": [1, 3, 12, 12]}, target="macs")
     assert report.mac_reduction is not None
 
 
@@ -256,7 +256,7 @@ def test_unknown_spatial_dims_skip_verification_with_a_message():
     model = small_cnn()
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param = "H"
-    _, report = optimize(model, error_budget=0.2)
+    _, report = optimize(model, error_budget=0.2, target="macs")
     assert not report.verification.ran and "unknown dimension 2" in report.verification.message
 
 
@@ -281,13 +281,13 @@ def test_alphas_steer_the_allocation(tmp_path):
     channels weighted 100x less lose all their terms (without alphas every channel keeps some)."""
     model, budget = small_cnn(), 0.2
     w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1")).astype(np.float64)
-    plain, _ = optimize(model, error_budget=budget, force=True, verify=False)
+    plain, _ = optimize(model, error_budget=budget, force=True, verify=False, target="macs")
     terms, _ = _terms_and_weight(plain, "conv1", 8)
     assert (terms > 0).all()
     for heavy in (slice(0, 4), slice(4, 8)):
         alpha = np.ones(8)
         alpha[heavy] = 100.0
-        out, report = optimize(model, error_budget=budget, alphas={"conv1": alpha}, force=True, verify=False)
+        out, report = optimize(model, error_budget=budget, alphas={"conv1": alpha}, force=True, verify=False, target="macs")
         terms, q = _terms_and_weight(out, "conv1", 8)
         light = np.ones(8, bool)
         light[heavy] = False
@@ -299,10 +299,10 @@ def test_alphas_steer_the_allocation(tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"convX": [1.0]}))
     with pytest.raises(Exception, match="not in the model"):
-        optimize(small_cnn(), alphas=str(path), verify=False)
+        optimize(small_cnn(), alphas=str(path), verify=False, target="macs")
     np.savez(tmp_path / "a.npz", conv1=np.ones(3))
     with pytest.raises(Exception, match="must be 1 or 8"):
-        optimize(small_cnn(), alphas=str(tmp_path / "a.npz"), verify=False)
+        optimize(small_cnn(), alphas=str(tmp_path / "a.npz"), verify=False, target="macs")
 
 
 def test_zero_alpha_channels_are_dropped_first():
@@ -311,7 +311,7 @@ def test_zero_alpha_channels_are_dropped_first():
 
     model = small_cnn()
     alpha = np.array([0.0] * 4 + [1.0] * 4)
-    _, report = optimize(model, error_budget=0.01, alphas={"conv1": alpha}, force=True, verify=False)
+    _, report = optimize(model, error_budget=0.01, alphas={"conv1": alpha}, force=True, verify=False, target="macs")
     site = find_convs(model)[1]
     spec = decompose.spectrum(site.weight)
     # channels with alpha 0 cost nothing to drop: G counts only the weighted channels' terms
@@ -324,7 +324,7 @@ def test_rank_one_layers_become_plain_dws_without_gather():
     arr = numpy_helper.to_array(w)
     rank1 = np.einsum("mc,k->mck", arr[:, :, 0, 0], np.arange(1, 10.0)).reshape(arr.shape).astype(np.float32)
     w.CopyFrom(numpy_helper.from_array(rank1, "w1"))
-    out, report = optimize(model, error_budget=0.0, include="conv1", verify=True, seed=1)
+    out, report = optimize(model, error_budget=0.0, include="conv1", verify=True, seed=1, target="macs")
     ops = [n.op_type for n in out.graph.node]
     assert "Gather" not in ops and report.layers[1].realization == "dw+pw"
     assert report.verification.outputs[0].relative < 1e-5
@@ -332,7 +332,7 @@ def test_rank_one_layers_become_plain_dws_without_gather():
 
 def test_data_file_drives_verification(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((5, 3, 12, 12)).astype(np.float32))
-    _, report = optimize(small_cnn(), error_budget=0.1, data=str(tmp_path / "d.npz"))
+    _, report = optimize(small_cnn(), error_budget=0.1, data=str(tmp_path / "d.npz"), target="macs")
     assert report.verification.ran and "d.npz" in report.verification.inputs
 
 

@@ -125,7 +125,7 @@ def test_optimize_data_aware_minimizes_its_objective_on_calibration_data(tmp_pat
     sites = {s.name: s for s in find_convs(model)}
     second = channel_second_moments(model, {"x": x}, list(sites.values()))
     optimized, rep = optimize(model, mac_reduction=1.3, skip_first=False, force=True, data=str(data),
-                              data_aware=lam)
+                              data_aware=lam, target="macs")
     assert rep.options["data_aware"] == lam and rep.verification.ran
     compared = 0
     for name, site in sites.items():
@@ -148,19 +148,19 @@ def test_optimize_data_aware_full_rank_is_exact(tmp_path):
     model = tiny_model()
     data = tmp_path / "cal.npz"
     np.savez(data, x=tiny_inputs(32))
-    _, rep = optimize(model, error_budget=0.0, skip_first=False, force=True, data=str(data), data_aware=1.0)
+    _, rep = optimize(model, error_budget=0.0, skip_first=False, force=True, data=str(data), data_aware=1.0, target="macs")
     assert any(lay.status == "rewritten" for lay in rep.layers)
     assert all(o.relative < 1e-4 for o in rep.verification.outputs)
 
 
 def test_data_aware_bad_input(tmp_path):
     with pytest.raises(GDWSError, match="data_aware needs data"):
-        optimize(tiny_model(), mac_reduction=1.5, data_aware=0.5)
+        optimize(tiny_model(), mac_reduction=1.5, data_aware=0.5, target="macs")
     with pytest.raises(GDWSError, match=r"\(0, 1\]"):
-        optimize(tiny_model(), mac_reduction=1.5, data_aware=0.0, data="x.npz")
+        optimize(tiny_model(), mac_reduction=1.5, data_aware=0.0, data="x.npz", target="macs")
     src = tmp_path / "m.onnx"
     onnx.save(tiny_model(), str(src))
     out = tmp_path / "o.onnx"
     with pytest.raises(SystemExit) as e:
-        main(["optimize", str(src), "-o", str(out), "--mac-reduction", "1.5", "--data-aware", "0.5"])
+        main(["optimize", str(src), "-o", str(out), "--mac-reduction", "1.5", "--data-aware", "0.5", "--target", "macs"])
     assert e.value.code == 2 and not out.exists()

@@ -216,18 +216,7 @@ def test_unreachable_ray_address_fails_within_seconds(runner, setup, tmp_path, m
 
 # ------------------------------------------------------------------ Ray, for real
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray instance of 2 CPUs for the module's Ray tests, shut down after."""
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already connected in this process")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        yield ray
-        ray.shutdown()
-
+# (the ray_local fixture is in conftest.py)
 
 def test_ray_run_equals_the_single_process_run(setup, ray_local, tmp_path):
     from gdws_onnx.eval.ray_runner import RayRunner

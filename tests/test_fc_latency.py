@@ -172,7 +172,7 @@ def test_cli_fc_with_target_latency_runs(runner, tmp_path, monkeypatch):
 
 def test_fc_still_refuses_mismatch_budget_and_uniform_rank_and_a_latency_table(runner, tmp_path):
     with pytest.raises(OptionError, match="mismatch_budget"):
-        optimize(mlp(), fc="lowrank", mismatch_budget=0.1, alphas={"fc0": [1.0]})
+        optimize(mlp(), fc="lowrank", mismatch_budget=0.1, alphas={"fc0": [1.0]}, target="macs")
     with pytest.raises(OptionError, match="mismatch_budget"):
         optimize(mlp(), fc="lowrank", target="latency", mismatch_budget=0.1, alphas={"fc0": [1.0]})
     with pytest.raises(OptionError, match="latency_table"):

@@ -41,7 +41,7 @@ def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("scheme", ["kronecker", "lowrank"])
 def test_conv_free_model_is_a_target_and_exact_at_zero_error(scheme):
     model = mlp()
-    out, report = optimize(model, fc=scheme, error_budget=0.0, force=True, input_shapes={"x": [4, 64]})
+    out, report = optimize(model, fc=scheme, error_budget=0.0, force=True, input_shapes={"x": [4, 64]}, target="macs")
     assert report.fc is not None and report.fc.layers, report.fc
     assert report.layers == []  # no conv
     assert report.fc.skipped == []  # force: fc2 too, under min_weight, and the layers not cheaper than dense
@@ -53,7 +53,7 @@ def test_conv_free_model_is_a_target_and_exact_at_zero_error(scheme):
 
 
 def test_budget_cuts_parameters_and_error_is_reported():
-    out, report = optimize(mlp(), fc="lowrank", error_budget=0.3, input_shapes={"x": [4, 64]})
+    out, report = optimize(mlp(), fc="lowrank", error_budget=0.3, input_shapes={"x": [4, 64]}, target="macs")
     fc = report.fc
     assert fc.params_after < fc.params_before
     assert all(layer.error <= 0.3 + 1e-9 for layer in fc.layers)
@@ -66,7 +66,7 @@ def test_budget_cuts_parameters_and_error_is_reported():
 def test_fc_off_leaves_gemm_alone_and_no_conv_model_is_unchanged(runner, tmp_path):
     src, dst = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
     onnx.save(mlp(), src)
-    r = runner.invoke(main, ["optimize", str(src), "-o", str(dst)])
+    r = runner.invoke(main, ["optimize", str(src), "-o", str(dst), "--target", "macs"])
     assert r.exit_code == 0, r.output
     assert onnx.load(str(dst)).graph.node == onnx.load(str(src)).graph.node
 
@@ -75,13 +75,13 @@ def test_cli_fc_rows_report_and_bad_combinations(runner, tmp_path):
     src, dst, rep = tmp_path / "mlp.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
     onnx.save(mlp(), src)
     r = runner.invoke(main, ["optimize", str(src), "-o", str(dst), "--fc", "kronecker", "--error-budget", "0.2",
-                             "--report", str(rep)])
+                             "--report", str(rep), "--target", "macs"])
     assert r.exit_code == 0, r.output
     assert "fc fc0:" in r.output and "layers rewritten" in r.output
     assert "fc fc2: skipped: the weight has 480 elements, fewer than min_weight=1024 (--force overrides it)" in r.output
     assert json.loads(rep.read_text())["fc"]["scheme"] == "kronecker"
     bad = runner.invoke(main, ["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--fc", "lowrank",
-                               "--uniform-rank", "2"])
+                               "--uniform-rank", "2", "--target", "macs"])
     assert bad.exit_code == 2 and "--fc" in bad.output and "--uniform-rank" in bad.output
     assert not (tmp_path / "x.onnx").exists()
 
@@ -89,11 +89,11 @@ def test_cli_fc_rows_report_and_bad_combinations(runner, tmp_path):
 def test_cli_prints_no_conv_table_for_a_model_without_convs(runner, tmp_path, cnn_path):
     src, dst = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
     onnx.save(mlp(), src)
-    r = runner.invoke(main, ["optimize", str(src), "-o", str(dst), "--fc", "lowrank", "--force"])
+    r = runner.invoke(main, ["optimize", str(src), "-o", str(dst), "--fc", "lowrank", "--force", "--target", "macs"])
     assert r.exit_code == 0, r.output
     assert "GDWS rewrite" not in r.output and "skipped" not in r.output
     assert "fc fc0:" in r.output and "fc fc2:" in r.output  # every FC layer forced, fc2 under min_weight too
-    with_convs = runner.invoke(main, ["optimize", cnn_path, "-o", str(tmp_path / "cnn_out.onnx")])
+    with_convs = runner.invoke(main, ["optimize", cnn_path, "-o", str(tmp_path / "cnn_out.onnx"), "--target", "macs"])
     assert with_convs.exit_code == 0 and "GDWS rewrite" in with_convs.output, with_convs.output
 
 
@@ -109,17 +109,17 @@ def test_conv_off_rewrites_fc_only_and_says_the_budget_went_to_fc(cnn_path):
     from builders import small_cnn
 
     model = small_cnn(seed=0)
-    out, report = optimize(model, conv="off", fc="lowrank", error_budget=0.2, force=True, verify=False)
+    out, report = optimize(model, conv="off", fc="lowrank", error_budget=0.2, force=True, verify=False, target="macs")
     assert not report.rewritten and all("conv pass is off" in layer.reason for layer in report.layers)
     assert sum(n.op_type == "Conv" for n in out.graph.node) == sum(n.op_type == "Conv" for n in model.graph.node)
     assert "FC layers" in report.budget.message
     with pytest.raises(Exception, match="conv must be one of auto, gdws, ssvd, off, got 'dense'"):
-        optimize(model, conv="dense")
+        optimize(model, conv="dense", target="macs")
 
 
 def test_exclude_keeps_an_fc_layer_dense_with_the_reason():
     out, report = optimize(mlp(), fc="lowrank", error_budget=0.0, force=True, exclude="^fc1$",
-                           input_shapes={"x": [4, 64]})
+                           input_shapes={"x": [4, 64]}, target="macs")
     assert ("fc1", "matched by the exclude pattern") in report.fc.skipped
     assert "fc1" not in {layer.name for layer in report.fc.layers} and "fc0" in {l.name for l in report.fc.layers}
     assert any(n.name == "fc1" and n.op_type == "MatMul" for n in out.graph.node)

@@ -38,7 +38,7 @@ def model():
 def rewritten(model):
     from gdws_onnx import optimize
 
-    out, _ = optimize(model, error_budget=0.6, skip_first=False)
+    out, _ = optimize(model, error_budget=0.6, skip_first=False, target="macs")
     return out
 
 

@@ -165,7 +165,7 @@ def test_cli_forward_method_writes_what_optimize_accepts(runner, tmp_path):
     assert meta["samples"] == 24 and set(meta["layer_sensitivity"]) == set(alphas)
     o = tmp_path / "o.onnx"
     r = runner.invoke(main, ["optimize", str(model), "-o", str(o), "--alphas", str(out), "--error-budget", "0.2",
-                             "--no-skip-first"], catch_exceptions=False)
+                             "--no-skip-first", "--target", "macs"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["sensitivity", str(model), "--data", str(data), "--method", "forward", "--draws", "0",
                              "-o", str(out)], catch_exceptions=False)

@@ -214,9 +214,9 @@ def test_latency_budget_search_meets_the_target(tmp_path):
 
 
 def test_budget_achieved_is_in_the_budget_s_unit():
-    _, rep = optimize(_model(), mac_reduction=1.3, verify=False)
+    _, rep = optimize(_model(), mac_reduction=1.3, verify=False, target="macs")
     assert rep.budget.achieved == rep.mac_reduction >= 1.3 * (1 - 1e-3)
-    _, rep = optimize(_model(), error_budget=0.2, verify=False)
+    _, rep = optimize(_model(), error_budget=0.2, verify=False, target="macs")
     assert rep.budget.achieved == max(x.relative_error for x in rep.rewritten) <= 0.2
 
 
@@ -297,7 +297,7 @@ def test_missing_or_unknown_ep_is_a_clear_error(runner, cnn_path):
 
 def test_bench_cli_reports_interleaved_ratios_and_profile(runner, cnn_path, tmp_path):
     out = tmp_path / "o.onnx"
-    assert runner.invoke(main, ["optimize", cnn_path, "-o", str(out), "--error-budget", "0.3", "-q"]).exit_code == 0
+    assert runner.invoke(main, ["optimize", cnn_path, "-o", str(out), "--error-budget", "0.3", "-q", "--target", "macs"]).exit_code == 0
     rep = tmp_path / "b.json"
     r = runner.invoke(main, ["bench", cnn_path, str(out), "--batch", "1,2", "--runs", "3", "--warmup", "1",
                              "--profile", "--report", str(rep)])
@@ -409,7 +409,7 @@ def test_mismatch_budget_under_target_latency_keeps_the_allocated_ranks_where_fa
     names = [s.name for s in find_convs(model)][1:]
     rng = np.random.default_rng(0)
     alphas = {s.name: 1e-3 * (rng.random(s.in_channels) + 0.5) for s in find_convs(model)[1:]}
-    _, by_macs = optimize(model, mismatch_budget=0.05, alphas=alphas, verify=False)
+    _, by_macs = optimize(model, mismatch_budget=0.05, alphas=alphas, verify=False, target="macs")
     allocated = {layer.name: layer.total_rank for layer in by_macs.rewritten}
     assert allocated, "the allocation rewrites some layer"
     slow = names[-1]

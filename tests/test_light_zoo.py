@@ -25,7 +25,7 @@ def test_zoo_is_present():
 def test_light_model_optimizes(name):
     path = os.path.join(LIGHT_ZOO, name)
     original = onnx.load(path)
-    out, report = optimize(path, error_budget=0.1)
+    out, report = optimize(path, error_budget=0.1, target="macs")
     onnx.checker.check_model(out, full_check=True)
     assert out.ir_version == original.ir_version
     assert [(o.domain, o.version) for o in out.opset_import] == [(o.domain, o.version) for o in original.opset_import]
@@ -37,5 +37,5 @@ def test_light_model_optimizes(name):
 
 @pytest.mark.parametrize("name", _params(["light_vgg19.onnx", "light_resnet50.onnx", "light_inception_v1.onnx"]))
 def test_light_model_full_rank_is_exact(name):
-    out, report = optimize(os.path.join(LIGHT_ZOO, name), error_budget=0.0, force=True, max_error=1e-5)
+    out, report = optimize(os.path.join(LIGHT_ZOO, name), error_budget=0.0, force=True, max_error=1e-5, target="macs")
     assert report.rewritten and report.verification.passed, report.verification.outputs

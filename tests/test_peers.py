@@ -283,7 +283,7 @@ def test_int8_runs_and_agrees_with_the_float_model(cnn):
 
 
 def test_int8_of_a_gdws_model(cnn):
-    gdws, report = optimize(cnn, error_budget=0.05, force=True, verify=False)  # random weights: no MAC cut
+    gdws, report = optimize(cnn, error_budget=0.05, force=True, verify=False, target="macs")  # random weights: no MAC cut
     assert any(layer.status == "rewritten" for layer in report.layers)
     assert "Gather" in {n.op_type for n in gdws.graph.node}
     rng = np.random.default_rng(1)

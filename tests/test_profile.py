@@ -140,7 +140,7 @@ def test_table_misuse_is_one_error_exit_2_and_no_output(runner, tmp_path):
     from builders import small_cnn
     onnx.save(small_cnn(channels=(8, 24, 24), size=10), other)
     cases = [
-        (["optimize", str(path), "-o", str(res), "--latency-table", str(out)], "--latency-table needs --target"),
+        (["optimize", str(path), "-o", str(res), "--latency-table", str(out), "--target", "macs"], "--latency-table needs --target"),
         (["optimize", str(path), "-o", str(res), "--target", "latency", "--latency-table", str(out), "--batch", "32"],
          "not at [32]: give --batch"),
         (["optimize", str(path), "-o", str(res), "--target", "latency", "--latency-table", str(bad)], "is not JSON"),

@@ -250,7 +250,7 @@ def test_optimize_mismatch_budget_monotone_and_report_bound():
     alphas = _scaled_alphas(model, _x(32))
     prev, rewritten = None, 0
     for p in (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.7, 0.95):
-        _, rep = optimize(model, mismatch_budget=p, alphas=alphas, skip_first=False, verify=False)
+        _, rep = optimize(model, mismatch_budget=p, alphas=alphas, skip_first=False, verify=False, target="macs")
         assert rep.budget.mode == "mismatch" and rep.predicted_mismatch is not None
         assert rep.predicted_mismatch <= p * (1 + 1e-9)
         if prev is not None:

@@ -54,14 +54,14 @@ def test_inspect_and_mac_reduction_with_given_input_shape(tmp_path):
 
 
 def test_run_time_pads_through_the_pipeline():
-    _, report = optimize(padded_cnn("input_shape", size=30), mac_reduction=1.5, skip_first=False, verify=False)
+    _, report = optimize(padded_cnn("input_shape", size=30), mac_reduction=1.5, skip_first=False, verify=False, target="macs")
     assert report.mac_reduction >= 1.5 * (1 - 1e-3) and [layer.pixels for layer in report.layers] == [900] * 3
 
 
 def test_unknown_input_dims_ask_for_the_flag():
     model = padded_cnn("input_shape", dynamic_hw=True)
     with pytest.raises(GDWSError, match=r"input_shapes x:\?,1,\?,\?"):  # the parameter, not the CLI flag
-        optimize(model, mac_reduction=2, verify=False)
+        optimize(model, mac_reduction=2, verify=False, target="macs")
 
 
 def test_error_does_not_ask_for_a_flag_that_was_given(tmp_path):

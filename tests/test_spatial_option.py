@@ -27,7 +27,7 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 
 def test_the_same_model_as_the_pass_verified_and_reported():
     model = small_cnn()
-    out, report = optimize(model, conv="ssvd", mac_reduction=1.5)
+    out, report = optimize(model, conv="ssvd", mac_reduction=1.5, target="macs")
     copy = onnx.ModelProto.FromString(model.SerializeToString())
     expected = SpatialSVDPass(mac_reduction=1.5).call(copy).model
     assert out.graph == expected.graph  # the pass itself (its exactness: tests/test_peers.py)
@@ -50,7 +50,7 @@ def test_the_same_model_as_the_pass_verified_and_reported():
 
 def test_int8_after_spatial_svd_wraps_every_conv(tmp_path):
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).random((32, 3, 12, 12)).astype(np.float32))
-    out, report = optimize(small_cnn(), conv="ssvd", mac_reduction=1.5, quantize="int8", data=str(tmp_path / "x.npz"))
+    out, report = optimize(small_cnn(), conv="ssvd", mac_reduction=1.5, quantize="int8", data=str(tmp_path / "x.npz"), target="macs")
     coverage = int8_coverage(out)
     assert len(coverage.convs) == 5 and len(coverage.wrapped) == 5
     assert report.quantize is not None and report.verification.ran
@@ -72,14 +72,14 @@ def test_gdws_options_are_refused_naming_both(options, params):
 def test_cli(tmp_path, cnn_path):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     r = CliRunner().invoke(main, ["optimize", cnn_path, "-o", str(out), "--conv", "ssvd", "--mac-reduction", "1.5",
-                                  "--report", str(rep)])
+                                  "--report", str(rep), "--target", "macs"])
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and out.exists(), r.output
     assert "spatial SVD rewrite" in text and "first conv (--no-skip-first to include)" in text
     assert "2/3 rewritten, conv MACs / 1.50" in text
     assert json.loads(rep.read_text())["spatial_svd"]["layers"]
     r = CliRunner().invoke(main, ["optimize", cnn_path, "-o", str(tmp_path / "x.onnx"), "--conv", "ssvd",
-                                  "--width-multiple", "8"])
+                                  "--width-multiple", "8", "--target", "macs"])
     assert r.exit_code == 2 and "--conv ssvd cannot go with --width-multiple" in r.output
     assert not (tmp_path / "x.onnx").exists()
 
@@ -93,7 +93,7 @@ def test_error_budget_per_layer_and_as_inspect_promised(tmp_path):
     path = str(tmp_path / "cnn.onnx")
     onnx.save(small_cnn(seed=3, channels=(16, 32, 32)), path)
     for eps in (0.2, 0.4):
-        out, report = optimize(path, conv="ssvd", error_budget=eps, skip_first=False)
+        out, report = optimize(path, conv="ssvd", error_budget=eps, skip_first=False, target="macs")
         expected = SpatialSVDPass(error_budget=eps, skip_first=False).call(onnx.load(path)).model
         assert out.graph == expected.graph and report.verification.passed
         rewritten = [x for x in report.spatial_svd["layers"] if x["status"] == "rewritten"]
@@ -102,5 +102,5 @@ def test_error_budget_per_layer_and_as_inspect_promised(tmp_path):
         assert report.budget.mode == "error" and report.budget.target == eps
         assert report.budget.achieved == pytest.approx(max(x["relative_error"] for x in rewritten))
         assert report.mac_reduction == pytest.approx(model_cut(inspect_model(path, error=eps), "spatial_svd"))
-    _, default = optimize(path, conv="ssvd", verify=False)
+    _, default = optimize(path, conv="ssvd", verify=False, target="macs")
     assert default.budget.mode == "error" and default.budget.target == DEFAULT_ERROR_BUDGET

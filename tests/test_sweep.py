@@ -55,7 +55,7 @@ def done(files, tmp_path_factory):
 
 
 def test_budget_and_peer_specs():
-    assert parse_budget("error:0.05") == {"error_budget": 0.05}
+    assert parse_budget("error:0.05") == {"error_budget": 0.05, "target": "macs"}  # planned by MACs, timed by the sweep
     assert parse_budget("latency:1.2") == {"latency_reduction": 1.2, "target": "latency"}
     assert parse_peer("uniform:3") == ("uniform", 3)
     assert parse_peer("ssvd") == ("ssvd", None) and parse_peer("prune:2.5") == ("prune", 2.5)
@@ -120,10 +120,10 @@ def test_every_point_measured(done, files):
     assert orig.conv_mac_reduction == pytest.approx(1.0) and orig.agreement == 1.0
     # the GDWS points are the budgets asked for ("error:0.05", "mac:1.3"), each met
     gdws = {json.dumps(p.params, sort_keys=True): p for p in by_method["gdws"]}
-    assert set(gdws) == {'{"error_budget": 0.05}', '{"mac_reduction": 1.3}'}
-    assert gdws['{"mac_reduction": 1.3}'].conv_mac_reduction >= 1.3
-    expected, _ = optimize(onnx.load(model_path), error_budget=0.05, skip_first=False, verify=False)
-    assert gdws['{"error_budget": 0.05}'].conv_macs == _conv_macs(expected)  # 0.05 pays off nowhere here; 0.1 would
+    assert set(gdws) == {'{"error_budget": 0.05, "target": "macs"}', '{"mac_reduction": 1.3, "target": "macs"}'}
+    assert gdws['{"mac_reduction": 1.3, "target": "macs"}'].conv_mac_reduction >= 1.3
+    expected, _ = optimize(onnx.load(model_path), error_budget=0.05, skip_first=False, verify=False, target="macs")
+    assert gdws['{"error_budget": 0.05, "target": "macs"}'].conv_macs == _conv_macs(expected)  # 0.05 pays off nowhere here; 0.1 would
     # spatial SVD and pruning are placed at the MACs of each GDWS point that reduced them
     gd = {round(p.conv_mac_reduction, 4) for p in by_method["gdws"] if p.conv_mac_reduction > 1}
     assert {p.params["mac_reduction"] for p in by_method["ssvd"]} == gd
@@ -403,7 +403,7 @@ FC_BUDGETS = ("error:0.1", "mac:2")
 
 def test_fc_peer_specs():
     assert parse_peer("fc-kronecker") == ("fc-kronecker", None) and parse_peer("fc-lowrank") == ("fc-lowrank", None)
-    assert parse_fc_budget("mac:2") == {"mac_reduction": 2.0}
+    assert parse_fc_budget("mac:2") == {"mac_reduction": 2.0, "target": "macs"}
     for bad in ("latency:1.2", "error:x", "mac"):
         with pytest.raises(GDWSError):
             parse_fc_budget(bad)
@@ -413,10 +413,10 @@ def test_fc_peer_specs():
     opts = SweepOptions(budgets=(), peers=("fc-kronecker", "fc-lowrank"), fc_budgets=FC_BUDGETS)
     specs = [(s.method, s.params, s.label) for s in plan_points(opts)]
     assert specs == [("original", {}, "original"),
-                     ("fc-kronecker", {"error_budget": 0.1}, "fc-kronecker error:0.1"),
-                     ("fc-kronecker", {"mac_reduction": 2.0}, "fc-kronecker mac:2"),
-                     ("fc-lowrank", {"error_budget": 0.1}, "fc-lowrank error:0.1"),
-                     ("fc-lowrank", {"mac_reduction": 2.0}, "fc-lowrank mac:2")]
+                     ("fc-kronecker", {"error_budget": 0.1, "target": "macs"}, "fc-kronecker error:0.1"),
+                     ("fc-kronecker", {"mac_reduction": 2.0, "target": "macs"}, "fc-kronecker mac:2"),
+                     ("fc-lowrank", {"error_budget": 0.1, "target": "macs"}, "fc-lowrank error:0.1"),
+                     ("fc-lowrank", {"mac_reduction": 2.0, "target": "macs"}, "fc-lowrank mac:2")]
 
 
 @pytest.fixture(scope="module")
@@ -534,7 +534,7 @@ def test_named_points_matched_peers_and_quantized_samples(files, tmp_path):
     assert "gdws error:0.05 + int8" not in res  # matched peers only at --match-at points
     assert [p.params["mac_reduction"] for p in res.values() if p.method == "ssvd"] == \
         [round(res["gdws w8"].conv_mac_reduction, 4)]
-    direct, _ = optimize(onnx.load(model), mac_reduction=1.5, width_multiple=4, skip_first=False, verify=False)
+    direct, _ = optimize(onnx.load(model), mac_reduction=1.5, width_multiple=4, skip_first=False, verify=False, target="macs")
     assert res["gdws w8"].conv_macs == _conv_macs(direct)
     assert res["gdws w8"].params == {"mac_reduction": 1.5, "width_multiple": 4}
     for label in ("int8", "original+square", "gdws w8 + int8"):
@@ -568,14 +568,14 @@ def test_within_needs_clean_and_robust_and_verdict_needs_a_bound():
 def test_a_named_point_that_optimize_quantizes_is_a_quantized_gdws_point(files, tmp_path):
     model, data = files
     opts = small_options(data, budgets=(), peers=(), n_quantized=8,
-                         points=(("q", {"error_budget": 0.2, "quantize": "int8", "data": data}),))
+                         points=(("q", {"error_budget": 0.2, "quantize": "int8", "data": data, "target": "macs"}),))
     assert [s.label for s in plan_points(opts)] == ["original", "original+square", "gdws q"]
     res = {p.label: p for p in sweep(model, str(tmp_path), opts).points}
     q = res["gdws q"]
     assert q.status == "ok", q.error
     assert q.method == "gdws+int8" and q.reference == "original+square" and q.samples == 8
     assert "square" in q.robust_by_attack
-    direct, _ = optimize(onnx.load(model), error_budget=0.2, skip_first=False, verify=False)
+    direct, _ = optimize(onnx.load(model), error_budget=0.2, skip_first=False, verify=False, target="macs")
     assert q.conv_macs == _conv_macs(direct) < res["original"].conv_macs
     saved = onnx.load(os.path.join(str(tmp_path), q.model_file))
     assert "QuantizeLinear" in {n.op_type for n in saved.graph.node}
@@ -587,8 +587,8 @@ def test_spatial_svd_named_points_float_and_int8(files, tmp_path):
     from gdws_onnx.cli.sweep import parse_point
 
     model, data = files
-    label, params = parse_point("e0.3: --conv ssvd --error-budget 0.3 --no-skip-first")
-    assert params == {"conv": "ssvd", "error_budget": 0.3, "skip_first": False}
+    label, params = parse_point("e0.3: --conv ssvd --error-budget 0.3 --no-skip-first --target macs")
+    assert params == {"conv": "ssvd", "error_budget": 0.3, "skip_first": False, "target": "macs"}
     opts = small_options(data, budgets=(), peers=(), n_quantized=8,
                          points=((label, params), ("e0.3 int8", {**params, "quantize": "int8", "data": data})))
     assert [(s.label, s.method) for s in plan_points(opts)] == [
@@ -598,7 +598,7 @@ def test_spatial_svd_named_points_float_and_int8(files, tmp_path):
     res = {p.label: p for p in result.points}
     f, q = res["ssvd e0.3"], res["ssvd e0.3 int8"]
     assert f.status == q.status == "ok", (f.error, q.error)
-    direct, report = optimize(onnx.load(model), conv="ssvd", error_budget=0.3, skip_first=False, verify=False)
+    direct, report = optimize(onnx.load(model), conv="ssvd", error_budget=0.3, skip_first=False, verify=False, target="macs")
     assert f.conv_macs == _conv_macs(direct) == report.conv_macs_after < res["original"].conv_macs
     assert q.conv_macs == f.conv_macs and q.reference == "original+square" and q.samples == 8
     assert "square" in q.robust_by_attack
@@ -622,3 +622,33 @@ def test_a_gdws_point_with_no_conv_rewritten_says_so():
     assert unchanged_note(q) == ""
     q.method, q.conv_mac_reduction = "int8", 1.0
     assert unchanged_note(q) == ""
+
+
+# -- accuracy in shards, here or on Ray (issue 26) --------------------------------------------
+
+
+def _accuracy(result) -> dict:
+    return {p.label: (p.samples, p.clean, p.robust, p.robust_by_attack, p.agreement, p.robust_mcnemar_p)
+            for p in result.points}
+
+
+def test_sweep_in_shards_gives_the_same_numbers_here_and_on_ray(files, ray_local, tmp_path):
+    """shard_size: every point's accuracy in seeded shards, as `evaluate` does; the numbers are the
+    same whether the shards run in this process or as Ray tasks, and latency is timed here."""
+    from gdws_onnx.eval.ray_runner import RayRunner
+
+    model, data = files
+    opts = dict(budgets=("error:0.05",), peers=(), shard_size=N // 2)
+    here = sweep(model, str(tmp_path / "here"), small_options(data, **opts))
+    on_ray = sweep(model, str(tmp_path / "ray"), small_options(data, **opts), runner=RayRunner(threads=1))
+    assert _accuracy(here) == _accuracy(on_ray) and len(here.points) == 2
+    assert all(p.status == "ok" and p.samples == N and p.latency for p in on_ray.points)
+    with pytest.raises(GDWSError, match="shard_size"):
+        sweep(model, str(tmp_path / "x"), small_options(data, **{**opts, "shard_size": None}),
+              runner=RayRunner(threads=1))
+
+
+def test_sweep_workers_without_ray_exits_2(files, tmp_path):
+    model, data = files
+    r = CliRunner().invoke(main, ["sweep", model, "--data", data, "--n", "4", "--out", str(tmp_path), "--workers", "2"])
+    assert r.exit_code == 2 and "--workers needs --ray" in r.output, r.output

@@ -29,7 +29,7 @@ def test_full_rank_rewrite_of_zoo_model_is_exact(data, path, convs):
     if not path.is_file():
         pytest.skip(f"{path.name} not present")
     model = onnx.load(str(path))
-    out, rep = optimize(model, error_budget=0.0, force=True, skip_first=False, verify=False)
+    out, rep = optimize(model, error_budget=0.0, force=True, skip_first=False, verify=False, target="macs")
     assert len(rep.rewritten) == convs
     x = data[0]
     ref = make_session(model).run(None, {"input": x})[0]
@@ -41,7 +41,7 @@ def test_full_rank_rewrite_of_zoo_model_is_exact(data, path, convs):
 def test_small_error_budget_keeps_robustness(data):
     pytest.importorskip("torch")
     model = onnx.load(str(VGG))
-    out, rep = optimize(model, error_budget=0.05)
+    out, rep = optimize(model, error_budget=0.05, target="macs")
     assert len(rep.rewritten) == 6 and all(lay.relative_error <= 0.05 + 1e-9 for lay in rep.rewritten)
     assert rep.mac_reduction > 1
     v = rep.verification  # measured in ORT on random inputs (`passed` is only a gate with max_error)
@@ -63,7 +63,7 @@ def test_optimize_verifies_on_a_data_set_spec(tmp_path, fashion_mnist):
 
     out = tmp_path / "o.onnx"
     r = CliRunner().invoke(main, ["optimize", str(VGG), "-o", str(out), "--error-budget", "0.05",
-                                  "--data", "fashion-mnist:test", "--report", str(tmp_path / "r.json")])
+                                  "--data", "fashion-mnist:test", "--report", str(tmp_path / "r.json"), "--target", "macs"])
     assert r.exit_code == 0, r.output
     assert "first 256 samples of fashion-mnist:test" in r.output
     import json
@@ -71,5 +71,5 @@ def test_optimize_verifies_on_a_data_set_spec(tmp_path, fashion_mnist):
     agreement = json.loads((tmp_path / "r.json").read_text())["verification"]["outputs"][0]["top1_agreement"]
     assert agreement >= 0.97
     bad = tmp_path / "bad.onnx"
-    r = CliRunner().invoke(main, ["optimize", str(VGG), "-o", str(bad), "--data", "nope:x"])
+    r = CliRunner().invoke(main, ["optimize", str(VGG), "-o", str(bad), "--data", "nope:x", "--target", "macs"])
     assert r.exit_code == 2 and "unknown data set" in r.output and not bad.exists()

@@ -81,7 +81,7 @@ def gdws_of(model: onnx.ModelProto, error_budget: float = 0.05) -> onnx.ModelPro
     """The GDWS-rewritten model (every eligible conv, the first included)."""
     from gdws_onnx import optimize
 
-    out, report = optimize(model, error_budget=error_budget, force=True, skip_first=False, verify=False)
+    out, report = optimize(model, error_budget=error_budget, force=True, skip_first=False, verify=False, target="macs")
     assert report.rewritten, "nothing was rewritten"
     return out
 

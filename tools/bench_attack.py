@@ -47,7 +47,7 @@ def main() -> None:
     a = ap.parse_args()
     ds = load_dataset("fashion-mnist:test", n=a.n)
     model = onnx.load(a.model)
-    gdws, _ = optimize(model, error_budget=a.gdws_error_budget, verify=False)
+    gdws, _ = optimize(model, error_budget=a.gdws_error_budget, target="macs", verify=False)
     rows = [run(model, "original", ds.x, ds.y, a.source, a.batch, a.steps),
             run(gdws, f"GDWS (error budget {a.gdws_error_budget})", ds.x, ds.y, a.source, a.batch, a.steps)]
     print(json.dumps(environment(BenchConfig())))

@@ -83,7 +83,7 @@ def main() -> None:
     for spec in a.models:
         name, m = _load(spec)
         rows += compare(name, m, a.batch, a.runs)
-        g, _ = optimize(m, error_budget=a.error_budget, verify=False)
+        g, _ = optimize(m, error_budget=a.error_budget, target="macs", verify=False)
         rows += compare(name + " (GDWS)", g, a.batch, a.runs)
     import torch
 

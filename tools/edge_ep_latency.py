@@ -76,7 +76,7 @@ def main() -> None:
     rows = []
     for path in a.models:
         model = onnx.load(path)
-        gdws, _ = optimize(model, verify=False)
+        gdws, _ = optimize(model, target="macs", verify=False)
         gdws_lat, rep = latency_target(model, a.ep, batches, a.threads)
         int8 = QuantizeInt8Pass(x[:256]).call(onnx.ModelProto.FromString(model.SerializeToString())).model
         row = {"model": os.path.basename(path), "ratios": {}, "original_ms": {},

@@ -19,7 +19,7 @@ G=out/sweep_vgg16/models/gdws_fwd_mismatch_0.01.onnx
 S=out/sweep_vgg16/models/ssvd_mac_8.onnx
 mkdir -p "$OUT" "$(dirname $G)"
 [ -f $A ] || onnx-gdws sensitivity $M -o $A --method forward --data fashion-mnist:train --n 256 --threads 1
-[ -f $G ] || onnx-gdws optimize $M -o $G --alphas $A --width-multiple 16 --mismatch-budget 0.01 --threads 1
+[ -f $G ] || onnx-gdws optimize $M -o $G --alphas $A --width-multiple 16 --mismatch-budget 0.01 --target macs --threads 1
 [ -f $S ] || onnx-gdws optimize $M -o $S --conv ssvd --mac-reduction 8 --threads 1
 case "${RAY:-}" in
     "") RAY_FLAG="" ;;

@@ -12,16 +12,16 @@ M=models/vgg16_fmnist_fgsm.onnx
 A=out/vgg16/alphas_forward.npz
 mkdir -p out/vgg16
 [ -f $A ] || onnx-gdws sensitivity $M -o $A --method forward --data fashion-mnist:train --n 256 --threads 1
-FWD="--alphas $A --width-multiple 16"
+FWD="--alphas $A --width-multiple 16"  # points planned by MACs unless they say --target latency
 DA="--data-aware 1.0 --data fashion-mnist:train"
 INT8="--quantize int8 --data fashion-mnist:train"  # timed against INT8 alone
 onnx-gdws sweep $M --n 1000 --n-quantized 200 --threads 1 --runs 50 --batch 1,32 --out "$OUT" \
     --budget error:0.02 --budget error:0.05 --budget error:0.1 --budget error:0.2 \
-    --point "fwd mismatch 0.002: $FWD --mismatch-budget 0.002" \
-    --point "fwd mismatch 0.005: $FWD --mismatch-budget 0.005" \
-    --point "fwd mismatch 0.01: $FWD --mismatch-budget 0.01" \
-    --point "data-aware+fwd mismatch 0.002: $DA $FWD --mismatch-budget 0.002" \
-    --point "data-aware+fwd mismatch 0.005: $DA $FWD --mismatch-budget 0.005" \
+    --point "fwd mismatch 0.002: $FWD --mismatch-budget 0.002 --target macs" \
+    --point "fwd mismatch 0.005: $FWD --mismatch-budget 0.005 --target macs" \
+    --point "fwd mismatch 0.01: $FWD --mismatch-budget 0.01 --target macs" \
+    --point "data-aware+fwd mismatch 0.002: $DA $FWD --mismatch-budget 0.002 --target macs" \
+    --point "data-aware+fwd mismatch 0.005: $DA $FWD --mismatch-budget 0.005 --target macs" \
     --point "fwd mismatch 0.005 latency: $FWD --mismatch-budget 0.005 --target latency" \
     --point "fwd mismatch 0.01 latency: $FWD --mismatch-budget 0.01 --target latency" \
     --point "fwd mismatch 0.02 latency: $FWD --mismatch-budget 0.02 --target latency" \

@@ -44,7 +44,7 @@ def main() -> None:
           " | ".join(f"latency ratio b{b} [p10-p90]" for b in a.batch.split(",")) + " |")
     print("|---|---|---|---|" + "---|" * len(a.batch.split(",")))
     for eps in [float(e) for e in a.budgets.split(",")]:
-        variants = {str(m): optimize(original, error_budget=eps, width_multiple=m, verify=False) for m in multiples}
+        variants = {str(m): optimize(original, error_budget=eps, width_multiple=m, target="macs", verify=False) for m in multiples}
         if a.fold:
             for m in multiples:
                 model, rep = variants[str(m)]

@@ -33,10 +33,7 @@ def _options(spec: str) -> dict:
     kind, _, value = spec.partition(":")
     if kind not in KINDS:
         raise SystemExit(f"--budget {spec}: expected error:EPS, mac:R or latency:R")
-    opts = {KINDS[kind]: float(value)}
-    if kind == "latency":
-        opts["target"] = "latency"
-    return opts
+    return {KINDS[kind]: float(value), "target": "latency" if kind == "latency" else "macs"}
 
 
 def row(model: onnx.ModelProto, spec: str, n: int, batches: list[int], runs: int) -> dict:

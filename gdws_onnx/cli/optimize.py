@@ -12,7 +12,7 @@ from gdws_onnx.cli.render import optimize_summary
 from gdws_onnx.errors import GateFailed
 from gdws_onnx.graph.model_io import check_output_path, load_model, save_model
 from gdws_onnx.pipeline.optimize import OptimizeOptions, optimize_loaded
-from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_AUTO_ERROR_BUDGET, DEFAULT_ERROR_BUDGET
+from gdws_onnx.pipeline.options import CONV_REWRITES, DEFAULT_AUTO_ERROR_BUDGET, DEFAULT_ERROR_BUDGET, DEFAULT_PAYOFF
 
 
 PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken this long
@@ -24,8 +24,13 @@ PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken 
 @click.option("-o", "--output", required=True, help="Path of the optimized model.")
 @click.option("--error-budget", type=float, default=None,
               help="Per-layer relative weight error ||W - W'||^2 / ||W||^2, 0 <= EPS < 1 (default "
-                   f"{DEFAULT_AUTO_ERROR_BUDGET} with --conv auto, measured safe on every robust zoo model; "
+                   f"{DEFAULT_AUTO_ERROR_BUDGET} with --conv auto, spent only where it pays (--payoff), measured safe on every "
+                   "robust zoo model; "
                    f"{DEFAULT_ERROR_BUDGET} otherwise); with --fc also each FC weight's.")
+@click.option("--payoff", type=float, default=None, metavar="K",
+              help=f"--conv auto (and ssvd) under --target latency: a layer takes relative weight error e only in "
+                   f"a form that runs at most 1 - K e of its dense time (upper 95 % bound), so error is spent where "
+                   f"it buys speed (default {DEFAULT_PAYOFF:g}; 0: any measurably faster form within the budget).")
 @click.option("--mac-reduction", type=float, default=None,
               help="Divide the model's total conv MACs by R, ranks allocated across layers (--target macs; "
                    "with --fc, each FC layer's MACs by R too).")
@@ -37,8 +42,10 @@ PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken 
               help="Every input channel keeps G terms (1 = plain depthwise-separable); a baseline, not a budget.")
 @click.option("--alphas", type=str, default=None,
               help="Per-layer, per-channel error weights: .json or .npz keyed by conv name.")
-@click.option("--target", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
-              help="Decide by MAC counts, or by latency measured on --ep (never returns a slower model).")
+@click.option("--target", type=click.Choice(["latency", "macs"]), default=None,
+              help="Decide by latency measured on --ep (the default: never returns a slower model), or by MAC "
+                   "counts (the default with --mac-reduction or --uniform-rank), for planning on a host that is "
+                   "not the device: fewer MACs are not always faster, so --target macs can return a slower model.")
 @click.option("--latency-reduction", type=float, default=None,
               help="With --target latency: divide the measured whole-model latency by R.")
 @args.TIMING(ep={"help": "Execution provider to measure on (--target latency)."},
@@ -61,7 +68,7 @@ PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken 
 @click.option("--conv", type=click.Choice(list(CONV_REWRITES)), default=None,
               help="The Conv rewrite. auto (the default under --target latency): per conv, the fastest "
                    "measurably faster form of every family (GDWS, spatial SVD, Tucker-2) within the per-layer "
-                   f"error budget (default {DEFAULT_AUTO_ERROR_BUDGET}); gdws (the default under --target macs, or "
+                   f"error budget (default {DEFAULT_AUTO_ERROR_BUDGET}) where the form pays for it (--payoff); gdws (the default under --target macs, or "
                    "with a GDWS-only option); "
                    "ssvd, spatial SVD (k x 1 then 1 x k convs; under --target macs at --mac-reduction, or per "
                    f"layer at --error-budget, default {DEFAULT_ERROR_BUDGET}; under --target latency as auto "

@@ -79,7 +79,8 @@ def optimize_table(report: OptimizeReport):
                    f"[{lat.get('confidence', 0.95):.0%} confidence interval of the median] over interleaved "
                    f"rounds; a layer is kept only if the whole interval is below {lat.get('layer_threshold', 1):g}")
     families = sorted({layer.family for layer in report.rewritten})
-    title = "GDWS rewrite" if families in ([], ["gdws"]) else f"conv rewrite ({', '.join(families)})"
+    gdws_only = families == ["gdws"] or (not families and report.options.get("conv", "gdws") == "gdws")
+    title = "GDWS rewrite" if gdws_only else f"conv rewrite ({', '.join(families) or 'none'})"
     t = Table(title=title, show_lines=False, caption=caption, caption_justify="left")
     for col, justify in (("conv", "left"), ("kernel", "left"), ("C->M (g)", "left"),
                          ("G/max" if title == "GDWS rewrite" else "rank/max", "right"),

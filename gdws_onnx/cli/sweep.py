@@ -9,8 +9,10 @@ import click
 
 from gdws_onnx.cli import args
 from gdws_onnx.cli.common import flag_of, handle_errors, progress_reporter, stdout_console
+from gdws_onnx.cli.evaluate import runner_of
 from gdws_onnx.errors import GDWSError, render_text
 from gdws_onnx.eval.attacks import ATTACKS
+from gdws_onnx.eval.sharded import DEFAULT_SHARD_SIZE
 from gdws_onnx.sweep.report import require_matplotlib, summary, time_lines, write_report
 from gdws_onnx.sweep.plan import DEFAULT_BUDGETS, DEFAULT_FC_BUDGETS, DEFAULT_PEERS, SweepOptions
 from gdws_onnx.sweep.run import sweep
@@ -56,6 +58,14 @@ from gdws_onnx.sweep.run import sweep
              threads={"help": "Intra-op threads (default: ORT's)."},
              runs={"default": 50, "help": "Interleaved timing rounds per point."})
 @click.option("--skip-first/--no-skip-first", default=True, show_default=True)
+@args.SHARDS(shard_size={"default": None, "show_default": False,
+                         "help": "Evaluate each point's accuracy in shards of N samples, each seeded from --seed and "
+                                 "its index as `evaluate` does (default: in one piece; 100 with --ray). The numbers "
+                                 "depend on N, never on where the shards run."},
+             ray_address={"help": "Run the accuracy shards as Ray tasks (pip install \"onnx-gdws[ray]\"): alone, "
+                                  "RAY_ADDRESS or a local instance; 'auto' a running `ray start` cluster; HOST:PORT "
+                                  "that cluster. Latency is always timed here, on this machine. Put it after the "
+                                  "arguments, or write --ray=ADDRESS."})
 @click.option("--retime", is_flag=True,
               help="Re-measure the latency of finished points (keeps their accuracy), e.g. on a quieter machine.")
 @click.option("--retry-failed", is_flag=True,
@@ -64,7 +74,7 @@ from gdws_onnx.sweep.run import sweep
 @click.option("--out", "out_dir", required=True, help="Folder for points/, models/, sweep.json and the report.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, points, peers, fc_budgets,
-              timing: args.TimingArgs, out_dir, quiet, **options) -> None:
+              timing: args.TimingArgs, shards: args.ShardArgs, out_dir, quiet, **options) -> None:
     """Optimize MODEL at a ladder of budgets, build the peers, measure every point the same way
     (clean and robust accuracy, MACs, size, interleaved latency ratio) and write a report.
 
@@ -78,12 +88,15 @@ def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, poin
                         peers=tuple(p for p in (peers or DEFAULT_PEERS) if p != "none"),
                         fc_budgets=tuple(fc_budgets) or DEFAULT_FC_BUDGETS,
                         ep=timing.ep, batches=tuple(timing.batches), runs=timing.runs, threads=timing.threads,
+                        shard_size=shards.shard_size or (DEFAULT_SHARD_SIZE if shards.ray_address is not None else None),
                         **options)
+    opts.check()
+    runner = runner_of(shards, timing.threads) if shards.ray_address is not None or shards.workers else None
     # plain text: no markup, no wrapping; parameters named as flags
     log = None if quiet else (lambda s: click.echo(f"[sweep] {render_text(s, flag_of)}", err=True))
     command = "onnx-gdws sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
     with progress_reporter(quiet) as factory:
-        result = sweep(model, out_dir, opts, command=command, progress=factory, log=log)
+        result = sweep(model, out_dir, opts, command=command, progress=factory, log=log, runner=runner)
     files = write_report(result, out_dir)
     if quiet:
         return

@@ -7,8 +7,9 @@ family (`families.FAMILIES`), under one network-wide accuracy budget; never a sl
     time     each form alone against the dense layer on the target EP, interleaved, cached
              (`measure`: kept only if the whole interval of the median ratio is below FASTER)
     allocate one knapsack over all layers: most measured saving with every layer's relative weight
-             error <= the budget (`allocate.most_saving_within`; with every layer capped at the
-             budget it picks each layer's fastest form within it)
+             error <= the budget, among forms that pay for their error (layer ratio <= 1 - payoff x
+             error: `Measured.pays`) (`allocate.most_saving_within`; with every layer capped at
+             the budget it picks each layer's fastest such form)
     check    the whole model against the original, reverting the worst layers until measurably
              faster (`measure.never_slower`)
 
@@ -17,6 +18,11 @@ shares, and the budget caps it per layer. A network-wide *mean* (layers that buy
 taking more than eps) was measured and rejected as the default: at mean 0.15 the VGG-16 kept
 its accuracy, but the narrow ResNet-18 put 0.35-0.45 on the few layers that were faster and
 lost 45 points of PGD-20 accuracy (docs/auto.md).
+
+The pay-off rule prices that error in the layer's own measured speed: a form at error e is used
+only if it runs at most 1 - payoff x e of the dense layer's time (default 4: at 0.15, 0.4). Wide
+layers with room pass it easily (the VGG-16's forms run at 0.1-0.44); layers whose forms buy little
+(the narrow zoo models': 0.65-0.95 at 0.1-0.15) stay dense instead of losing robust accuracy.
 """
 
 from __future__ import annotations
@@ -52,6 +58,11 @@ class Measured:
     def faster(self) -> bool:
         """Measurably below FASTER x the dense layer at every batch."""
         return all(faster(r, FASTER) for r in self.ratios.values())
+
+    def pays(self, payoff: float) -> bool:
+        """Worth its error: at every batch the upper bound of the layer ratio is at most
+        1 - payoff x error (payoff 0: any form)."""
+        return all(ratio_of(r).bounds()[1] <= 1 - payoff * self.form.error for r in self.ratios.values())
 
     @property
     def worst(self) -> dict:
@@ -147,11 +158,11 @@ def time_forms(site: ConvSite, forms: list[Form], fams: dict[str, Family], timer
     return out
 
 
-def allocate_forms(choices: list[Choice], eps: float) -> None:
+def allocate_forms(choices: list[Choice], eps: float, payoff: float = 0.0) -> None:
     """Pick each layer's form: most total measured saving with sum of errors <= eps x the number
-    of eligible convs, among forms measurably faster (each within the ladder, so within its cap);
-    sets `picked` or `reason`."""
-    usable = [[m for m in c.measured if m.faster] for c in choices]
+    of eligible convs, among forms measurably faster that pay for their error (`Measured.pays`;
+    each within the ladder, so within its cap); sets `picked` or `reason`."""
+    usable = [[m for m in c.measured if m.faster and m.pays(payoff)] for c in choices]
     table = [[(0.0, 0.0)] + [(m.saving_ms, m.form.error) for m in opts] for opts in usable]
     # error steps of eps / K: a form at the cap takes exactly K steps, so rounding never shuts it out
     steps_per_layer = max(1, -(-KNAPSACK_STEPS // max(len(choices), 1)))
@@ -159,16 +170,22 @@ def allocate_forms(choices: list[Choice], eps: float) -> None:
     for c, opts, j in zip(choices, usable, picks):
         c.picked = opts[j - 1] if j else None
         if c.picked is None:
-            c.reason = not_picked_reason(c)
+            c.reason = not_picked_reason(c, payoff)
 
 
-def not_picked_reason(c: Choice) -> str:
+def not_picked_reason(c: Choice, payoff: float = 0.0) -> str:
     """Why a layer stays dense: no family realizes it with fewer MACs, none of its forms is
-    measurably faster (with the best ratio), or the budget was worth more elsewhere."""
+    measurably faster (with the best ratio), none of those pays for its error, or the budget was
+    worth more elsewhere."""
     if not c.measured:
         why = "; ".join(f"{k}: {v}" for k, v in c.skipped.items())
         return "no family has a form with fewer MACs within the error ladder" + (f" ({why})" if why else "")
-    if any(m.faster for m in c.measured):
+    fast = [m for m in c.measured if m.faster]
+    if fast and not any(m.pays(payoff) for m in fast):
+        best = min(fast, key=lambda m: ratio_of(m.worst).bounds()[1] - (1 - payoff * m.form.error))
+        return (f"no faster form pays for its error (best: {best.form.family} at error {best.form.error:.3f}, layer "
+                f"ratio {format_ratio(best.worst)}; the pay-off rule asks <= {1 - payoff * best.form.error:.2f})")
+    if fast:
         return "its measurably faster forms cost more accuracy budget than they save time"
     best = min(c.measured, key=lambda m: ratio_of(m.worst).bounds()[1])
     return (f"no form measurably faster (best: {best.form.family} rank {best.form.rank}, layer ratio "
@@ -194,7 +211,7 @@ def plan_auto(model: onnx.ModelProto, sites: list[ConvSite], fams: dict[str, Fam
         c.measured = time_forms(site, forms, fams, timers)
         choices[site.name] = c
     timers.cache.save()
-    allocate_forms(list(choices.values()), eps)
+    allocate_forms(list(choices.values()), eps, budget.auto_payoff)
     if run.progress is not None:
         run.progress("whole-model check (never slower)")
     picked = sorted([c for c in choices.values() if c.picked],
@@ -216,13 +233,14 @@ def plan_auto(model: onnx.ModelProto, sites: list[ConvSite], fams: dict[str, Fam
         layers={n: {"options": [m.to_dict() for m in c.measured],
                     "chosen": next((i for i, m in enumerate(c.measured) if m is c.picked), None),
                     "families_skipped": c.skipped} for n, c in choices.items()},
-        checks=check.steps, fold_trials=[], folded=[], message=outcome(picked, check.faster, timing.ep, quantize))
+        checks=check.steps, fold_trials=[], folded=[],
+        message=outcome(picked, list(choices.values()), check.faster, timing.ep, quantize))
     mean = sum(errors_used) / len(choices) if choices else 0.0
     budget_report = BudgetReport(
         mode="error", target=eps, achieved=max(errors_used, default=0.0),
         message=f"budget: per-layer relative weight error ||W - W'||^2 / ||W||^2 <= {min(max(LEVELS) * eps, MAX_LAYER_ERROR):g} "
-                f"in every family (largest {max(errors_used, default=0.0):.4f}, mean over the {len(choices)} eligible "
-                f"convs {mean:.4f})")
+                f"in every family, spent only where it pays (layer ratio <= 1 - {budget.auto_payoff:g} x error) "
+                f"(largest {max(errors_used, default=0.0):.4f}, mean over the {len(choices)} eligible convs {mean:.4f})")
     return AutoPlan(choices, budget_report, report)
 
 
@@ -245,9 +263,13 @@ def apply_choices(model: onnx.ModelProto, chosen: dict[str, Choice], fams: dict[
     replace_convs(model, sites, build)
 
 
-def outcome(picked: list[Choice], faster_model: bool, ep: str, quantize: str) -> str:
+def outcome(picked: list[Choice], choices: list[Choice], faster_model: bool, ep: str, quantize: str) -> str:
     """'' when a faster model is returned, else why the original is."""
     kind = f"{quantize.upper()} " if quantize != "off" else ""
     if not picked:
+        fast = sum(any(m.faster for m in c.measured) for c in choices)
+        if fast:
+            return (f"{fast} conv(s) measurably faster in a factorized {kind}form on {ep}, but none by enough to pay for "
+                    "its error (the pay-off rule; see each layer's status): every conv stays as it is")
         return f"no conv is measurably faster in any factorized {kind}form on {ep}: every conv stays as it is"
     return "" if faster_model else f"no rewrite made the {kind}model faster: every conv stays as it is"

@@ -69,6 +69,9 @@ class SweepOptions:
     skip_first: bool = True
     retime: bool = False  # re-measure the latency of finished points, keep their accuracy
     retry_failed: bool = False  # rebuild points that failed before (default: keep the recorded failure)
+    # None: each point's accuracy in one piece; N: in shards of N samples, each seeded from `seed`
+    # and its index like `evaluate` (the numbers depend on N, never on where the shards run: Ray or here)
+    shard_size: int | None = None
 
     def check(self) -> None:
         for b in self.budgets:
@@ -97,6 +100,8 @@ class SweepOptions:
         if missing:
             raise OptionError(f"{{0}} {literal(', '.join(map(repr, missing)))}: not a GDWS point of this sweep "
                               f"({literal(', '.join(sorted(known)))})", "match_at")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise OptionError("{0} must be >= 1", "shard_size")
         if self.n < 1 or self.runs < 3 or not self.batches or min(self.batches) < 1:
             raise OptionError("{0} must be >= 1, {1} >= 3 and {2} positive", "n", "runs", "batches")
 
@@ -116,6 +121,8 @@ class SweepOptions:
                   *self.LATENCY_FIELDS):
             d.pop(k)
         d.pop("n_quantized")  # only quantized points depend on it (`fingerprint`)
+        if d["shard_size"] is None:  # in one piece: the fingerprint of sweeps from before shards
+            d.pop("shard_size")
         return d
 
     def timing(self) -> dict:
@@ -152,10 +159,8 @@ def parse_budget(spec: str) -> dict:
         v = None
     if kind not in BUDGET_KINDS or v is None:
         raise OptionError(f"{{0}} {literal(repr(spec))}: expected error:EPS, mac:R or latency:R", "budgets")
-    opts = {BUDGET_KINDS[kind]: v}
-    if kind == "latency":
-        opts["target"] = "latency"
-    return opts
+    # error and MAC points are planned by MACs (timed afterwards by the sweep), latency points by timing
+    return {BUDGET_KINDS[kind]: v, "target": "latency" if kind == "latency" else "macs"}
 
 
 def parse_fc_budget(spec: str) -> dict:

@@ -38,6 +38,8 @@ from gdws_onnx.eval.validation import (
     check_attack_requirements,
     evaluate_model,
 )
+from gdws_onnx.eval.sharded import LocalRunner, Runner
+from gdws_onnx.eval.sharded import evaluate as evaluate_sharded
 from gdws_onnx.files import write_json_atomic
 from gdws_onnx.graph.convs import infer_shapes
 from gdws_onnx.graph.model_io import file_sha256, load_model, save_model
@@ -95,8 +97,12 @@ class Sweep:
     """`run()` builds and measures every point of one model into `out_dir`, resuming."""
 
     def __init__(self, model_path: str, out_dir: str, opts: SweepOptions,
-                 progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None):
+                 progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None,
+                 runner: Runner | None = None):
         opts.check()
+        if runner is not None and opts.shard_size is None:
+            raise OptionError("a runner evaluates shards: give {0}", "shard_size")
+        self.runner = runner
         check_attack_requirements(opts.attacks)  # before loading anything
         opts.calibration = opts.calibration_spec()
         self.path, self.out, self.opts = model_path, out_dir, opts
@@ -199,12 +205,24 @@ class Sweep:
                 self._baselines[square] = kept
             else:
                 t0, (x, y) = time.perf_counter(), self.samples(square)
-                self._baselines[square] = evaluate_model(self.original, self.path, x, y,
-                                                         self._validate_options(), [], "original", self.progress,
-                                                         quantized_pair=square)[0]
+                self._baselines[square] = self.evaluate(self.original, self.path, x, y, [], "original", square)
                 _write_json_atomic(path, {"fingerprint": fp, "result": asdict(self._baselines[square])})
                 self._baseline_seconds[square] = time.perf_counter() - t0
         return self._baselines[square]
+
+    def evaluate(self, model: onnx.ModelProto, path: str, x: np.ndarray, y: np.ndarray, warnings: list[str],
+                 label: str, quantized: bool) -> ModelResult:
+        """One model's clean and robust accuracy on x, y: in one piece, or with `shard_size` in
+        seeded shards on the runner (Ray workers or this process: the same numbers); appends the
+        evaluation's warnings to `warnings`."""
+        if self.opts.shard_size is None:
+            return evaluate_model(model, path, x, y, self._validate_options(), warnings, label, self.progress,
+                                  quantized_pair=quantized)[0]
+        runner = self.runner or LocalRunner(self.opts.threads)
+        result = evaluate_sharded(model, self._validate_options(), shard_size=self.opts.shard_size, runner=runner,
+                                  progress=self.progress, quantized_pair=quantized, x=x, y=y)
+        warnings += [w for w in result.warnings if w not in warnings]
+        return result.result
 
     def measure(self, spec: PointSpec, model: onnx.ModelProto, facts: dict, done: dict[str, PointResult],
                 phases: dict[str, float]) -> PointResult:
@@ -240,8 +258,7 @@ class Sweep:
             r = base
         else:
             x, y = self.samples(spec.quantized)
-            r, _ = evaluate_model(model, path, x, y, self._validate_options(), warnings, res.label,
-                                  self.progress, quantized_pair=spec.quantized)
+            r = self.evaluate(model, path, x, y, warnings, res.label, spec.quantized)
         for name, s in r.timings.items():
             if name in ("clean", "gradient_check"):
                 phases[name] = s
@@ -382,12 +399,14 @@ def _read_json(path: str) -> dict | None:
 
 
 def sweep(model_path: str, out_dir: str, opts: SweepOptions | None = None, *, command: str = "",
-          progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None, **kwargs
-          ) -> SweepResult:
-    """Build and measure every point (resuming from `out_dir`); keyword arguments set SweepOptions."""
+          progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None,
+          runner: Runner | None = None, **kwargs) -> SweepResult:
+    """Build and measure every point (resuming from `out_dir`); keyword arguments set SweepOptions.
+    `runner` (with `shard_size`) runs the accuracy shards, e.g. `eval.ray_runner.RayRunner`;
+    latency is always measured here, on the machine the sweep runs on."""
     opts = opts or SweepOptions()
     for k, v in kwargs.items():
         if not hasattr(opts, k):
             raise TypeError(f"sweep() got an unexpected keyword argument {k!r}")
         setattr(opts, k, tuple(v) if isinstance(v, list) else v)
-    return Sweep(model_path, out_dir, opts, progress, log).run(command)
+    return Sweep(model_path, out_dir, opts, progress, log, runner).run(command)
