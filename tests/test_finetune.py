@@ -172,3 +172,52 @@ def test_cli_choices_are_the_library_s():
     from gdws_onnx.recover import params
 
     assert TRAIN_CHOICES == params.TRAIN_CHOICES
+
+
+def test_optimize_finetune_is_a_step_between_the_rewrite_and_int8(tmp_path, model):
+    """optimize(finetune=EPOCHS): the rewritten model fine-tuned (distilling the original), same
+    graph as the rewrite alone, new values, its report in the optimize report; then INT8 on top."""
+    from gdws_onnx import optimize
+
+    data = classes_data(tmp_path / "d.npz")
+    kw = dict(error_budget=0.6, skip_first=False, target="macs", data=data, threads=1)
+    plain, _ = optimize(model, **kw)
+    tuned, report = optimize(model, finetune=4, finetune_attack="fgsm-rs", finetune_eps=0.02, **kw)
+    ft = report.finetune
+    assert ft["accepted"] and ft["steps"] == 4 * 5 and ft["output"]["robust_correct"] >= ft["input"]["robust_correct"]
+    assert [n.SerializeToString() for n in tuned.graph.node] == [n.SerializeToString() for n in plain.graph.node]
+    before, after = values(plain), values(tuned)
+    assert set(ft["trained"]) == {k for k in before if not np.array_equal(before[k], after[k])}
+    q, qrep = optimize(model, finetune=4, finetune_attack="fgsm-rs", finetune_eps=0.02, quantize="int8", **kw)
+    assert qrep.finetune["accepted"] and "QuantizeLinear" in {n.op_type for n in q.graph.node}
+    from gdws_onnx.cli.render import finetune_lines
+
+    assert finetune_lines(report.finetune)[0].startswith("finetune: trained ")
+
+
+def test_optimize_finetune_refusals(tmp_path, model, monkeypatch):
+    from gdws_onnx import optimize
+    from gdws_onnx.errors import GateFailed
+    from gdws_onnx.recover import finetune as ft
+
+    with pytest.raises(OptionError) as e:  # training data is required
+        optimize(model, finetune=1, target="macs")
+    assert e.value.params == ("finetune", "data")
+    with pytest.raises(OptionError) as e:
+        optimize(model, finetune=1, finetune_attack="pgd-x", data="d.npz", target="macs")
+    assert e.value.params == ("finetune_attack",)
+    data = classes_data(tmp_path / "d.npz")
+    real = ft.finetune_loaded
+
+    def refused(*a, **k):
+        r = real(*a, **k)
+        r.report.accepted, r.report.reason = False, "worse on the held-out split"
+        return r
+
+    monkeypatch.setattr(ft, "finetune_loaded", refused)
+    import gdws_onnx.pipeline.recovery as recovery
+
+    monkeypatch.setattr(recovery, "finetune_loaded", refused)
+    with pytest.raises(GateFailed, match="finetune refused: worse"):
+        optimize(model, error_budget=0.6, skip_first=False, target="macs", data=data, finetune=1,
+                 finetune_attack="none", finetune_eps=0.02, threads=1)

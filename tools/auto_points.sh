@@ -3,8 +3,8 @@
 # (no budget flag: per-layer error 0.15 where the form pays for it, --payoff 4) and at a ladder of
 # per-layer error budgets without the pay-off rule (--payoff 0, how the default was chosen), every
 # family timed on this machine's CPU EP, one thread, batch 1; then each result attacked white-box
-# against its original (PGD-20, eps 0.1, first N test images, ONNX Runtime as the judge), then the
-# default VGG-16 point timed interleaved at batch 1 and 32.
+# against its original (PGD-20, eps 0.1, first N test images, ONNX Runtime as the judge); then the
+# INT8 points; then the VGG-16 points timed interleaved at batch 1 and 32.
 #
 #   sh tools/auto_points.sh [N]          (N = 1000 by default; outputs under out/auto/)
 #
@@ -40,6 +40,21 @@ while [ $# -gt 0 ]; do
   wait
   shift; [ $# -gt 0 ] && shift
 done
-# the default point, interleaved with the original at batch 1 and 32
-onnx-gdws bench models/vgg16_fmnist_fgsm.onnx "$OUT/vgg16_fmnist_fgsm_default.onnx" --batch 1,32 --threads 1 \
-  --runs 40 --report "$OUT/bench_default.json"
+# INT8: alone, on the default point, and on 0.15 without the pay-off rule (--data calibrates them);
+# each attacked through straight-through (BPDA) gradients with Square beside, as `evaluate` does
+M=models/vgg16_fmnist_fgsm.onnx
+INT8="--quantize int8 --data fashion-mnist:train --batch 1 --threads 1"
+[ -f "$OUT/int8_alone.onnx" ] || onnx-gdws optimize $M -o "$OUT/int8_alone.onnx" --conv off $INT8 > /dev/null
+[ -f "$OUT/vgg16_int8_default.onnx" ] || onnx-gdws optimize $M -o "$OUT/vgg16_int8_default.onnx" $INT8 \
+  --report "$OUT/vgg16_int8_default.json" > "$OUT/vgg16_int8_default.txt"
+[ -f "$OUT/vgg16_int8_0.15.onnx" ] || onnx-gdws optimize $M -o "$OUT/vgg16_int8_0.15.onnx" $INT8 \
+  --error-budget 0.15 --payoff 0 --report "$OUT/vgg16_int8_0.15.json" > "$OUT/vgg16_int8_0.15.txt"
+for m in original:$M int8_default:$OUT/vgg16_int8_default.onnx int8_0.15:$OUT/vgg16_int8_0.15.onnx; do
+  [ -f "$OUT/ev_${m%%:*}.json" ] || onnx-gdws evaluate "${m#*:}" --n "$N" --shard-size "$N" --attack pgd \
+    --queries 200 --threads 1 -o "$OUT/ev_${m%%:*}.json" > "$OUT/ev_${m%%:*}.txt"
+done
+onnx-gdws validate "$OUT/ev_original.json" "$OUT/ev_int8_default.json" --markdown > "$OUT/val_int8_default.md"
+# latency: all of them interleaved with the original in one run, at batch 1 and 32
+onnx-gdws bench $M "$OUT/int8_alone.onnx" "$OUT/vgg16_fmnist_fgsm_default.onnx" "$OUT/vgg16_int8_default.onnx" \
+  "$OUT/vgg16_fmnist_fgsm_0.15.onnx" "$OUT/vgg16_int8_0.15.onnx" --batch 1,32 --threads 1 --runs 60 \
+  --report "$OUT/bench_all.json" > "$OUT/bench_all.txt"

@@ -9,6 +9,7 @@ import click
 
 from gdws_onnx.cli import args
 from gdws_onnx.cli.common import flag_of, handle_errors, stderr_console, stdout_console, write_text_atomic
+from gdws_onnx.cli.render import finetune_lines
 from gdws_onnx.errors import GateFailed, render_text
 
 TRAIN_CHOICES = ("rewritten", "all")  # recover.params.TRAIN_CHOICES (not imported: it loads the library)
@@ -37,23 +38,6 @@ def progress_printer(quiet: bool):
             click.echo(f"step {p.step}/{p.total}: loss {p.loss:.4f}, robust acc (train) "
                        f"{100 * p.robust_accuracy:.1f}%", err=True)
     return line, None
-
-
-def summary(report) -> list[str]:
-    """The report as lines of text."""
-    lines = [f"trained {len(report.trained)} initializers ({report.parameters} weights) on {report.train_samples} "
-             f"samples of {report.data}: {report.steps} steps, {report.samples_seen} samples seen, "
-             f"{report.seconds:.1f} s"]
-    if report.loss_first is not None:
-        lines.append(f"training loss {report.loss_first:.4f} -> {report.loss_last:.4f}")
-    eps, k = report.options["eps"], report.options["eval_steps"]
-    for name, s in (("input", report.input), ("output", report.output)):
-        if s is not None:
-            lines.append(f"held-out ({s.n} samples) {name}: clean {100 * s.clean_accuracy:.2f}%, "
-                         f"PGD-{k} eps {eps:g} {100 * s.robust_accuracy:.2f}%")
-    if report.max_relative_error is not None:
-        lines.append(f"ONNX Runtime vs replica: max relative error {report.max_relative_error:.2e}")
-    return lines
 
 
 @click.command("finetune")
@@ -109,7 +93,7 @@ def finetune_cmd(model, output, teacher, report_path, quiet, **options) -> None:
         write_text_atomic(report_path, json.dumps(report.to_dict(), indent=2) + "\n")
     if not quiet:
         out = stdout_console()
-        for line in summary(report):
+        for line in finetune_lines(report.to_dict()):
             out.print(line, markup=False)
     if not report.accepted:
         raise GateFailed(f"{render_text(report.reason, flag_of)}; nothing written")

@@ -82,12 +82,21 @@ PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken 
               help="After the rewrites, quantize to INT8 (ONNX Runtime static QDQ: per-channel int8 weights, uint8 "
                    "activations, MinMax calibration on the first 256 samples of --data, which it needs); --conv off "
                    "for INT8 alone. Reports which convs ORT runs as int8 kernels (QLinearConv).")
+@click.option("--finetune", type=float, default=None, metavar="EPOCHS",
+              help="Recovery after the rewrites, before --quantize: fine-tune the rewritten layers for EPOCHS passes "
+                   "over --data (training data with labels, never a test split; needs the [validate] extra), "
+                   "distilling the original (RSLAD-style), as `onnx-gdws finetune` does; refused (exit 1, nothing "
+                   "written) when worse than the rewrite on a held-out split. Minutes of CPU, not seconds.")
+@click.option("--finetune-attack", default="pgd-3", show_default=True,
+              help="With --finetune: the training attack, none, fgsm-rs or pgd-K.")
+@click.option("--finetune-eps", type=float, default=0.1, show_default=True,
+              help="With --finetune: the L-inf budget of its training attack and held-out PGD score, in pixel units.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare original and optimized outputs in ONNX Runtime.")
 @args.DATA_SPEC(default=None, help="Inputs from real data: .npz with 'x' (or arrays named after inputs), or a data "
                                   "set (fashion-mnist[:test|train], an image folder). The verification runs on its "
                                   "first 256 samples (random inputs without it); --quantize, --bias-correction and "
-                                  "--data-aware need it for calibration.")
+                                  "--data-aware need it for calibration, --finetune for training.")
 @click.option("--bias-correction", is_flag=True,
               help="Shift each rewritten conv's bias by its mean output error on --data (first 1000 samples of "
                    "a data set spec, or the whole .npz), layer by layer on the rewritten model's own activations.")

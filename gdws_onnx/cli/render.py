@@ -174,6 +174,28 @@ def bias_correction_lines(report: OptimizeReport) -> list[str]:
     return [line] + ([f"  not corrected: {', '.join(skipped)}"] if skipped else [])
 
 
+def finetune_lines(report: dict | None) -> list[str]:
+    """A fine-tune's report (FinetuneReport.to_dict(), from `finetune` or `optimize --finetune`) as text."""
+    if not report:
+        return []
+    if "trained" not in report:  # optimize --finetune with nothing rewritten
+        return [f"finetune: {report.get('reason', '')}"]
+    lines = [f"finetune: trained {len(report['trained'])} initializers ({report['parameters']} weights) on "
+             f"{report['train_samples']} samples of {report['data']}: {report['steps']} steps, "
+             f"{report['samples_seen']} samples seen, {report['seconds']:.1f} s"]
+    if report["loss_first"] is not None:
+        lines.append(f"training loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}")
+    eps, k = report["options"]["eps"], report["options"]["eval_steps"]
+    for name in ("input", "output"):
+        s = report[name]
+        if s is not None:
+            lines.append(f"held-out ({s['n']} samples) {name}: clean {100 * s['clean_accuracy']:.2f}%, "
+                         f"PGD-{k} eps {eps:g} {100 * s['robust_accuracy']:.2f}%")
+    if report["max_relative_error"] is not None:
+        lines.append(f"ONNX Runtime vs replica: max relative error {report['max_relative_error']:.2e}")
+    return lines
+
+
 def verification_lines(v: VerificationReport) -> list[str]:
     """Plain lines describing the verification, for the CLI."""
     if not v.ran:
@@ -299,7 +321,8 @@ def optimize_summary(report: OptimizeReport, model: str, output: str, budget: Bu
     if report.budget.message:
         lines.append(f"note: {report.budget.message}")
     lines += (fc_lines(report) + latency_lines(report.latency) + verification_lines(report.verification)
-              + mismatch_lines(report) + bias_correction_lines(report) + quantize_lines(report))
+              + mismatch_lines(report) + bias_correction_lines(report) + finetune_lines(report.finetune)
+              + quantize_lines(report))
     if budget.target == "macs" and report.rewritten:
         lines.append("note: ranks were chosen by MAC count, not by time: fewer MACs often run slower "
                      f"(depthwise and Gather are memory-bound). Time it: onnx-gdws bench {model} {output}; "

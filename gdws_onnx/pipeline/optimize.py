@@ -1,7 +1,8 @@
 """`optimize`: a short sequence of named steps, each doing one thing:
 
     analyze -> select -> plan (a budget planner, `budgets.planner_for`) -> settle -> decompose
-    -> rewrite -> calibrate (bias correction) -> fold -> fc -> report -> quantize (INT8) -> verify
+    -> rewrite -> calibrate (bias correction) -> fold -> fc -> report -> finetune (recovery, when asked)
+    -> quantize (INT8) -> verify
 
 Each step receives the option groups it needs (`options.py`), not the whole options.
 """
@@ -236,7 +237,8 @@ def _optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.M
     if not analysis.sites and opts.selection.fc == "off" and not quantizing:  # nothing to do: not an error
         return model, unchanged_report(opts, NO_CONV, clock.timings)
     with clock("keep_original"):
-        original = keep_original(loaded) if opts.verification.verify else None
+        keep = opts.verification.verify or opts.calibration.finetune is not None
+        original = keep_original(loaded) if keep else None
     if analysis.sites and opts.selection.conv in ("auto", "ssvd") and opts.budget.target == "latency":
         with clock("plan"):
             report, convs_changed = rewrite_auto(model, analysis, opts)
@@ -251,6 +253,12 @@ def _optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.M
     with clock("fc"):
         fc = rewrite_fc_layers(model, loaded.base_dir, opts)
     report.fc = fc
+    if opts.calibration.finetune is not None:
+        with clock("finetune"):
+            if convs_changed or (fc is not None and fc.layers):
+                model, report.finetune = finetune_step(model, original, opts)
+            else:
+                report.finetune = {"accepted": False, "reason": "nothing was rewritten: nothing to fine-tune"}
     if quantizing:
         with clock("quantize"):
             model, report.quantize = quantize(model, opts.run)
@@ -374,6 +382,17 @@ def decompose_chosen(chosen: list[Candidate]) -> list[LayerRewrite]:
     """Each chosen candidate's GDWS factors at its planned ranks and realization."""
     return [LayerRewrite(c.site, decompose.factors(c.spec, c.ranks, c.site.weight.dtype, c.multiplier, c.stacked))
             for c in chosen]
+
+
+def finetune_step(model: onnx.ModelProto, original: str | bytes, opts: OptimizeOptions
+                  ) -> tuple[onnx.ModelProto, dict]:
+    """Recovery (`pipeline.recovery`): the rewritten model fine-tuned, distilling the original."""
+    from gdws_onnx.pipeline.recovery import finetune_options, recover  # torch: only when asked
+
+    teacher = load_model(original).model if isinstance(original, str) else onnx.load_from_string(original)
+    c, run = opts.calibration, opts.run
+    options = finetune_options(run.data, c.finetune, c.finetune_attack, c.finetune_eps, run.seed, run.threads)
+    return recover(model, teacher, options, run.progress)
 
 
 def keep_original(loaded: LoadedModel) -> str | bytes:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from gdws_onnx.errors import OptionError, literal
 from gdws_onnx.pipeline.report import BudgetReport
+from gdws_onnx.recover.adversary import parse_attack
 
 DEFAULT_ERROR_BUDGET = 0.1  # per-layer relative weighted error when no budget is given
 # conv="auto": the per-layer relative weight error when no budget is given, and the pay-off a form
@@ -153,12 +154,25 @@ class CalibrationOptions:
     bias_correction: bool = False  # shift rewritten convs' biases by their mean output error on the data
     data_aware: float | None = None  # lam: truncate in the metric (1 - lam) I + lam S_c / s from the data
     quantize: str = "off"  # "int8": static QDQ INT8 of the rewritten model, calibrated on the data
+    # recovery (pipeline.recovery): fine-tune the rewritten model for this many epochs of the data,
+    # distilling the original, after the rewrites and before INT8; None: no fine-tune
+    finetune: float | None = None
+    finetune_attack: str = "pgd-3"  # its training attack: none | fgsm-rs | pgd-K
+    finetune_eps: float = 0.1  # its L-inf budget (and that of its held-out PGD score), pixel units
 
     def validate(self) -> None:
         if self.data_aware is not None:
             _check(0 < self.data_aware <= 1, f"{{0}} must be in (0, 1], got {self.data_aware}", "data_aware")
         _check(self.quantize in QUANTIZE_SCHEMES, f"{{0}} must be one of {', '.join(QUANTIZE_SCHEMES)}, got "
                f"{literal(repr(self.quantize))}", "quantize")
+        if self.finetune is not None:
+            _check(self.finetune > 0, f"{{0}} must be > 0 epochs, got {self.finetune}", "finetune")
+            _check(0 <= self.finetune_eps <= 1, f"{{0}} must be in [0, 1], got {self.finetune_eps}", "finetune_eps")
+            try:
+                parse_attack(self.finetune_attack, self.finetune_eps)
+            except OptionError:
+                raise OptionError(f"{{0}} must be none, fgsm-rs or pgd-K, got {literal(repr(self.finetune_attack))}",
+                                  "finetune_attack") from None
 
 
 @dataclass
@@ -215,7 +229,8 @@ GROUP_OF: dict[str, str] = {f.name: group for group, cls in GROUPS.items() for f
 FLAT = ("error_budget", "mac_reduction", "mismatch_budget", "uniform_rank", "alphas", "skip_first", "include",
         "exclude", "force", "verify", "data", "input_shapes", "max_error", "seed", "bias_correction", "data_aware",
         "width_multiple", "target", "ep", "batches", "threads", "latency_reduction", "cache", "runs", "max_rounds",
-        "measure_seconds", "latency_table", "fc", "conv", "quantize", "payoff",
+        "measure_seconds", "latency_table", "fc", "conv", "quantize", "payoff", "finetune", "finetune_attack",
+        "finetune_eps",
         "probe_factory", "progress")  # the flat options, in the order reports list them (callables not)
 
 
@@ -297,6 +312,8 @@ class OptimizeOptions:
                           ("data_aware", self.calibration.data_aware is not None),
                           ("quantize", self.calibration.quantize != "off")):
             _check(not on or bool(self.run.data), "{0} needs {1} (calibration inputs)", param, "data")
+        _check(self.calibration.finetune is None or bool(self.run.data),
+               "{0} needs {1} (training data with labels, never a test split)", "finetune", "data")
         _check(self.calibration.quantize == "off" or self.timing.latency_table is None,
                "{0} cannot go with {1}: a profiled table holds float layer timings", "quantize", "latency_table")
 

@@ -195,6 +195,8 @@ class OptimizeReport:
     quantize: QuantizeSummary | None = None
     # conv == "ssvd": peers.PeerReport.to_dict() of the spatial SVD (its layers; `layers` stays empty)
     spatial_svd: dict | None = None
+    # finetune: recover.finetune.FinetuneReport.to_dict() of the recovery step (held-out scores, steps)
+    finetune: dict | None = None
 
     def _total(self, attr: str) -> int | None:
         if self.spatial_svd is not None:
@@ -256,7 +258,7 @@ class OptimizeReport:
             "versions": self.versions, "bias_correction": self.bias_correction,
             "fc": None if self.fc is None else self.fc.to_dict(),
             "quantize": None if self.quantize is None else self.quantize.to_dict(),
-            "spatial_svd": self.spatial_svd,
+            "spatial_svd": self.spatial_svd, "finetune": self.finetune,
         }
 
     def to_json(self) -> str:
