@@ -155,6 +155,12 @@ def test_cli_exit_codes(tmp_path, runner, model):
     assert r.exit_code == 0, r.output
     assert out.exists() and "held-out" in r.output and (tmp_path / "r.json").exists()
     check_same_graph(model, onnx.load(out))
+    assert not (tmp_path / "o.onnx.ckpt").exists()  # a finished run leaves no checkpoint
+    (tmp_path / "o.onnx.ckpt").write_bytes(b"junk")  # an interrupted run's (here: unreadable) checkpoint
+    r = runner.invoke(main, ["finetune", *base, "--data", good, "-o", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 2 and "--resume" in r.output and r.output.count("\n") == 1, r.output
+    r = runner.invoke(main, ["finetune", *base, "--data", good, "--resume"])
+    assert r.exit_code == 2 and "cannot read the checkpoint" in r.output, r.output
 
 
 def test_library_finetune_writes_only_when_accepted(tmp_path, model):
@@ -221,3 +227,28 @@ def test_optimize_finetune_refusals(tmp_path, model, monkeypatch):
     with pytest.raises(GateFailed, match="finetune refused: worse"):
         optimize(model, error_budget=0.6, skip_first=False, target="macs", data=data, finetune=1,
                  finetune_attack="none", finetune_eps=0.02, threads=1)
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, rewritten):
+    """A run interrupted after its step-3 checkpoint and resumed ends with exactly the weights of a
+    run that was never interrupted; a checkpoint found without resume, or from other settings, is refused."""
+    data = classes_data(tmp_path / "d.npz")
+    ckpt = str(tmp_path / "o.ckpt")
+    base = dict(attack="pgd-2", steps=8, seed=3)
+    whole = finetune_loaded(rewritten, opts(data, **base)).model
+
+    def stop_at_5(p):
+        if p.step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune_loaded(rewritten, opts(data, **base, checkpoint=ckpt, checkpoint_every=3), progress=stop_at_5)
+    with pytest.raises(OptionError) as e:  # an interrupted run is neither overwritten nor ignored
+        finetune_loaded(rewritten, opts(data, **base, checkpoint=ckpt, checkpoint_every=3))
+    assert e.value.params == ("resume",)
+    with pytest.raises(GDWSError, match="other settings.*lr"):
+        finetune_loaded(rewritten, opts(data, **{**base, "lr": 0.1}, checkpoint=ckpt, resume=True))
+    resumed = finetune_loaded(rewritten, opts(data, **base, checkpoint=ckpt, checkpoint_every=3, resume=True))
+    va, vb = values(whole), values(resumed.model)
+    assert all(np.array_equal(va[k], vb[k]) for k in va)
+    assert resumed.report.steps == 8

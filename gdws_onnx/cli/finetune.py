@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -64,6 +65,11 @@ def progress_printer(quiet: bool):
 @args.THREADS(help="Threads of torch and ONNX Runtime (default: theirs).")
 @click.option("--eval-steps", type=int, default=10, show_default=True, help="PGD steps of the held-out score.")
 @click.option("--allow-worse", is_flag=True, help="Write the result even if its held-out robust accuracy is lower.")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True,
+              help="Write the training state to OUTPUT.ckpt (atomically) every N steps; removed when the run ends.")
+@click.option("--resume", is_flag=True,
+              help="Go on from OUTPUT.ckpt, the checkpoint of an interrupted run with the same settings (the result "
+                   "is the same as an uninterrupted run's). Without it, a run that finds one is refused.")
 @click.option("--report", "report_path", default=None, help="Also write the report as JSON here.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def finetune_cmd(model, output, teacher, report_path, quiet, **options) -> None:
@@ -77,7 +83,7 @@ def finetune_cmd(model, output, teacher, report_path, quiet, **options) -> None:
     from gdws_onnx.graph.model_io import check_output_path, load_model, save_model
     from gdws_onnx.recover.finetune import FinetuneOptions, finetune_loaded
 
-    opts = FinetuneOptions(**options)
+    opts = FinetuneOptions(**options, checkpoint=f"{output}.ckpt")
     opts.check()
     loaded = load_model(model)
     check_output_path(output, model)
@@ -89,6 +95,8 @@ def finetune_cmd(model, output, teacher, report_path, quiet, **options) -> None:
     else:
         result = finetune_loaded(loaded.model, opts, teacher_model, show)
     report = result.report
+    if os.path.exists(opts.checkpoint):  # the run finished: nothing to resume
+        os.remove(opts.checkpoint)
     if report_path:
         write_text_atomic(report_path, json.dumps(report.to_dict(), indent=2) + "\n")
     if not quiet:

@@ -8,12 +8,16 @@ finetune_loaded(model, options):
   relative error) -> score the output -> the gate: accepted unless its robust accuracy on the
   held-out split is below the input's (`allow_worse`) or ORT disagrees with the replica.
 finetune(path, output, options) loads, runs that, and writes the output only when accepted
-(GateFailed otherwise). Deterministic for a seed and a thread count.
+(GateFailed otherwise). Deterministic for a seed and a thread count. With `checkpoint`, the loop's
+state is saved every `checkpoint_every` steps (checkpoint.py) and `resume` goes on from it to the
+same weights an uninterrupted run ends with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -22,12 +26,12 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from gdws_onnx.errors import GateFailed, GDWSError, OptionError, OptionText
+from gdws_onnx.errors import GateFailed, GDWSError, OptionError, OptionText, literal
 from gdws_onnx.eval.gradients.classifier import OrtClassifier
 from gdws_onnx.eval.gradients.qdq import QDQ_OPS
 from gdws_onnx.eval.gradients.torch_replica import TorchReplica
 from gdws_onnx.graph.model_io import check_output_path, load_model, save_model
-from gdws_onnx.recover import holdout
+from gdws_onnx.recover import checkpoint, holdout
 from gdws_onnx.recover.adversary import adversarial, parse_attack, training_loss
 from gdws_onnx.recover.params import check_same_graph, make_trainable, trainable_names, write_back
 
@@ -54,6 +58,9 @@ class FinetuneOptions:
     threads: int | None = None
     eval_steps: int = 10  # PGD steps of the held-out score
     allow_worse: bool = False
+    checkpoint: str | None = None  # write the loop's state here every checkpoint_every steps (checkpoint.py)
+    checkpoint_every: int = 50
+    resume: bool = False  # go on from `checkpoint` (a run that finds one without resume is refused)
 
     def check(self) -> None:
         """OptionError naming the first bad parameter."""
@@ -68,6 +75,10 @@ class FinetuneOptions:
             raise OptionError("{0} must be >= 1", "batch")
         if self.eval_steps < 0:
             raise OptionError("{0} must be >= 0", "eval_steps")
+        if self.checkpoint_every < 1:
+            raise OptionError("{0} must be >= 1", "checkpoint_every")
+        if self.resume and not self.checkpoint:
+            raise OptionError("{0} needs {1}", "resume", "checkpoint")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise OptionError("{0} must be a positive number", "lr")
 
@@ -175,6 +186,11 @@ def finetune_loaded(model: onnx.ModelProto, options: FinetuneOptions, teacher: o
     import torch
 
     options.check()
+    refuse_interrupted(options)
+    ident = checkpoint.identity(hashlib.sha256(model.SerializeToString()).hexdigest(),
+                                {**asdict(options), "teacher": None if teacher is None else
+                                 hashlib.sha256(teacher.SerializeToString()).hexdigest()})
+    state = resume_state(options, ident)  # read (and checked against these settings) before any work
     attack = parse_attack(options.attack, options.eps)
     qdq = sorted({n.op_type for n in model.graph.node if n.op_type in QDQ_OPS})
     if qdq:
@@ -204,7 +220,18 @@ def finetune_loaded(model: onnx.ModelProto, options: FinetuneOptions, teacher: o
         rng = np.random.default_rng(options.seed)
         gen = torch.Generator().manual_seed(options.seed)
         order, pos, correct, seen = rng.permutation(len(x_tr)), 0, 0, 0
-        for step in range(total):
+        first = 0
+        if state is not None:  # go on exactly where the interrupted run stopped
+            with torch.no_grad():
+                for name, p in zip(names, params):
+                    p.copy_(state.values[name])
+            opt.load_state_dict(state.optimizer)
+            sched.load_state_dict(state.schedule)
+            rng.bit_generator.state = state.rng
+            gen.set_state(state.torch_gen)
+            order, pos, correct, seen, first = state.order, state.pos, state.correct, state.seen, state.step
+            report.losses = list(state.losses)
+        for step in range(first, total):
             if pos >= len(order):
                 order, pos = rng.permutation(len(x_tr)), 0
             idx = np.sort(order[pos:pos + options.batch])
@@ -228,6 +255,11 @@ def finetune_loaded(model: onnx.ModelProto, options: FinetuneOptions, teacher: o
             report.losses.append(float(loss.detach()))
             if progress:
                 progress(FinetuneProgress(step + 1, total, report.losses[-1], correct / seen))
+            if options.checkpoint and (step + 1) % options.checkpoint_every == 0 and step + 1 < total:
+                checkpoint.save(options.checkpoint, ident, checkpoint.LoopState(
+                    step + 1, order, pos, correct, seen, list(report.losses), rng.bit_generator.state,
+                    gen.get_state(), {n: p.detach().clone() for n, p in zip(names, params)}, opt.state_dict(),
+                    sched.state_dict()))
         report.steps, report.samples_seen = len(report.losses), seen
         tenth = max(1, len(report.losses) // 10)
         report.loss_first = float(np.mean(report.losses[:tenth])) if report.losses else None
@@ -243,6 +275,21 @@ def finetune_loaded(model: onnx.ModelProto, options: FinetuneOptions, teacher: o
     report.seconds = time.perf_counter() - t0
     report.accepted, report.reason = verdict(report, options)
     return FinetuneResult(out, report)
+
+
+def refuse_interrupted(options: FinetuneOptions) -> None:
+    """A checkpoint found without `resume` is an interrupted run: OptionError before any work, so
+    that it is neither overwritten nor ignored."""
+    if options.checkpoint and os.path.exists(options.checkpoint) and not options.resume:
+        raise OptionError(f"{literal(options.checkpoint)} is the checkpoint of an interrupted run: pass {{0}} to go "
+                          "on from it, or delete it to start over", "resume")
+
+
+def resume_state(options: FinetuneOptions, ident: dict) -> checkpoint.LoopState | None:
+    """The checkpoint's loop state when resuming from one; None to start afresh."""
+    if not (options.resume and options.checkpoint and os.path.exists(options.checkpoint)):
+        return None
+    return checkpoint.load(options.checkpoint, ident)
 
 
 def verdict(report: FinetuneReport, options: FinetuneOptions) -> tuple[bool, str]:
@@ -269,6 +316,8 @@ def finetune(path: str, output: str, options: FinetuneOptions, teacher: str | No
     check_output_path(output, path)
     teacher_model = load_model(teacher).model if teacher else None
     result = finetune_loaded(loaded.model, options, teacher_model, progress)
+    if options.checkpoint and os.path.exists(options.checkpoint):  # the run finished: nothing to resume
+        os.remove(options.checkpoint)
     if not result.report.accepted:
         raise GateFailed(str(result.report.reason))
     save_model(result.model, output, external_data=loaded.external_data)
