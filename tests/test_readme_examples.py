@@ -177,3 +177,33 @@ def test_the_readme_first_command_runs_on_the_shipped_model(tmp_path, monkeypatc
     original = onnx.load(model, load_external_data=False)
     assert [i.name for i in out.graph.input] == [i.name for i in original.graph.input]
     assert out.ir_version == original.ir_version and "wrote" in r.output
+
+
+def test_prose_numbers_match_their_recorded_measurements(tmp_path):
+    """Every claim of docs/measured/claims.json is in its file and equals its recorded value
+    (tools/measured_claims.py); a changed text or a changed record is caught."""
+    import json
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import measured_claims
+
+    assert measured_claims.problems() == []
+    claims = json.loads((ROOT / "docs" / "measured" / "claims.json").read_text())["claims"]
+    assert {c["format"] for c in claims} == {"ratio", "accuracy", "count"} and len(claims) >= 10
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "docs", copy / "docs")
+    shutil.copy(ROOT / "README.md", copy / "README.md")
+    first = claims[0]
+    readme = copy / first["file"]
+    readme.write_text(readme.read_text().replace(first["text"], "0.999 [0.998-0.999]"))
+    assert any("is not in the text" in p for p in measured_claims.problems(copy))
+    shutil.copy(ROOT / first["file"], readme)
+    record = copy / "docs" / "measured" / f"{first['from']}.json"
+    data = json.loads(record.read_text())
+    node = data
+    for k in first["key"][:-1]:
+        node = node[k]
+    node[first["key"][-1]] = [0.5, 0.4, 0.6]
+    record.write_text(json.dumps(data))
+    assert any("gives '0.500 [0.400-0.600]'" in p for p in measured_claims.problems(copy))

@@ -58,3 +58,15 @@ onnx-gdws validate "$OUT/ev_original.json" "$OUT/ev_int8_default.json" --markdow
 onnx-gdws bench $M "$OUT/int8_alone.onnx" "$OUT/vgg16_fmnist_fgsm_default.onnx" "$OUT/vgg16_int8_default.onnx" \
   "$OUT/vgg16_fmnist_fgsm_0.15.onnx" "$OUT/vgg16_int8_0.15.onnx" --batch 1,32 --threads 1 --runs 60 \
   --report "$OUT/bench_all.json" > "$OUT/bench_all.txt"
+# the default point alone against the original (a second, independent run)
+onnx-gdws bench $M "$OUT/vgg16_fmnist_fgsm_default.onnx" --batch 1,32 --threads 1 --runs 40 \
+  --report "$OUT/bench_default.json" > "$OUT/bench_default.txt"
+# what README.md and docs/auto.md quote, recorded for tools/measured_claims.py --check (the claims
+# in docs/measured/claims.json name candidates by these paths: update them if they changed)
+python tools/measured_claims.py --record auto_bench "$OUT/bench_all.json"
+python tools/measured_claims.py --record auto_bench_default_alone "$OUT/bench_default.json"
+python tools/measured_claims.py --record auto_val_default "$OUT/val_vgg16_fmnist_fgsm_default.json"
+python tools/measured_claims.py --record auto_ev_int8_default "$OUT/ev_int8_default.json"
+python tools/measured_claims.py --record auto_ev_original "$OUT/ev_original.json"
+python tools/measured_claims.py --record auto_default "$OUT/vgg16_fmnist_fgsm_default.json"
+python tools/measured_claims.py --check
