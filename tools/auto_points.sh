@@ -70,3 +70,9 @@ python tools/measured_claims.py --record auto_ev_int8_default "$OUT/ev_int8_defa
 python tools/measured_claims.py --record auto_ev_original "$OUT/ev_original.json"
 python tools/measured_claims.py --record auto_default "$OUT/vgg16_fmnist_fgsm_default.json"
 python tools/measured_claims.py --check
+# AA=1: AutoAttack on the default point, 500 test images in resumable shards of 100 (about an hour
+# of one core per shard; compare with the original's in docs/results.md)
+if [ "${AA:-0}" = 1 ]; then
+  onnx-gdws evaluate "$OUT/vgg16_fmnist_fgsm_default.onnx" --attack autoattack --n 500 --shard-size 100 \
+    --threads 1 --resume -o "$OUT/aa_default.json"
+fi
