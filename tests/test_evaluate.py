@@ -4,6 +4,7 @@ runner, resume, refused work folders and results, the Ray runner on a real local
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -146,6 +147,16 @@ def test_results_of_other_settings_are_not_compared(setup):
         compare_results(ref, other)
     report = compare_results(ref, ref)
     assert report.robust_drop_pp == 0 and report.robust_change["lost"] == 0 and report.agreement == 1
+    # Square's iterations count only where both results ran Square (here neither did)
+    fewer = evaluate(setup["model"], _opts(setup["data"], queries=100), shard_size=SHARD)
+    assert compare_results(ref, fewer).robust_drop_pp == 0
+    with_square = dataclasses.replace(fewer, result=dataclasses.replace(
+        fewer.result, robust_accuracy_by_attack={**fewer.result.robust_accuracy_by_attack, "square": 1.0}))
+    both = dataclasses.replace(ref, result=dataclasses.replace(
+        ref.result, robust_accuracy_by_attack={**ref.result.robust_accuracy_by_attack, "square": 1.0}))
+    assert "different attacks" in " ".join(compare_results(ref, with_square).warnings)
+    with pytest.raises(GDWSError, match="queries 1000 vs 100"):
+        compare_results(both, with_square)
 
 
 def test_a_shard_error_names_its_shard(setup, tmp_path):

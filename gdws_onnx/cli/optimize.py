@@ -83,11 +83,12 @@ PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken 
                    "activations, MinMax calibration on the first 256 samples of --data, which it needs); --conv off "
                    "for INT8 alone. Reports which convs ORT runs as int8 kernels (QLinearConv).")
 @click.option("--finetune", type=float, default=None, metavar="EPOCHS",
-              help="Recovery after the rewrites, before --quantize: fine-tune the rewritten layers for EPOCHS passes "
+              help="Recovery after the rewrites, before --quantize: fine-tune every conv/FC weight for EPOCHS passes "
                    "over --data (training data with labels, never a test split; needs the [validate] extra), "
-                   "distilling the original (RSLAD-style), as `onnx-gdws finetune` does; refused (exit 1, nothing "
-                   "written) when worse than the rewrite on a held-out split. Minutes of CPU, not seconds.")
-@click.option("--finetune-attack", default="pgd-3", show_default=True,
+                   "distilling the original (RSLAD-style; SGD lr 0.02), as `onnx-gdws finetune` does; refused "
+                   "(exit 1, nothing written) when worse than the rewrite on a held-out split. Minutes of CPU, not "
+                   "seconds.")
+@click.option("--finetune-attack", default="pgd-2", show_default=True,
               help="With --finetune: the training attack, none, fgsm-rs or pgd-K.")
 @click.option("--finetune-eps", type=float, default=0.1, show_default=True,
               help="With --finetune: the L-inf budget of its training attack and held-out PGD score, in pixel units.")

@@ -167,8 +167,10 @@ def compare_results(a: EvaluationResult, b: EvaluationResult, max_drop_clean: fl
     samples (data, n, labels) under the same attack settings, seed and shard size; only the model,
     its gradient source and the QDQ pairing may differ (GDWSError naming the differences).
     Drops above `max_drop_clean` / `max_drop_robust` (percentage points) fail `report.gates`."""
+    both_square = all("square" in r.result.robust_accuracy_by_attack for r in (a, b))
+    # Square's iterations matter only where both ran it (else the unlike-attacks warning below says so)
     refuse_differences(f"{a.model} and {b.model} were not evaluated the same way", a.settings, b.settings,
-                       MODEL_FIELDS)
+                       MODEL_FIELDS + (() if both_square else ("queries",)))
     if a.labels != b.labels:
         raise GDWSError(f"{a.model} and {b.model} were evaluated on different samples (their labels differ)")
     opts = a.settings.options()

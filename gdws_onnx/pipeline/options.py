@@ -157,7 +157,7 @@ class CalibrationOptions:
     # recovery (pipeline.recovery): fine-tune the rewritten model for this many epochs of the data,
     # distilling the original, after the rewrites and before INT8; None: no fine-tune
     finetune: float | None = None
-    finetune_attack: str = "pgd-3"  # its training attack: none | fgsm-rs | pgd-K
+    finetune_attack: str = "pgd-2"  # its training attack: none | fgsm-rs | pgd-K
     finetune_eps: float = 0.1  # its L-inf budget (and that of its held-out PGD score), pixel units
 
     def validate(self) -> None:
