@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import sys
 
 import click
@@ -80,23 +80,15 @@ def finetune_cmd(model, output, teacher, report_path, quiet, **options) -> None:
     --data (clean and PGD accuracy, judged by ONNX Runtime) beside MODEL's score there, and refused
     (exit 1, nothing written) when its robust accuracy is lower, unless --allow-worse.
     """
-    from gdws_onnx.graph.model_io import check_output_path, load_model, save_model
-    from gdws_onnx.recover.finetune import FinetuneOptions, finetune_loaded
+    from gdws_onnx.graph.model_io import save_model
+    from gdws_onnx.recover.finetune import FinetuneOptions, finetune_file
 
     opts = FinetuneOptions(**options, checkpoint=f"{output}.ckpt")
     opts.check()
-    loaded = load_model(model)
-    check_output_path(output, model)
-    teacher_model = load_model(teacher).model if teacher else None
     show, bar = progress_printer(quiet)
-    if bar is not None:
-        with bar:
-            result = finetune_loaded(loaded.model, opts, teacher_model, show)
-    else:
-        result = finetune_loaded(loaded.model, opts, teacher_model, show)
+    with bar or contextlib.nullcontext():
+        loaded, result = finetune_file(model, output, opts, teacher, show)
     report = result.report
-    if os.path.exists(opts.checkpoint):  # the run finished: nothing to resume
-        os.remove(opts.checkpoint)
     if report_path:
         write_text_atomic(report_path, json.dumps(report.to_dict(), indent=2) + "\n")
     if not quiet:

@@ -24,8 +24,8 @@ PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken 
 @click.option("-o", "--output", required=True, help="Path of the optimized model.")
 @click.option("--error-budget", type=float, default=None,
               help="Per-layer relative weight error ||W - W'||^2 / ||W||^2, 0 <= EPS < 1 (default "
-                   f"{DEFAULT_AUTO_ERROR_BUDGET} with --conv auto, spent only where it pays (--payoff), measured safe on every "
-                   "robust zoo model; "
+                   f"{DEFAULT_AUTO_ERROR_BUDGET} with --conv auto, spent only where it pays (--payoff), measured safe "
+                   "on every robust zoo model; "
                    f"{DEFAULT_ERROR_BUDGET} otherwise); with --fc also each FC weight's.")
 @click.option("--payoff", type=float, default=None, metavar="K",
               help=f"--conv auto (and ssvd) under --target latency: a layer takes relative weight error e only in "
@@ -68,8 +68,8 @@ PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken 
 @click.option("--conv", type=click.Choice(list(CONV_REWRITES)), default=None,
               help="The Conv rewrite. auto (the default under --target latency): per conv, the fastest "
                    "measurably faster form of every family (GDWS, spatial SVD, Tucker-2) within the per-layer "
-                   f"error budget (default {DEFAULT_AUTO_ERROR_BUDGET}) where the form pays for it (--payoff); gdws (the default under --target macs, or "
-                   "with a GDWS-only option); "
+                   f"error budget (default {DEFAULT_AUTO_ERROR_BUDGET}) where the form pays for it (--payoff); gdws "
+                   "(the default under --target macs, or with a GDWS-only option); "
                    "ssvd, spatial SVD (k x 1 then 1 x k convs; under --target macs at --mac-reduction, or per "
                    f"layer at --error-budget, default {DEFAULT_ERROR_BUDGET}; under --target latency as auto "
                    "restricted to spatial SVD); off leaves every conv alone (with --fc: FC layers only).")

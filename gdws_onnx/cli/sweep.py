@@ -88,7 +88,8 @@ def sweep_cmd(model, data: args.DataArgs, attack: args.AttackArgs, budgets, poin
                         peers=tuple(p for p in (peers or DEFAULT_PEERS) if p != "none"),
                         fc_budgets=tuple(fc_budgets) or DEFAULT_FC_BUDGETS,
                         ep=timing.ep, batches=tuple(timing.batches), runs=timing.runs, threads=timing.threads,
-                        shard_size=shards.shard_size or (DEFAULT_SHARD_SIZE if shards.ray_address is not None else None),
+                        shard_size=shards.shard_size or (DEFAULT_SHARD_SIZE if shards.ray_address is not None
+                                                         else None),
                         **options)
     opts.check()
     runner = runner_of(shards, timing.threads) if shards.ray_address is not None or shards.workers else None

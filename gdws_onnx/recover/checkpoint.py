@@ -10,13 +10,12 @@ records what it belongs to (the model's hash and the options that change the res
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from gdws_onnx.errors import GDWSError, literal
+from gdws_onnx.files import atomic_write
 
 FORMAT = 1
 # options that do not change the weights a run ends with: a resumed run may change them
@@ -47,20 +46,11 @@ def identity(model_sha256: str, options: dict) -> dict:
 
 
 def save(path: str, ident: dict, state: LoopState) -> None:
-    """Write the checkpoint atomically (a temporary file in the same folder, then a rename)."""
+    """Write the checkpoint atomically (`files.atomic_write`)."""
     import torch
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=folder)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"identity": ident, "state": state.__dict__}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save({"identity": ident, "state": state.__dict__}, f)
 
 
 def load(path: str, ident: dict) -> LoopState:

@@ -7,8 +7,8 @@ finetune_loaded(model, options):
   written back into the same graph (`check_same_graph`) -> ONNX Runtime vs the replica (max
   relative error) -> score the output -> the gate: accepted unless its robust accuracy on the
   held-out split is below the input's (`allow_worse`) or ORT disagrees with the replica.
-finetune(path, output, options) loads, runs that, and writes the output only when accepted
-(GateFailed otherwise). Deterministic for a seed and a thread count. With `checkpoint`, the loop's
+finetune_file(path, output, options) loads and runs that; finetune(...) also writes the output,
+only when accepted (GateFailed otherwise). Deterministic for a seed and a thread count. With `checkpoint`, the loop's
 state is saved every `checkpoint_every` steps (checkpoint.py) and `resume` goes on from it to the
 same weights an uninterrupted run ends with.
 """
@@ -30,7 +30,7 @@ from gdws_onnx.errors import GateFailed, GDWSError, OptionError, OptionText, lit
 from gdws_onnx.eval.gradients.classifier import OrtClassifier
 from gdws_onnx.eval.gradients.qdq import QDQ_OPS
 from gdws_onnx.eval.gradients.torch_replica import TorchReplica
-from gdws_onnx.graph.model_io import check_output_path, load_model, save_model
+from gdws_onnx.graph.model_io import LoadedModel, check_output_path, load_model, save_model
 from gdws_onnx.recover import checkpoint, holdout
 from gdws_onnx.recover.adversary import adversarial, parse_attack, training_loss
 from gdws_onnx.recover.params import check_same_graph, make_trainable, trainable_names, write_back
@@ -308,16 +308,24 @@ def verdict(report: FinetuneReport, options: FinetuneOptions) -> tuple[bool, str
     return True, ""
 
 
-def finetune(path: str, output: str, options: FinetuneOptions, teacher: str | None = None,
-             progress: Progress | None = None) -> FinetuneReport:
-    """Fine-tune the model at `path` and write it to `output` (atomically) when accepted;
-    GateFailed (nothing written) when not."""
+def finetune_file(path: str, output: str, options: FinetuneOptions, teacher: str | None = None,
+                  progress: Progress | None = None) -> tuple[LoadedModel, FinetuneResult]:
+    """Load the model at `path` (and `teacher`), check that `output` may be written, fine-tune it
+    (`finetune_loaded`) and remove the finished run's checkpoint; nothing is written."""
     loaded = load_model(path)
     check_output_path(output, path)
     teacher_model = load_model(teacher).model if teacher else None
     result = finetune_loaded(loaded.model, options, teacher_model, progress)
     if options.checkpoint and os.path.exists(options.checkpoint):  # the run finished: nothing to resume
         os.remove(options.checkpoint)
+    return loaded, result
+
+
+def finetune(path: str, output: str, options: FinetuneOptions, teacher: str | None = None,
+             progress: Progress | None = None) -> FinetuneReport:
+    """Fine-tune the model at `path` and write it to `output` (atomically) when accepted;
+    GateFailed (nothing written) when not."""
+    loaded, result = finetune_file(path, output, options, teacher, progress)
     if not result.report.accepted:
         raise GateFailed(str(result.report.reason))
     save_model(result.model, output, external_data=loaded.external_data)
