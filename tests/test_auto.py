@@ -162,12 +162,11 @@ def test_auto_is_the_default_under_target_latency_unless_a_gdws_option_is_given(
     assert OptimizeOptions(target="macs").selection.conv == "gdws"
     assert OptimizeOptions(mac_reduction=2).budget.target == "macs"  # a budget only MACs fill
     assert OptimizeOptions(target="latency", width_multiple=8).selection.conv == "gdws"
-    assert OptimizeOptions(target="latency", latency_table="t.json").selection.conv == "gdws"
+    assert OptimizeOptions(target="latency", latency_table="t.json").selection.conv == "auto"  # profile --conv auto
 
 
 @pytest.mark.parametrize("options,names", [
     ({"conv": "auto", "target": "macs"}, ("conv=auto", "target")),
-    ({"conv": "auto", "target": "latency", "latency_table": "t.json"}, ("conv=auto", "latency_table")),
     ({"conv": "auto", "target": "latency", "alphas": {"conv1": [1.0]}}, ("conv=auto", "alphas")),
     ({"conv": "ssvd", "target": "latency", "width_multiple": 8}, ("conv=ssvd", "width_multiple")),
     # a conflict is reported before a missing companion of one of its sides (mismatch_budget needs alphas)

@@ -105,6 +105,15 @@ def test_teacher_mode_runs(tmp_path, model, rewritten):
     data = classes_data(tmp_path / "d.npz")
     r = finetune_loaded(rewritten, opts(data, attack="fgsm-rs", steps=10, allow_worse=True), teacher=model)
     assert r.report.steps == 10 and r.report.loss_last < r.report.loss_first
+    from gdws_onnx.cli.render import finetune_lines
+    from gdws_onnx.recover import holdout
+
+    # the teacher's own held-out score is beside the input's and output's: what recovery aims at
+    ds = holdout.load_training_data(data, None)
+    x_tr, y_tr, x_ho, y_ho = holdout.split(ds, HOLDOUT)
+    assert r.report.teacher == holdout.score(model, x_ho, y_ho, 0.02, 3, 0, 1, 32)
+    assert any(line.startswith(f"held-out ({HOLDOUT} samples) teacher: clean ")
+               for line in finetune_lines(r.report.to_dict()))
     other = small_cnn(channels=(8, 16), size=8, classes=5)
     with pytest.raises(GDWSError, match="teacher"):
         finetune_loaded(rewritten, opts(data, steps=2), teacher=other)
@@ -252,3 +261,31 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, rewritten):
     va, vb = values(whole), values(resumed.model)
     assert all(np.array_equal(va[k], vb[k]) for k in va)
     assert resumed.report.steps == 8
+
+
+def test_qdq_fine_tuning_keeps_the_qdq_structure_and_its_scales(tmp_path, model):
+    """Through INT8: the integer weights are trained as fake-quantized float masters (clipped
+    straight-through), written back as integers of the same type on the same fixed scales; every
+    Q/DQ node and scale stays, ORT agrees with the replica, and the loss falls."""
+    from gdws_onnx import optimize
+    from gdws_onnx.recover.quantized import quantized_weights
+
+    data = classes_data(tmp_path / "d.npz")
+    q, _ = optimize(model, conv="off", quantize="int8", data=data, threads=1)
+    weights = quantized_weights(q)
+    assert any(np.dtype(w.dtype) == np.int8 for w in weights.values())
+    names = trainable_names(q, "all")
+    assert set(names) == {w.source for w in weights.values()
+                          if any(w.output in n.input for n in q.graph.node if n.op_type in ("Conv", "Gemm"))}
+    r = finetune_loaded(q, opts(data, train="all", attack="fgsm-rs", steps=40))
+    rep = r.report
+    assert rep.accepted and rep.loss_last < rep.loss_first, rep
+    assert rep.max_relative_error < 1e-3
+    check_same_graph(q, r.model)
+    assert [n.SerializeToString() for n in r.model.graph.node] == [n.SerializeToString() for n in q.graph.node]
+    before, after = values(q), values(r.model)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and changed <= set(names)
+    assert all(after[k].dtype == before[k].dtype for k in before)  # int8 stays int8, int32 biases int32
+    for w in weights.values():  # scales and zero points are fixed
+        assert np.array_equal(after[next(n.input[1] for n in q.graph.node if n.output[:1] == [w.output])], w.scale)

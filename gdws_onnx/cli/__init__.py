@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "sensitivity": ("gdws_onnx.cli.sensitivity", "sensitivity_cmd",
                     "Noise-gain weights alpha_{l,c} of every conv (GDWS paper eq."),
     "profile": ("gdws_onnx.cli.profile", "profile_cmd",
-                "Time each eligible conv's candidate GDWS forms on this device and write the layer latency table."),
+                "Time each eligible conv's candidate forms on this device and write the layer latency table."),
     "finetune": ("gdws_onnx.cli.finetune", "finetune_cmd",
                  "Fine-tune MODEL's float weights against adversarial examples and write the same graph with new "
                  "values to -o."),

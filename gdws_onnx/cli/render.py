@@ -186,8 +186,8 @@ def finetune_lines(report: dict | None) -> list[str]:
     if report["loss_first"] is not None:
         lines.append(f"training loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}")
     eps, k = report["options"]["eps"], report["options"]["eval_steps"]
-    for name in ("input", "output"):
-        s = report[name]
+    for name in ("input", "output", "teacher"):
+        s = report.get(name)
         if s is not None:
             lines.append(f"held-out ({s['n']} samples) {name}: clean {100 * s['clean_accuracy']:.2f}%, "
                          f"PGD-{k} eps {eps:g} {100 * s['robust_accuracy']:.2f}%")

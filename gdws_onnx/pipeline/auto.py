@@ -32,12 +32,26 @@ from dataclasses import asdict, dataclass, field
 import onnx
 
 from gdws_onnx.core import allocate
+from gdws_onnx.errors import OptionError, literal
 from gdws_onnx.graph.convs import ConvSite
 from gdws_onnx.graph.rewrite import layer_model, replace_convs
 from gdws_onnx.pipeline.families import Family, Form, dense_macs
-from gdws_onnx.pipeline.latency import Timers, require_input_shapes
-from gdws_onnx.pipeline.measure import CONFIDENCE, FASTER, LatencyCache, conclusive, faster, never_slower
-from gdws_onnx.pipeline.options import DEFAULT_AUTO_ERROR_BUDGET, BudgetOptions, RunOptions, TimingOptions
+from gdws_onnx.pipeline.latency import Timers, require_input_shapes, table_message
+from gdws_onnx.pipeline.latency_table import LatencyTable
+from gdws_onnx.pipeline.measure import (
+    CONFIDENCE,
+    FASTER,
+    LatencyCache,
+    conclusive,
+    faster,
+    never_slower,
+)
+from gdws_onnx.pipeline.options import (
+    DEFAULT_AUTO_ERROR_BUDGET,
+    BudgetOptions,
+    RunOptions,
+    TimingOptions,
+)
 from gdws_onnx.pipeline.report import BudgetReport, LatencyReport
 from gdws_onnx.runtime.bench import format_ratio, ratio_of
 
@@ -197,51 +211,106 @@ def plan_auto(model: onnx.ModelProto, sites: list[ConvSite], fams: dict[str, Fam
     """Choose every eligible conv's family, rank and realization by measured latency under the
     network-wide error budget, then check the whole model (never slower). `model` is the
     unmodified original; `sites` the eligible convs. With quantize "int8" every comparison is
-    between INT8 forms (layer against the INT8 layer, model against INT8 alone)."""
+    between INT8 forms (layer against the INT8 layer, model against INT8 alone). With
+    `timing.latency_table` every layer ratio is read from the table `profile --conv auto` wrote
+    on the device and nothing is timed here: the whole-model check is left to the device, and
+    the report says so (OptionError when the table lacks a family, a batch, the budget's ladder
+    or a conv)."""
     eps = DEFAULT_AUTO_ERROR_BUDGET if budget.error_budget is None else budget.error_budget
     require_input_shapes(sites)
-    timers = Timers.create(timing, run, model, quantize)
-    errors = ladder(eps)
-    choices = {}
-    for i, site in enumerate(sites, 1):
-        c = Choice(site)
-        forms = candidate_forms(site, fams, errors, c)
-        if run.progress is not None:
-            run.progress(f"timing conv {i}/{len(sites)} {site.name}: {len(forms)} forms")
-        c.measured = time_forms(site, forms, fams, timers)
-        choices[site.name] = c
-    timers.cache.save()
+    table = None
+    if timing.latency_table is not None:
+        table = LatencyTable.load(timing.latency_table)
+        table.require("auto", list(fams), eps, timing.batches, timing.latency_table)
+    timers = None if table is not None else Timers.create(timing, run, model, quantize)
+    choices = measure_choices(sites, fams, ladder(eps), run, timers, table, timing)
     allocate_forms(list(choices.values()), eps, budget.auto_payoff)
-    if run.progress is not None:
-        run.progress("whole-model check (never slower)")
     picked = sorted([c for c in choices.values() if c.picked],
                     key=lambda c: -ratio_of(c.picked.worst).bounds()[1])  # worst layer ratio first
-    check = never_slower(model, lambda names: realize(model, {n: choices[n] for n in names}, fams),
-                         [c.site.name for c in picked], timers.model)
-    for c in picked:
-        if c.site.name not in check.kept:
-            c.picked, c.reason = None, "reverted: the whole model was not faster with it"
-    timers.cache.save()
-    final = check.steps[-1].ratios if check.faster else {}
+    if table is not None:
+        check, final, message = None, {}, table_message(table, timing.latency_table, timing.batches)
+        if not picked:
+            message = f"{outcome(picked, list(choices.values()), False, table.key_environment.get('ep'), quantize)}; " \
+                      + message
+    else:
+        if run.progress is not None:
+            run.progress("whole-model check (never slower)")
+        check = never_slower(model, lambda names: realize(model, {n: choices[n] for n in names}, fams),
+                             [c.site.name for c in picked], timers.model)
+        for c in picked:
+            if c.site.name not in check.kept:
+                c.picked, c.reason = None, "reverted: the whole model was not faster with it"
+        timers.cache.save()
+        final = check.steps[-1].ratios if check.faster else {}
+        message = outcome(picked, list(choices.values()), check.faster, timing.ep, quantize)
     speedup = 1 / max(r["median"] for r in final.values()) if final else None
-    errors_used = [c.picked.form.error for c in choices.values() if c.picked]
+    if table is not None:
+        hits = sum(len(m.ratios) for c in choices.values() for m in c.measured)
+        cache, env = {"path": timing.latency_table, "hits": hits, "misses": 0, "table": True}, table.key_environment
+    else:
+        cache, env = {"path": timers.cache.path, "hits": timers.cache.hits, "misses": timers.cache.misses}, timers.env
     report = LatencyReport(
-        ep=timing.ep, batches=timing.batches, threads=run.threads, environment=timers.env,
-        cache={"path": timers.cache.path, "hits": timers.cache.hits, "misses": timers.cache.misses},
-        model_baseline_ms=None, budget_search=[], faster=check.faster, final_ratios=final, speedup=speedup,
+        ep=env.get("ep", timing.ep), batches=timing.batches, threads=env.get("threads") or run.threads,
+        environment=env, cache=cache, model_baseline_ms=None, budget_search=[],
+        faster=bool(check and check.faster), final_ratios=final, speedup=speedup,
         layer_threshold=FASTER, confidence=CONFIDENCE,
         layers={n: {"options": [m.to_dict() for m in c.measured],
                     "chosen": next((i for i, m in enumerate(c.measured) if m is c.picked), None),
                     "families_skipped": c.skipped} for n, c in choices.items()},
-        checks=check.steps, fold_trials=[], folded=[],
-        message=outcome(picked, list(choices.values()), check.faster, timing.ep, quantize))
+        checks=check.steps if check else [], fold_trials=[], folded=[], message=message)
+    return AutoPlan(choices, budget_report(choices, eps, budget.auto_payoff), report)
+
+
+def measure_choices(sites: list[ConvSite], fams: dict[str, Family], errors: list[float], run: RunOptions,
+                    timers: Timers | None, table: LatencyTable | None, timing: TimingOptions) -> dict[str, Choice]:
+    """Each conv's pruned forms at `errors`, timed by `timers` or read from `table` (OptionError
+    naming the convs the table has no measurement of)."""
+    choices, unmatched = {}, []
+    for i, site in enumerate(sites, 1):
+        c = Choice(site)
+        forms = candidate_forms(site, fams, errors, c)
+        if table is not None:
+            measured = table_times(site, forms, table, timing.batches)
+            if measured is None:
+                unmatched.append(site.name)
+            c.measured = measured or []
+        else:
+            if run.progress is not None:
+                run.progress(f"timing conv {i}/{len(sites)} {site.name}: {len(forms)} forms")
+            c.measured = time_forms(site, forms, fams, timers)
+        choices[site.name] = c
+    if unmatched:
+        raise OptionError(f"{{0}} has no measurement of some forms of {literal(unmatched[:3])}: it was profiled for "
+                          f"model {literal(table.model.get('name'))} (another model, other input shapes, or other "
+                          "{1}/{2}/{3}?)", "latency_table", "skip_first", "include", "exclude")
+    if timers is not None:
+        timers.cache.save()
+    return choices
+
+
+def table_times(site: ConvSite, forms: list[Form], table: LatencyTable, batches: list[int]) -> list[Measured] | None:
+    """Each form's layer ratios from a profiled table, looked up by `cache_key` under the table's
+    own environment (so a table from another machine or file name works); None when the table
+    lacks one. A measurement that did not decide FASTER counts as not faster: the device is not
+    here to measure it again."""
+    entries, out = table.entries(), []
+    for form in forms:
+        keys = {b: cache_key(site, form, b, table.key_environment) for b in batches}
+        if not all(k in entries for k in keys.values()):
+            return None
+        out.append(Measured(form, {b: asdict(ratio_of(entries[k])) for b, k in keys.items()}))
+    return out
+
+
+def budget_report(choices: dict[str, Choice], eps: float, payoff: float) -> BudgetReport:
+    """The error budget as spent: its cap, the pay-off rule, the largest and mean error."""
+    errors_used = [c.picked.form.error for c in choices.values() if c.picked]
     mean = sum(errors_used) / len(choices) if choices else 0.0
-    budget_report = BudgetReport(
+    return BudgetReport(
         mode="error", target=eps, achieved=max(errors_used, default=0.0),
         message=f"budget: per-layer relative weight error ||W - W'||^2 / ||W||^2 <= {min(max(LEVELS) * eps, MAX_LAYER_ERROR):g} "
-                f"in every family, spent only where it pays (layer ratio <= 1 - {budget.auto_payoff:g} x error) "
+                f"in every family, spent only where it pays (layer ratio <= 1 - {payoff:g} x error) "
                 f"(largest {max(errors_used, default=0.0):.4f}, mean over the {len(choices)} eligible convs {mean:.4f})")
-    return AutoPlan(choices, budget_report, report)
 
 
 def realize(model: onnx.ModelProto, chosen: dict[str, Choice], fams: dict[str, Family]) -> onnx.ModelProto:

@@ -398,11 +398,9 @@ def plan_from_table(cands: list[Candidate], budget: BudgetOptions, timing: Timin
     geometry (`table_options`). The whole-model check and the Gather folds need the device: they
     are skipped, and the report says so. A latency budget is met as far as the table's layer
     savings predict against its whole-model time. Raises OptionError (on `latency_table`) when
-    the table lacks a batch of `timing.batches` or has no realization of some candidate."""
-    absent = [b for b in timing.batches if b not in table.batches or b not in table.model_ms]
-    if absent:
-        raise OptionError(f"{{0}} was profiled at batch {literal(table.batches)}, not at {literal(absent)}: "
-                          "give {1} from those or profile again", "latency_table", "batches")
+    the table lacks a batch of `timing.batches`, holds the auto planner's forms, or has no
+    realization of some candidate."""
+    table.require("gdws", [], None, timing.batches, timing.latency_table)
     eps = None if budget.latency_reduction is not None else budget.error
     measured = {c.site.name: table_options(c, table, timing.batches) for c in cands}
     unmatched = [c.site.name for c in cands if not measured[c.site.name]]

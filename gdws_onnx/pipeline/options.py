@@ -33,7 +33,7 @@ QUANTIZE_SCHEMES = ("off", "int8")  # after the rewrites: ORT static QDQ quantiz
 CONV_REWRITES = ("auto", "gdws", "ssvd", "off")
 # what conv="auto" cannot go with yet (GDWS-only options, or budgets it does not plan)
 AUTO_EXCLUDES = ("mismatch_budget", "uniform_rank", "latency_reduction", "alphas", "width_multiple", "data_aware",
-                 "bias_correction", "latency_table")
+                 "bias_correction")
 BUDGETS = ("error_budget", "mac_reduction", "latency_reduction", "mismatch_budget", "uniform_rank")
 
 
@@ -265,11 +265,11 @@ class OptimizeOptions:
 
     def auto_conflicts(self) -> list[str]:
         """The options given that conv="auto" cannot go with (AUTO_EXCLUDES)."""
-        b, c, t = self.budget, self.calibration, self.timing
+        b, c = self.budget, self.calibration
         given = {"mismatch_budget": b.mismatch_budget is not None, "uniform_rank": b.uniform_rank is not None,
                  "latency_reduction": b.latency_reduction is not None, "alphas": b.alphas is not None,
                  "width_multiple": b.width_multiple != 1, "data_aware": c.data_aware is not None,
-                 "bias_correction": c.bias_correction, "latency_table": t.latency_table is not None}
+                 "bias_correction": c.bias_correction}
         return [k for k in AUTO_EXCLUDES if given[k]]
 
     def default_conv(self) -> str:
@@ -325,9 +325,8 @@ class OptimizeOptions:
                conv, "target")
         conflicts = self.auto_conflicts()
         if conflicts:
-            raise OptionError("{0} cannot go with {1} (" + ("a profiled table holds GDWS layers only"
-                              if conflicts[0] == "latency_table" else "not planned across families yet")
-                              + "); use conv=gdws for it", conv, conflicts[0])
+            raise OptionError("{0} cannot go with {1} (not planned across families yet); use conv=gdws for it",
+                              conv, conflicts[0])
 
     def check_spatial_svd(self) -> None:
         """conv="ssvd" takes a MAC budget (ranks allocated across layers by one greedy) or an error
@@ -338,7 +337,8 @@ class OptimizeOptions:
                           ("uniform_rank", b.uniform_rank is not None), ("alphas", b.alphas is not None),
                           ("width_multiple", b.width_multiple != 1),
                           ("data_aware", c.data_aware is not None), ("bias_correction", c.bias_correction),
-                          ("latency_table", t.latency_table is not None), ("include", sel.include is not None),
+                          ("latency_table", t.latency_table is not None and b.target != "latency"),
+                          ("include", sel.include is not None),
                           ("exclude", sel.exclude is not None)):
             _check(not on, "{0} cannot go with {1} (a GDWS option)", "conv=ssvd", param)
 

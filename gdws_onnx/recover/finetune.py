@@ -28,7 +28,6 @@ import onnx
 
 from gdws_onnx.errors import GateFailed, GDWSError, OptionError, OptionText, literal
 from gdws_onnx.eval.gradients.classifier import OrtClassifier
-from gdws_onnx.eval.gradients.qdq import QDQ_OPS
 from gdws_onnx.eval.gradients.torch_replica import TorchReplica
 from gdws_onnx.graph.model_io import LoadedModel, check_output_path, load_model, save_model
 from gdws_onnx.recover import checkpoint, holdout
@@ -113,6 +112,7 @@ class FinetuneReport:
     train_robust_accuracy: float | None = None
     input: holdout.HoldoutScore | None = None
     output: holdout.HoldoutScore | None = None
+    teacher: holdout.HoldoutScore | None = None  # the teacher on the same split: what recovery aims at
     max_relative_error: float | None = None
     accepted: bool = False
     reason: str = ""
@@ -122,6 +122,7 @@ class FinetuneReport:
         d = asdict(self)
         d["input"] = self.input.to_dict() if self.input else None
         d["output"] = self.output.to_dict() if self.output else None
+        d["teacher"] = self.teacher.to_dict() if self.teacher else None
         d["reason"] = str(self.reason)
         return d
 
@@ -181,7 +182,7 @@ def max_relative_error(model: onnx.ModelProto, replica: TorchReplica, x: np.ndar
 def finetune_loaded(model: onnx.ModelProto, options: FinetuneOptions, teacher: onnx.ModelProto | None = None,
                     progress: Progress | None = None) -> FinetuneResult:
     """Fine-tune `model`'s chosen float initializers (see the module docstring); the result is not
-    written. GDWSError on bad input (unsupported operators, QDQ graphs, data of the wrong shape, a
+    written. GDWSError on bad input (unsupported operators, data of the wrong shape, a
     teacher of other outputs); the gate's verdict is in the report (accepted, reason)."""
     import torch
 
@@ -192,10 +193,6 @@ def finetune_loaded(model: onnx.ModelProto, options: FinetuneOptions, teacher: o
                                  hashlib.sha256(teacher.SerializeToString()).hexdigest()})
     state = resume_state(options, ident)  # read (and checked against these settings) before any work
     attack = parse_attack(options.attack, options.eps)
-    qdq = sorted({n.op_type for n in model.graph.node if n.op_type in QDQ_OPS})
-    if qdq:
-        raise GDWSError(f"fine-tuning a quantized (QDQ) graph is not supported yet ({', '.join(qdq)}): "
-                        "fine-tune the float model, then quantize it")
     names = trainable_names(model, options.train)
     ds = holdout.load_training_data(options.data, options.n)
     x_tr, y_tr, x_ho, y_ho = holdout.split(ds, options.holdout)
@@ -213,6 +210,9 @@ def finetune_loaded(model: onnx.ModelProto, options: FinetuneOptions, teacher: o
                                 parameters=int(sum(p.numel() for p in params)))
         report.input = holdout.score(model, x_ho, y_ho, options.eps, options.eval_steps, options.seed,
                                      options.threads, options.batch)
+        if teacher is not None:
+            report.teacher = holdout.score(teacher, x_ho, y_ho, options.eps, options.eval_steps, options.seed,
+                                           options.threads, options.batch)
         per_epoch = math.ceil(len(x_tr) / options.batch)
         total = options.steps or max(1, round((options.epochs or 1.0) * per_epoch))
         opt = torch.optim.SGD(params, lr=options.lr, momentum=MOMENTUM)

@@ -4,8 +4,10 @@
 nodes a rewrite made (their names are in a `graph.pattern` scope: `<conv>/gdws/pw`, ...), their
 biases included; "all" = every float initializer feeding a Conv, Gemm, MatMul or
 BatchNormalization (a BatchNormalization's running mean and variance excepted: they are statistics,
-not weights). `write_back` puts new values into a copy of the same graph; `check_same_graph` proves
-that nothing but initializer values changed.
+not weights). In a QDQ graph a weight is an integer initializer behind a DequantizeLinear
+(`quantized.py`): it is trained as a float master copy, fake-quantized on its grid.
+`write_back` puts new values into a copy of the same graph (the integers of a quantized one);
+`check_same_graph` proves that nothing but initializer values changed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from onnx import TensorProto
 
 from gdws_onnx.errors import GDWSError, OptionError
 from gdws_onnx.graph.pattern import layer_of
+from gdws_onnx.recover.quantized import QuantizedWeight, quantized_weights
 
 TRAIN_CHOICES = ("rewritten", "all")
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "BatchNormalization")
@@ -29,51 +32,79 @@ def is_rewritten(node: onnx.NodeProto) -> bool:
     return bool(node.name) and layer_of(node.name) != node.name
 
 
+def quantized_sources(model: onnx.ModelProto) -> dict[str, list[QuantizedWeight]]:
+    """The integer initializers behind constant DequantizeLinear nodes, by initializer name."""
+    out: dict[str, list[QuantizedWeight]] = {}
+    for qw in quantized_weights(model).values():
+        out.setdefault(qw.source, []).append(qw)
+    return out
+
+
 def trainable_names(model: onnx.ModelProto, train: str = "rewritten") -> list[str]:
-    """The float32 initializers `train` selects, in initializer order; OptionError when none."""
+    """The float32 initializers `train` selects, and the integer ones behind the DequantizeLinear
+    a weight op reads in a QDQ graph, in initializer order; OptionError when none."""
     if train not in TRAIN_CHOICES:
         raise OptionError(f"{{0}} must be one of {', '.join(TRAIN_CHOICES)}, got {train!r}", "train")
     floats = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    dequantized = {qw.output: qw.source for qw in quantized_weights(model).values()}
     chosen = set()
     for node in model.graph.node:
         if node.op_type not in WEIGHT_OPS or (train == "rewritten" and not is_rewritten(node)):
             continue
         for i, name in enumerate(node.input):
-            if name in floats and not (node.op_type == "BatchNormalization" and i in BN_STATISTICS):
+            if node.op_type == "BatchNormalization" and i in BN_STATISTICS:
+                continue
+            if name in floats:
                 chosen.add(name)
+            elif name in dequantized:
+                chosen.add(dequantized[name])
     if not chosen:
         if train == "rewritten":
             raise OptionError("the model has no rewritten layers to train (optimize it first, or pass {0})",
                               "train=all")
-        raise GDWSError("the model has no float weights feeding Conv, Gemm, MatMul or BatchNormalization")
+        raise GDWSError("the model has no float or quantized weights feeding Conv, Gemm, MatMul or BatchNormalization")
     return [t.name for t in model.graph.initializer if t.name in chosen]
 
 
 def make_trainable(replica, names: list[str]) -> list:
     """Replace the replica's constants `names` by torch Parameters (float32, requires_grad) and
-    return them in that order. The replica must run unfused (`fuse_gdws=False`): a fused GDWS
-    chain caches its weight."""
+    return them in that order; an integer initializer behind DequantizeLinear becomes a float
+    master copy of its dequantized value, which the replica sees fake-quantized
+    (`QuantizedWeight.fake_quantize`). The replica must run unfused (`fuse_gdws=False`): a fused
+    GDWS chain caches its weight."""
     torch = replica.torch
+    quantized = quantized_sources(replica.model)
     params = []
     for name in names:
-        p = torch.nn.Parameter(replica.consts[name].detach().clone().to(torch.float32))
-        replica.consts[name] = p
+        if name in quantized:
+            first = quantized[name][0]
+            p = torch.nn.Parameter(replica.consts[first.output].detach().clone().to(torch.float32))
+            for qw in quantized[name]:
+                replica.derived[qw.output] = (lambda q=qw, w=p: q.fake_quantize(torch, w))
+        else:
+            p = torch.nn.Parameter(replica.consts[name].detach().clone().to(torch.float32))
+            replica.consts[name] = p
         params.append(p)
     return params
 
 
 def write_back(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of `model` whose initializers `values` hold the new values (same name, dims, type,
-    stored as raw data); everything else is the original's."""
+    stored as raw data): float ones as they are, integer ones behind DequantizeLinear as the
+    integers of their fake-quantized value; everything else is the original's."""
     out = copy.deepcopy(model)
+    quantized = quantized_sources(model)
     left = dict(values)
     for t in out.graph.initializer:
         if t.name not in left:
             continue
-        v = np.ascontiguousarray(left.pop(t.name), dtype=np.float32)
+        v = left.pop(t.name)
+        if t.name in quantized:
+            v = quantized[t.name][0].integers(np.asarray(v, np.float32))
+        v = np.ascontiguousarray(v, dtype=np.float32 if t.name not in quantized else v.dtype)
         if list(v.shape) != list(t.dims):
             raise GDWSError(f"initializer {t.name}: trained shape {list(v.shape)} != graph shape {list(t.dims)}")
-        for f in ("float_data", "external_data"):
+        for f in ("float_data", "int32_data", "external_data"):
             t.ClearField(f)
         t.data_location = TensorProto.DEFAULT
         t.raw_data = v.tobytes()

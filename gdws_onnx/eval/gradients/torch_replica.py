@@ -73,6 +73,9 @@ class TorchReplica:
         if fuse_gdws:
             self.nodes = fuse_gdws_chains(self.nodes, self.consts, self.y_name)
         self._q_cache: dict = {}
+        # values computed afresh at every call (name -> function of nothing), after the constants:
+        # a fine-tune's fake-quantized weights (recover.params.make_trainable)
+        self.derived: dict = {}
 
     def tensor(self, a: np.ndarray):
         """A torch copy of `a`, floating tensors in the replica's dtype."""
@@ -95,6 +98,8 @@ class TorchReplica:
     def __call__(self, x):
         torch = self.torch
         env = dict(self.consts)
+        for name, value in self.derived.items():
+            env[name] = value()
         env[self.x_name] = x
         env[""] = None
         for node in self.nodes:
