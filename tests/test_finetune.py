@@ -91,6 +91,34 @@ def test_steps_reduce_the_loss_and_recover_accuracy(tmp_path, model):
     assert after > before
 
 
+def test_trades_trains_on_labels_and_refuses_a_teacher(tmp_path, model):
+    """TRADES: clean cross-entropy + 6 KL(clean || adversarial), its attack maximising that KL."""
+    import torch
+
+    from gdws_onnx.eval.gradients.torch_replica import TorchReplica
+    from gdws_onnx.recover.adversary import TRADES_BETA, training_loss
+
+    data = classes_data(tmp_path / "d.npz")
+    r = finetune_loaded(model, opts(data, train="all", attack="pgd-2", loss="trades"))
+    assert r.report.accepted and r.report.loss_last < 0.5 * r.report.loss_first
+    assert r.report.output.clean_accuracy > r.report.input.clean_accuracy
+    # the loss is what the docstring says, on a batch
+    rep = TorchReplica(model)
+    x = torch.from_numpy(np.load(data)["x"][:8])
+    y = torch.from_numpy(np.load(data)["y"][:8].astype(np.int64))
+    xa = (x + 0.02).clamp(0, 1)
+    value, logits = training_loss(rep, x, xa, y, None, "trades")
+    F = torch.nn.functional
+    want = F.cross_entropy(rep(x), y) + TRADES_BETA * (
+        F.softmax(rep(x), 1) * (F.log_softmax(rep(x), 1) - F.log_softmax(rep(xa), 1))).sum(1).mean()
+    assert torch.allclose(value, want, rtol=1e-5) and torch.equal(logits, rep(xa))
+    with pytest.raises(OptionError) as e:
+        finetune_loaded(model, opts(data, train="all", loss="trades", steps=1), teacher=model)
+    assert e.value.params == ("loss=trades", "teacher")
+    with pytest.raises(OptionError):
+        opts(data, loss="mse").check()
+
+
 def test_seed_makes_it_deterministic(tmp_path, rewritten):
     data = classes_data(tmp_path / "d.npz")
     a = finetune_loaded(rewritten, opts(data, attack="pgd-2", steps=8, seed=3)).model
@@ -183,10 +211,10 @@ def test_library_finetune_writes_only_when_accepted(tmp_path, model):
 
 
 def test_cli_choices_are_the_library_s():
-    from gdws_onnx.cli.finetune import TRAIN_CHOICES
-    from gdws_onnx.recover import params
+    from gdws_onnx.cli.finetune import LOSS_CHOICES, TRAIN_CHOICES
+    from gdws_onnx.recover import adversary, params
 
-    assert TRAIN_CHOICES == params.TRAIN_CHOICES
+    assert TRAIN_CHOICES == params.TRAIN_CHOICES and LOSS_CHOICES == adversary.LOSS_CHOICES
 
 
 def test_optimize_finetune_is_a_step_between_the_rewrite_and_int8(tmp_path, model):

@@ -14,6 +14,7 @@ from gdws_onnx.cli.render import finetune_lines
 from gdws_onnx.errors import GateFailed, render_text
 
 TRAIN_CHOICES = ("rewritten", "all")  # recover.params.TRAIN_CHOICES (not imported: it loads the library)
+LOSS_CHOICES = ("ce", "trades")  # recover.adversary.LOSS_CHOICES
 
 
 def progress_printer(quiet: bool):
@@ -54,6 +55,9 @@ def progress_printer(quiet: bool):
 @click.option("--teacher", default=None,
               help="The original model: distil its clean soft outputs (RSLAD-style, no labels needed to train).")
 @click.option("--attack", default="fgsm-rs", show_default=True, help="Training attack: none, fgsm-rs or pgd-K.")
+@click.option("--loss", type=click.Choice(LOSS_CHOICES), default="ce", show_default=True,
+              help="Without --teacher: ce (cross-entropy on the adversarial examples' labels) or trades (clean "
+                   "cross-entropy + 6 x KL from the clean to the adversarial prediction). A teacher means RSLAD.")
 @args.EPS()
 @click.option("--train", type=click.Choice(TRAIN_CHOICES), default="rewritten", show_default=True,
               help="Which weights train: the rewritten layers' or all Conv/Gemm/MatMul/BatchNormalization weights.")

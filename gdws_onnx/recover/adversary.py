@@ -5,9 +5,12 @@ sign step of 1.25 eps from a uniform start); "pgd-K" (Madry et al. 2018: K sign 
 2.5 eps / K from a uniform start). Each maximises the training loss of the current weights and
 stays inside the L-inf eps-ball and [0, 1].
 
-Losses: without a teacher, cross-entropy on the labels; with one (RSLAD, Zi et al. 2021), the
-teacher's soft outputs on the *clean* input are the targets: KL(teacher(x) || student(x_adv)),
-plus 1/6 of the same on the clean input. The attack maximises the same loss, so no labels are needed.
+Losses (`LOSS_CHOICES`): without a teacher, "ce", cross-entropy on the labels of the
+adversarial examples (Madry et al.), or "trades" (Zhang et al. 2019): CE(student(x), y) +
+TRADES_BETA KL(student(x) || student(x_adv)), whose attack maximises that KL from the student's own
+clean prediction. With a teacher (RSLAD, Zi et al. 2021), the teacher's soft outputs on the
+*clean* input are the targets: KL(teacher(x) || student(x_adv)), plus 1/6 of the same on the
+clean input. The attack maximises the same loss, so no labels are needed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from dataclasses import dataclass
 from gdws_onnx.errors import OptionError
 
 ATTACK_CHOICES = ("none", "fgsm-rs", "pgd-K")
+LOSS_CHOICES = ("ce", "trades")  # with labels; a teacher's soft outputs replace both (RSLAD)
 RSLAD_CLEAN_WEIGHT = 1.0 / 6.0  # RSLAD's weights: 5/6 adversarial, 1/6 clean
+TRADES_BETA = 6.0  # TRADES's robustness weight (the paper's choice for CIFAR-10 and MNIST-scale eps)
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,19 @@ def loss_fn(torch, logits, y, teacher_probs, reduction: str = "mean"):
     return kl.mean() if reduction == "mean" else kl.sum()
 
 
+def clean_targets(replica, x, teacher_probs, loss: str = "ce"):
+    """What the attack moves away from: the teacher's soft outputs; under TRADES the student's own
+    clean prediction (no gradient); else None (the labels)."""
+    if teacher_probs is not None or loss != "trades":
+        return teacher_probs
+    torch = replica.torch
+    with torch.no_grad():
+        return torch.softmax(replica(x), dim=1)
+
+
 def adversarial(replica, attack: TrainAttack, x, y, teacher_probs, generator):
-    """Adversarial examples of `x` for the replica's current weights (no weight gradients kept)."""
+    """Adversarial examples of `x` for the replica's current weights (no weight gradients kept):
+    maximising CE on `y`, or KL from `teacher_probs` when given (`clean_targets`)."""
     torch = replica.torch
     if attack.kind == "none":
         return x
@@ -74,12 +90,18 @@ def adversarial(replica, attack: TrainAttack, x, y, teacher_probs, generator):
     return xa.detach()
 
 
-def training_loss(replica, x, xa, y, teacher_probs):
-    """The loss the weights descend: CE(student(x_adv), y), or RSLAD's
+def training_loss(replica, x, xa, y, teacher_probs, loss: str = "ce"):
+    """The loss the weights descend: CE(student(x_adv), y); TRADES's CE(student(x), y) +
+    TRADES_BETA KL(student(x) || student(x_adv)); or with a teacher RSLAD's
     5/6 KL(t || student(x_adv)) + 1/6 KL(t || student(x)). Returns (loss, logits on x_adv)."""
     torch = replica.torch
+    F = torch.nn.functional
     logits = replica(xa)
-    loss = loss_fn(torch, logits, y, teacher_probs)
+    if teacher_probs is None and loss == "trades":
+        clean = replica(x)
+        kl = F.kl_div(F.log_softmax(logits, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
+        return F.cross_entropy(clean, y) + TRADES_BETA * kl, logits
+    value = loss_fn(torch, logits, y, teacher_probs)
     if teacher_probs is not None and xa is not x:
-        loss = (1 - RSLAD_CLEAN_WEIGHT) * loss + RSLAD_CLEAN_WEIGHT * loss_fn(torch, replica(x), y, teacher_probs)
-    return loss, logits
+        value = (1 - RSLAD_CLEAN_WEIGHT) * value + RSLAD_CLEAN_WEIGHT * loss_fn(torch, replica(x), y, teacher_probs)
+    return value, logits

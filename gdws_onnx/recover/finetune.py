@@ -29,10 +29,26 @@ import onnx
 from gdws_onnx.errors import GateFailed, GDWSError, OptionError, OptionText, literal
 from gdws_onnx.eval.gradients.classifier import OrtClassifier
 from gdws_onnx.eval.gradients.torch_replica import TorchReplica
-from gdws_onnx.graph.model_io import LoadedModel, check_output_path, load_model, save_model
+from gdws_onnx.graph.model_io import (
+    LoadedModel,
+    check_output_path,
+    load_model,
+    save_model,
+)
 from gdws_onnx.recover import checkpoint, holdout
-from gdws_onnx.recover.adversary import adversarial, parse_attack, training_loss
-from gdws_onnx.recover.params import check_same_graph, make_trainable, trainable_names, write_back
+from gdws_onnx.recover.adversary import (
+    LOSS_CHOICES,
+    adversarial,
+    clean_targets,
+    parse_attack,
+    training_loss,
+)
+from gdws_onnx.recover.params import (
+    check_same_graph,
+    make_trainable,
+    trainable_names,
+    write_back,
+)
 
 MOMENTUM = 0.9
 RELATIVE_TOLERANCE = 1e-3  # ORT vs the replica on the written graph, max |a - b| / max |b|
@@ -47,6 +63,7 @@ class FinetuneOptions:
     n: int | None = None  # the first n samples of data
     holdout: int | None = None  # held-out samples (the last ones); default 10 %, at most 1000
     attack: str = "fgsm-rs"  # none | fgsm-rs | pgd-K
+    loss: str = "ce"  # without a teacher: ce | trades (adversary.LOSS_CHOICES); a teacher means RSLAD
     eps: float = 0.1
     train: str = "rewritten"  # rewritten | all
     epochs: float | None = None
@@ -64,6 +81,8 @@ class FinetuneOptions:
     def check(self) -> None:
         """OptionError naming the first bad parameter."""
         parse_attack(self.attack, self.eps)
+        if self.loss not in LOSS_CHOICES:
+            raise OptionError(f"{{0}} must be one of {', '.join(LOSS_CHOICES)}, got {literal(self.loss)}", "loss")
         for name in ("n", "holdout", "steps", "threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -193,6 +212,9 @@ def finetune_loaded(model: onnx.ModelProto, options: FinetuneOptions, teacher: o
                                  hashlib.sha256(teacher.SerializeToString()).hexdigest()})
     state = resume_state(options, ident)  # read (and checked against these settings) before any work
     attack = parse_attack(options.attack, options.eps)
+    if teacher is not None and options.loss != "ce":
+        raise OptionError("{0} trains on labels: with {1}, the teacher's soft outputs are the targets (RSLAD)",
+                          "loss=" + options.loss, "teacher")
     names = trainable_names(model, options.train)
     ds = holdout.load_training_data(options.data, options.n)
     x_tr, y_tr, x_ho, y_ho = holdout.split(ds, options.holdout)
@@ -240,9 +262,9 @@ def finetune_loaded(model: onnx.ModelProto, options: FinetuneOptions, teacher: o
             yb = torch.from_numpy(np.ascontiguousarray(y_tr[idx], np.int64))
             tp = teacher_probabilities(teacher_clf, x_tr[idx])
             tp = None if tp is None else torch.from_numpy(tp)
-            xa = adversarial(replica, attack, xb, yb, tp, gen)
+            xa = adversarial(replica, attack, xb, yb, clean_targets(replica, xb, tp, options.loss), gen)
             opt.zero_grad(set_to_none=True)
-            loss, logits = training_loss(replica, xb, xa, yb, tp)
+            loss, logits = training_loss(replica, xb, xa, yb, tp, options.loss)
             if not torch.isfinite(loss):
                 report.losses.append(float("nan"))
                 report.reason = f"the training loss diverged at step {step + 1} (a smaller learning rate may help)"
