@@ -192,7 +192,9 @@ def finetune_lines(report: dict | None) -> list[str]:
             lines.append(f"held-out ({s['n']} samples) {name}: clean {100 * s['clean_accuracy']:.2f}%, "
                          f"PGD-{k} eps {eps:g} {100 * s['robust_accuracy']:.2f}%")
     if report["max_relative_error"] is not None:
-        lines.append(f"ONNX Runtime vs replica: max relative error {report['max_relative_error']:.2e}")
+        before = report.get("input_relative_error")
+        lines.append(f"ONNX Runtime vs replica: max relative error {report['max_relative_error']:.2e}"
+                     + (f" (input {before:.2e})" if before is not None else ""))
     return lines
 
 
