@@ -227,38 +227,44 @@ def plan_auto(model: onnx.ModelProto, sites: list[ConvSite], fams: dict[str, Fam
     allocate_forms(list(choices.values()), eps, budget.auto_payoff)
     picked = sorted([c for c in choices.values() if c.picked],
                     key=lambda c: -ratio_of(c.picked.worst).bounds()[1])  # worst layer ratio first
-    if table is not None:
-        check, final, message = None, {}, table_message(table, timing.latency_table, timing.batches)
+    if table is not None:  # the whole-model check needs the device: the message says how to run it there
+        check, env = None, table.key_environment
+        message = table_message(table, timing.latency_table, timing.batches)
         if not picked:
-            message = f"{outcome(picked, list(choices.values()), False, table.key_environment.get('ep'), quantize)}; " \
-                      + message
-    else:
-        if run.progress is not None:
-            run.progress("whole-model check (never slower)")
-        check = never_slower(model, lambda names: realize(model, {n: choices[n] for n in names}, fams),
-                             [c.site.name for c in picked], timers.model)
-        for c in picked:
-            if c.site.name not in check.kept:
-                c.picked, c.reason = None, "reverted: the whole model was not faster with it"
-        timers.cache.save()
-        final = check.steps[-1].ratios if check.faster else {}
-        message = outcome(picked, list(choices.values()), check.faster, timing.ep, quantize)
-    speedup = 1 / max(r["median"] for r in final.values()) if final else None
-    if table is not None:
+            message = f"{outcome(picked, list(choices.values()), False, env.get('ep'), quantize)}; {message}"
         hits = sum(len(m.ratios) for c in choices.values() for m in c.measured)
-        cache, env = {"path": timing.latency_table, "hits": hits, "misses": 0, "table": True}, table.key_environment
+        cache = {"path": timing.latency_table, "hits": hits, "misses": 0, "table": True}
     else:
-        cache, env = {"path": timers.cache.path, "hits": timers.cache.hits, "misses": timers.cache.misses}, timers.env
+        check, env = check_whole_model(model, picked, choices, fams, timers, run), timers.env
+        message = outcome(picked, list(choices.values()), check.faster, timing.ep, quantize)
+        cache = {"path": timers.cache.path, "hits": timers.cache.hits, "misses": timers.cache.misses}
+    final = check.steps[-1].ratios if check is not None and check.faster else {}
+    speedup = 1 / max(r["median"] for r in final.values()) if final else None
     report = LatencyReport(
         ep=env.get("ep", timing.ep), batches=timing.batches, threads=env.get("threads") or run.threads,
         environment=env, cache=cache, model_baseline_ms=None, budget_search=[],
-        faster=bool(check and check.faster), final_ratios=final, speedup=speedup,
+        faster=check is not None and check.faster, final_ratios=final, speedup=speedup,
         layer_threshold=FASTER, confidence=CONFIDENCE,
         layers={n: {"options": [m.to_dict() for m in c.measured],
                     "chosen": next((i for i, m in enumerate(c.measured) if m is c.picked), None),
                     "families_skipped": c.skipped} for n, c in choices.items()},
-        checks=check.steps if check else [], fold_trials=[], folded=[], message=message)
+        checks=check.steps if check is not None else [], fold_trials=[], folded=[], message=message)
     return AutoPlan(choices, budget_report(choices, eps, budget.auto_payoff), report)
+
+
+def check_whole_model(model: onnx.ModelProto, picked: list[Choice], choices: dict[str, Choice],
+                      fams: dict[str, Family], timers: Timers, run: RunOptions):
+    """The whole model with the picked forms against the original (`measure.never_slower`,
+    worst layer first); a layer it reverts loses its pick and says why."""
+    if run.progress is not None:
+        run.progress("whole-model check (never slower)")
+    check = never_slower(model, lambda names: realize(model, {n: choices[n] for n in names}, fams),
+                         [c.site.name for c in picked], timers.model)
+    for c in picked:
+        if c.site.name not in check.kept:
+            c.picked, c.reason = None, "reverted: the whole model was not faster with it"
+    timers.cache.save()
+    return check
 
 
 def measure_choices(sites: list[ConvSite], fams: dict[str, Family], errors: list[float], run: RunOptions,
