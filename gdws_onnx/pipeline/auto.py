@@ -47,7 +47,6 @@ from gdws_onnx.pipeline.measure import (
     never_slower,
 )
 from gdws_onnx.pipeline.options import (
-    DEFAULT_AUTO_ERROR_BUDGET,
     BudgetOptions,
     RunOptions,
     TimingOptions,
@@ -216,7 +215,7 @@ def plan_auto(model: onnx.ModelProto, sites: list[ConvSite], fams: dict[str, Fam
     on the device and nothing is timed here: the whole-model check is left to the device, and
     the report says so (OptionError when the table lacks a family, a batch, the budget's ladder
     or a conv)."""
-    eps = DEFAULT_AUTO_ERROR_BUDGET if budget.error_budget is None else budget.error_budget
+    eps = budget.auto_error
     require_input_shapes(sites)
     table = None
     if timing.latency_table is not None:
@@ -299,7 +298,7 @@ def table_times(site: ConvSite, forms: list[Form], table: LatencyTable, batches:
     own environment (so a table from another machine or file name works); None when the table
     lacks one. A measurement that did not decide FASTER counts as not faster: the device is not
     here to measure it again."""
-    entries, out = table.entries(), []
+    entries, out = table.entries, []
     for form in forms:
         keys = {b: cache_key(site, form, b, table.key_environment) for b in batches}
         if not all(k in entries for k in keys.values()):

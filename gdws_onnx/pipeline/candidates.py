@@ -57,6 +57,11 @@ def skip_reason(site: ConvSite, first: bool, selection: SelectionOptions) -> str
     return name_filter(site.name, selection) or ""
 
 
+def skip_reasons(sites: list[ConvSite], selection: SelectionOptions) -> dict[str, str]:
+    """conv name -> `skip_reason` ('' for a candidate), the first conv being the first of `sites`."""
+    return {s.name: skip_reason(s, i == 0, selection) for i, s in enumerate(sites)}
+
+
 def name_filter(name: str, selection: SelectionOptions) -> str | None:
     """Why the include/exclude patterns leave the layer `name` alone (None: they select it)."""
     if selection.include is not None and not re.search(selection.include, name):

@@ -168,7 +168,7 @@ def table_options(c: Candidate, table: LatencyTable, batches: list[int]) -> list
     of this model's scores (Gather + depthwise), or G / C terms per channel (channel multiplier).
     A measurement that did not decide FASTER is used as it is (it counts as not faster): the
     device is not here to measure it again."""
-    entries, sc, n = table.entries(), decompose.scores(c.spec, c.alpha), c.spec.in_channels
+    entries, sc, n = table.entries, decompose.scores(c.spec, c.alpha), c.spec.in_channels
     pairs = sorted({(m.total_rank, m.multiplier) for ms in table.layers.values() for m in ms})
     options = []
     for g, mult in pairs:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 from gdws_onnx.errors import OptionError, literal
 from gdws_onnx.files import write_json_atomic
@@ -58,8 +59,10 @@ class LatencyTable:
     format: str = FORMAT
     version: int = VERSION
 
+    @cached_property
     def entries(self) -> dict[str, dict]:
-        """key -> measured Ratio dict, over every layer."""
+        """key -> measured Ratio dict, over every layer (built once: a table is not changed after
+        it is made or read)."""
         return {m.key: m.ratio for ms in self.layers.values() for m in ms}
 
     def require(self, conv: str, families: list[str], error_budget: float | None, batches: list[int],

@@ -30,7 +30,7 @@ from gdws_onnx.graph.pattern import layer_of
 from gdws_onnx.graph.rewrite import GDWSRewritePass, LayerRewrite
 from gdws_onnx.peers.common import mac_shortfall
 from gdws_onnx.pipeline.budgets import planner_for
-from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate, name_filter, skip_reason
+from gdws_onnx.pipeline.candidates import BudgetPlan, Candidate, name_filter, skip_reasons
 from gdws_onnx.pipeline.inputs import data_arrays, named_inputs
 from gdws_onnx.pipeline.int8 import quantize, require_quantizable
 from gdws_onnx.pipeline.options import (
@@ -301,7 +301,7 @@ def rewrite_auto(model: onnx.ModelProto, analysis: Analysis, opts: OptimizeOptio
     from gdws_onnx.pipeline.families import families
 
     fams = families(None if opts.selection.conv == "auto" else (opts.selection.conv,))
-    reasons = {s.name: skip_reason(s, i == 0, opts.selection) for i, s in enumerate(analysis.sites)}
+    reasons = skip_reasons(analysis.sites, opts.selection)
     eligible = [s for s in analysis.sites if not reasons[s.name]]
     plan = plan_auto(model, eligible, fams, opts.budget, opts.timing, opts.run, quantize=opts.calibration.quantize)
     apply_choices(model, plan.choices, fams)
@@ -347,7 +347,7 @@ def select(model: onnx.ModelProto, analysis: Analysis, selection: SelectionOptio
            calibration: CalibrationOptions, run: RunOptions) -> Selection:
     """The convs that may be rewritten (`skip_reason`), each with its spectrum and alphas."""
     sites = analysis.sites
-    reasons = {s.name: skip_reason(s, i == 0, selection) for i, s in enumerate(sites)}
+    reasons = skip_reasons(sites, selection)
     eligible = [s for s in sites if not reasons[s.name]]
     cands = [Candidate(s, spec, _alpha_for(s, analysis.alphas), weighted=s.name in analysis.alphas)
              for s, spec in zip(eligible, spectra(model, eligible, calibration, run))]
@@ -408,7 +408,9 @@ def rewrite(model: onnx.ModelProto, rewrites: list[LayerRewrite]) -> None:
 def calibrate(model: onnx.ModelProto, rewrites: list[LayerRewrite], run: RunOptions) -> BiasCorrectionReport:
     """Bias correction of the rewritten convs on the calibration data (`run.data`), in place;
     returns its BiasCorrectionReport."""
-    from gdws_onnx.calibrate.bias_correction import BiasCorrectionPass  # loads the attack code: only when asked
+    from gdws_onnx.calibrate.bias_correction import (
+        BiasCorrectionPass,  # loads the attack code: only when asked
+    )
 
     arrays, desc = data_arrays(run.data, CALIBRATION_SAMPLES)
     correction = BiasCorrectionPass(rewrites, named_inputs(model, arrays), threads=run.threads).call(model).report

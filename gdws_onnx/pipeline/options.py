@@ -118,6 +118,11 @@ class BudgetOptions:
             _check(self.payoff >= 0, f"{{0}} must be >= 0, got {self.payoff}", "payoff")
 
     @property
+    def auto_error(self) -> float:
+        """The per-layer error cap conv="auto" plans under: error_budget, or DEFAULT_AUTO_ERROR_BUDGET."""
+        return DEFAULT_AUTO_ERROR_BUDGET if self.error_budget is None else self.error_budget
+
+    @property
     def auto_payoff(self) -> float:
         """The pay-off conv="auto" asks of a form: payoff, or DEFAULT_PAYOFF when not given."""
         return DEFAULT_PAYOFF if self.payoff is None else self.payoff

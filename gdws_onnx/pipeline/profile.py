@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from gdws_onnx.errors import OptionError, literal
 from gdws_onnx.graph.model_io import LoadedModel, file_sha256
 from gdws_onnx.pipeline import auto, latency, measure
-from gdws_onnx.pipeline.candidates import Candidate, skip_reason
+from gdws_onnx.pipeline.candidates import Candidate, skip_reasons
 from gdws_onnx.pipeline.families import families
 from gdws_onnx.pipeline.latency_table import LatencyTable, LayerMeasurement
 from gdws_onnx.pipeline.optimize import analyze, select
 from gdws_onnx.pipeline.options import (
-    DEFAULT_AUTO_ERROR_BUDGET,
     BudgetOptions,
     CalibrationOptions,
     RunOptions,
@@ -69,8 +68,9 @@ def profile(loaded: LoadedModel, opts: ProfileOptions) -> LatencyTable:
         fams, eps = {}, None
     else:
         fams = families(None if conv == "auto" else (conv,))
-        eps = DEFAULT_AUTO_ERROR_BUDGET if opts.budget.error_budget is None else opts.budget.error_budget
-        sites = [s for i, s in enumerate(analysis.sites) if not skip_reason(s, i == 0, opts.selection)]
+        eps = opts.budget.auto_error
+        reasons = skip_reasons(analysis.sites, opts.selection)
+        sites = [s for s in analysis.sites if not reasons[s.name]]
         latency.require_input_shapes(sites)
         layers = {name: _auto_measurements(c, env) for name, c in
                   auto.measure_choices(sites, fams, auto.ladder(eps), run, timers, None, timing).items()}
