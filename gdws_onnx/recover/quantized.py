@@ -24,49 +24,44 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gdws_onnx.eval.gradients.qdq import QRANGES, is_qdq
+from gdws_onnx.eval.gradients import torch_ops
+from gdws_onnx.eval.gradients.qdq import is_qdq
 from gdws_onnx.graph.convs import node_attrs
-
-INTEGER_RANGES = {**QRANGES, onnx.TensorProto.INT32: (-2 ** 31, 2 ** 31 - 1)}
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A DequantizeLinear of an integer initializer `source`; its float value is named `output`."""
+    """A DequantizeLinear of an integer initializer `source`; its float value is named `output`.
+    The zero point is in the source's type (zeros when the node has none), which sets the range."""
 
     source: str
     output: str
     scale: np.ndarray
-    zero_point: np.ndarray | None
-    axis: int
-    lo: int
-    hi: int
-    dtype: np.dtype  # the integer type of `source`
+    zero_point: np.ndarray
+    attrs: dict  # the node's attributes (axis)
 
-    def param(self, p: np.ndarray, rank: int) -> np.ndarray:
-        """A per-tensor or per-`axis` parameter, shaped to broadcast against a rank-`rank` weight."""
-        p = np.asarray(p)
-        if p.size == 1:
-            return p.reshape(())
-        shape = [1] * rank
-        shape[self.axis % rank] = p.size
-        return p.reshape(shape)
+    @property
+    def dtype(self) -> np.dtype:
+        """The integer type of `source`."""
+        return self.zero_point.dtype
 
-    def integers(self, w: np.ndarray) -> np.ndarray:
-        """clip(round(w / scale) + zp, lo, hi) in the initializer's type (round half to even, as ORT)."""
-        s = self.param(self.scale, w.ndim).astype(np.float32)
-        z = 0 if self.zero_point is None else self.param(self.zero_point, w.ndim).astype(np.float64)
-        q = np.clip(np.rint(w.astype(np.float32) / s).astype(np.float64) + z, self.lo, self.hi)
-        return q.astype(self.dtype)
+    def _params(self, torch) -> tuple:
+        return torch.from_numpy(self.scale.copy()), torch.from_numpy(self.zero_point.copy())
 
     def fake_quantize(self, torch, w):
-        """fq(w) with the clipped straight-through gradient (see the module docstring)."""
-        s = torch.tensor(self.param(self.scale, w.dim()).astype(np.float32), dtype=w.dtype)
-        z = 0.0 if self.zero_point is None else torch.tensor(
-            self.param(self.zero_point, w.dim()).astype(np.float64), dtype=w.dtype)
-        low, high = (self.lo - z) * s, (self.hi - z) * s
-        clipped = torch.minimum(torch.maximum(w, low), high)
-        return clipped + ((torch.round(clipped / s) * s) - clipped).detach()
+        """fq(w): QuantizeLinear then DequantizeLinear as the replica runs them (`torch_ops`), with
+        QuantizeLinear's clipped straight-through gradient (see the module docstring)."""
+        s, z = self._params(torch)
+        return torch_ops.dequantize(torch, [torch_ops.quantize(torch, [w, s, z], self.attrs), s, z], self.attrs)
+
+    def integers(self, w: np.ndarray) -> np.ndarray:
+        """The integers fq(w) dequantizes, in the initializer's type: what the forward pass used."""
+        import torch
+
+        s, z = self._params(torch)
+        with torch.no_grad():
+            q = torch_ops.quantize(torch, [torch.from_numpy(np.asarray(w, np.float32).copy()), s, z], self.attrs)
+        return q.numpy().astype(self.dtype)
 
 
 def quantized_weights(model: onnx.ModelProto) -> dict[str, QuantizedWeight]:
@@ -78,14 +73,13 @@ def quantized_weights(model: onnx.ModelProto) -> dict[str, QuantizedWeight]:
         if not (is_qdq(n) and n.op_type == "DequantizeLinear") or n.input[0] not in inits:
             continue
         src = inits[n.input[0]]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(src.data_type))
         a = node_attrs(n)
-        if src.data_type not in INTEGER_RANGES or a.get("block_size", 0) \
+        if not np.issubdtype(dtype, np.integer) or a.get("block_size", 0) \
                 or any(i and i not in inits for i in n.input[1:]):
             continue
-        zp = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else None
-        lo, hi = INTEGER_RANGES[src.data_type]
-        out[n.output[0]] = QuantizedWeight(
-            source=src.name, output=n.output[0], scale=numpy_helper.to_array(inits[n.input[1]]),
-            zero_point=zp, axis=int(a.get("axis", 1)), lo=lo, hi=hi,
-            dtype=np.dtype(helper.tensor_dtype_to_np_dtype(src.data_type)))
+        zp = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else np.zeros((), dtype)
+        out[n.output[0]] = QuantizedWeight(source=src.name, output=n.output[0],
+                                           scale=numpy_helper.to_array(inits[n.input[1]]).astype(np.float32),
+                                           zero_point=zp, attrs=a)
     return out
