@@ -8,6 +8,7 @@ from builders import ConvCase, conv_model, small_cnn
 from gdws_onnx import optimize
 from gdws_onnx.runtime.bench import conv_macs
 from gdws_onnx.core.geometry import resolved_pads
+from gdws_onnx.core.spatial_svd import block_energy, round_rank
 from gdws_onnx.errors import GDWSError, OptionError
 from gdws_onnx.graph.convs import find_convs
 from gdws_onnx.peers import (
@@ -200,6 +201,38 @@ def test_mac_target_is_reached_and_the_model_runs(cnn, target):
     assert np.all(np.isfinite(_run(out, x)))
     names = [n.name for n in out.graph.node]
     assert all(f"{layer.name}/ssvd/a" in names and f"{layer.name}/ssvd/b" in names for layer in report.rewritten)
+
+
+def test_rank_blocks_round_ranks_to_the_multiple_and_keep_the_mac_budget():
+    """rank_multiple m: whole blocks of m ranks under a MAC budget (budget still met), rounded up
+    under an error budget or a rank fraction (never more error); capped at the full rank."""
+    assert [round_rank(r, 16, 40) for r in (1, 16, 17, 33)] == [16, 16, 32, 40]
+    assert round_rank(5, 1, 40) == 5 and round_rank(50, 1, 40) == 40
+    energy = np.array([5.0, 3.0, 1.0, 0.5, 0.25])
+    np.testing.assert_allclose(block_energy(energy, 2), [8.0, 1.5, 0.25])
+    np.testing.assert_allclose(block_energy(energy, 1), energy)
+    cnn = small_cnn(seed=2, channels=(16, 32, 32, 32), size=16)
+    for target in (1.5, 2.5):
+        _, plain = spatial_svd(cnn, mac_reduction=target)
+        _, blocked = spatial_svd(cnn, mac_reduction=target, rank_multiple=8)
+        assert blocked.met and blocked.mac_reduction >= target * (1 - 1e-3), blocked
+        assert all(layer.rank % 8 == 0 or layer.rank == layer.max_rank for layer in blocked.rewritten)
+        assert [layer.rank for layer in blocked.rewritten] != [layer.rank for layer in plain.rewritten]
+    _, plain = spatial_svd(cnn, error_budget=0.2)
+    out, blocked = spatial_svd(cnn, error_budget=0.2, rank_multiple=8)
+    rounded = {layer.name: layer for layer in blocked.layers}
+    for a in plain.rewritten:
+        b, rank = rounded[a.name], min(-(-a.rank // 8) * 8, a.max_rank)
+        if b.status == "rewritten":
+            assert b.rank == rank and b.relative_error <= a.relative_error
+        else:  # rounded up past the conv's own MACs: left dense, saying so
+            assert f"would not reduce MACs at rank {rank}" in b.reason
+    assert blocked.rewritten
+    x = np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32)
+    assert np.all(np.isfinite(_run(out, x)))
+    with pytest.raises(OptionError) as e:
+        SpatialSVDPass(rank_fraction=0.5, rank_multiple=0)
+    assert e.value.params == ("rank_multiple",)
 
 
 def test_unreachable_target_is_reported(cnn):

@@ -59,7 +59,7 @@ def test_int8_after_spatial_svd_wraps_every_conv(tmp_path):
 @pytest.mark.parametrize("options,params", [
     ({"uniform_rank": 2}, ("conv=ssvd", "uniform_rank")),
     ({"mac_reduction": 2, "target": "latency"}, ("mac_reduction", "target", "latency_reduction")),
-    ({"mac_reduction": 2, "width_multiple": 8}, ("conv=ssvd", "width_multiple")),
+    ({"width_multiple": 8, "target": "latency"}, ("conv=ssvd", "width_multiple")),
     ({"mac_reduction": 2, "include": "conv1"}, ("conv=ssvd", "include")),
     ({"mac_reduction": 2, "bias_correction": True, "data": "x.npz"}, ("conv=ssvd", "bias_correction")),
 ])
@@ -79,9 +79,15 @@ def test_cli(tmp_path, cnn_path):
     assert "2/3 rewritten, conv MACs / 1.50" in text
     assert json.loads(rep.read_text())["spatial_svd"]["layers"]
     r = CliRunner().invoke(main, ["optimize", cnn_path, "-o", str(tmp_path / "x.onnx"), "--conv", "ssvd",
-                                  "--width-multiple", "8", "--target", "macs"])
+                                  "--width-multiple", "8", "--target", "latency"])
     assert r.exit_code == 2 and "--conv ssvd cannot go with --width-multiple" in r.output
     assert not (tmp_path / "x.onnx").exists()
+    r = CliRunner().invoke(main, ["optimize", cnn_path, "-o", str(tmp_path / "w.onnx"), "--conv", "ssvd",
+                                  "--mac-reduction", "1.5", "--width-multiple", "8", "--target", "macs",
+                                  "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    ranks = [x["rank"] for x in json.loads(rep.read_text())["spatial_svd"]["layers"] if x["status"] == "rewritten"]
+    assert ranks and all(rank % 8 == 0 for rank in ranks)
 
 
 def test_error_budget_per_layer_and_as_inspect_promised(tmp_path):

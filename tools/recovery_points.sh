@@ -8,6 +8,10 @@
 #
 # Everything runs on ONE thread (the machine is shared) and writes into out/rec/.
 # Usage: tools/recovery_points.sh [--int8]      (from the repository root)
+# Another starting point: REWRITE=NAME REWRITE_FLAGS="optimize flags" FT_NAME=NAME tools/recovery_points.sh,
+# e.g. the blocked ranks of docs/recovery.md ("Channel blocks"):
+#   OUT=out/s4 REWRITE=b16_r14 REWRITE_FLAGS="--conv ssvd --mac-reduction 14 --width-multiple 16" \
+#   FT_NAME=b16_r14_ft bash tools/recovery_points.sh --int8
 # Wall time on the 2-core Xeon used for issue 28 (other core busy): about 24 min fine-tune,
 # 5.5 min original evaluation, 1.5 min recovered evaluation, 1 min bench (+ ~5 min with --int8).
 set -euo pipefail
@@ -16,7 +20,7 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 cd "$(dirname "$0")/.."
 
 ORIG=models/vgg16_fmnist_fgsm.onnx
-OUT=out/rec
+OUT=${OUT:-out/rec}
 N=1000
 mkdir -p "$OUT"
 
@@ -26,7 +30,8 @@ INT8=0
 # Best point (issue-28 report): RSLAD, PGD-2 training attack, 330 steps of 128 (0.72 epoch,
 # 23.4 CPU-minutes measured), all Conv/Gemm weights trained, lr 0.02.
 # TEST n=1000: 86.0 / 77.6 % (original 86.9 / 77.7 %); INT8 of it: 86.3 / 77.3 % (BPDA PGD-20 + Square).
-REWRITE=ssvd16
+REWRITE=${REWRITE:-ssvd16}
+REWRITE_FLAGS=${REWRITE_FLAGS:---conv ssvd --mac-reduction 16}
 FT_NAME=${FT_NAME:-ssvd16_rslad_pgd2_s330_all_lr02}
 FT_FLAGS=${FT_FLAGS:---attack pgd-2 --steps 330 --train all --lr 0.02}
 # Square iterations (Square runs only on the INT8 model here), passed to every evaluate
@@ -35,8 +40,9 @@ ORIG_EV="$OUT/ev_orig_q$QUERIES.json"
 
 timed() { /usr/bin/time -f "%e s wall, %U s user, %S s sys" "$@"; }
 
-echo "== 1. rewrite: spatial SVD, conv MACs / 16"
-timed onnx-gdws optimize "$ORIG" -o "$OUT/$REWRITE.onnx" --conv ssvd --mac-reduction 16 \
+echo "== 1. rewrite: $REWRITE_FLAGS"
+# shellcheck disable=SC2086
+timed onnx-gdws optimize "$ORIG" -o "$OUT/$REWRITE.onnx" $REWRITE_FLAGS \
     --data fashion-mnist:train --threads 1 --report "$OUT/${REWRITE}_opt.json"
 
 echo "== 2. fine-tune (RSLAD: distil the original's clean soft outputs): $FT_FLAGS"

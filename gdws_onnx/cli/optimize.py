@@ -107,7 +107,9 @@ PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken 
 @click.option("--width-multiple", type=int, default=1, show_default=True, metavar="N",
               help="Round each rewritten layer's GDWS width (depthwise channels) to a multiple of N: up with the "
                    "next best terms, or down under --mac-reduction. ORT's CPU convs are much faster at multiples "
-                   "of 8 (measured: tools/width_multiple.py).")
+                   "of 8 (measured: tools/width_multiple.py). With --conv ssvd: every rank a multiple of N (whole "
+                   "blocks under --mac-reduction); 16 keeps ORT's CPU convs in their blocked layout on AVX-512 "
+                   "(measured: tools/ssvd_blocks.py).")
 @args.INPUT_SHAPES()
 @click.option("--max-error", type=float, default=None,
               help="Gate: fail (exit 1, no output written) if any output's relative error exceeds TOL.")

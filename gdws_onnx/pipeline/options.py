@@ -51,7 +51,7 @@ class BudgetOptions:
     # "macs": by MAC counts (planning on a host that is not the target). None: `default_target`
     target: str | None = None
     alphas: str | dict | None = None  # per-layer, per-channel weights (file or dict)
-    width_multiple: int = 1  # round each layer's GDWS width G to a multiple (8: ORT CPU's fast conv widths)
+    width_multiple: int = 1  # round each layer's GDWS width G (conv="ssvd": each rank) to a multiple (8, 16: ORT CPU's fast widths)
     force: bool = False  # rewrite even when GDWS is not cheaper
     payoff: float | None = None  # conv="auto": a form at error e must run <= 1 - payoff e of its layer (None: DEFAULT_PAYOFF)
 
@@ -336,11 +336,12 @@ class OptimizeOptions:
     def check_spatial_svd(self) -> None:
         """conv="ssvd" takes a MAC budget (ranks allocated across layers by one greedy) or an error
         budget (per layer, default DEFAULT_ERROR_BUDGET; under target="latency" network-wide, as
-        conv="auto" restricted to spatial SVD), and none of the GDWS-only options."""
+        conv="auto" restricted to spatial SVD), width_multiple (its ranks in blocks) except under
+        target="latency", and none of the GDWS-only options."""
         b, c, t, sel = self.budget, self.calibration, self.timing, self.selection
         for param, on in (("mismatch_budget", b.mismatch_budget is not None),
                           ("uniform_rank", b.uniform_rank is not None), ("alphas", b.alphas is not None),
-                          ("width_multiple", b.width_multiple != 1),
+                          ("width_multiple", b.width_multiple != 1 and b.target == "latency"),
                           ("data_aware", c.data_aware is not None), ("bias_correction", c.bias_correction),
                           ("latency_table", t.latency_table is not None and b.target != "latency"),
                           ("include", sel.include is not None),

@@ -1,7 +1,8 @@
 """`optimize(conv="ssvd")`: the convs as spatial-SVD pairs instead of GDWS (peers.SpatialSVDPass:
 each k_h x k_w conv becomes a k_h x 1 conv to r channels and a 1 x k_w conv, the rank-r truncated
 SVD of W reshaped to (C k_h) x (M k_w); ranks allocated across layers by one greedy at conv
-MACs / R, or per layer at a relative weight error as GDWS's error budget). On trained robust
+MACs / R, or per layer at a relative weight error as GDWS's error budget; with width_multiple m,
+every rank a multiple of m). On trained robust
 CNNs whose kernels are close to separable this keeps accuracy at far larger MAC cuts than GDWS
 (docs/results.md, "Paper width"). The FC rewrite, the INT8 step and the
 verification follow as for GDWS.
@@ -23,7 +24,7 @@ def rewrite_spatial_svd(model: onnx.ModelProto, opts: OptimizeOptions) -> tuple[
     the largest rewritten layer's relative error) and the pass's report (peers.PeerReport.to_dict():
     one entry per conv)."""
     common = dict(skip_first=opts.selection.skip_first, force=opts.budget.force,
-                  input_shapes=opts.run.input_shapes or None)
+                  input_shapes=opts.run.input_shapes or None, rank_multiple=opts.budget.width_multiple)
     target = opts.budget.mac_reduction
     if target is None:
         error = opts.budget.error
