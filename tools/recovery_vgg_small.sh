@@ -7,12 +7,14 @@
 #   PGD-20 and Square-1000 (n = 1000, eps 0.1, each model attacked itself, ORT as judge)  ->
 #   interleaved latency at batch 1 and 32.
 #   bash tools/recovery_vgg_small.sh     (from the repository root; writes out/rec_vs/; one thread)
+# The same for the narrow ResNet-18 (docs/recovery.md):
+#   M=models/resnet18_small_fgsm.onnx OUT=out/rec_rn bash tools/recovery_vgg_small.sh
 # The rewrite is planned by measured latency, so its layers can differ from run to run.
 set -euo pipefail
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 cd "$(dirname "$0")/.."
-M=models/vgg_small_fgsm.onnx
-OUT=out/rec_vs
+M=${M:-models/vgg_small_fgsm.onnx}
+OUT=${OUT:-out/rec_vs}
 mkdir -p "$OUT"
 [ -f "$OUT/e05.onnx" ] || onnx-gdws optimize $M -o "$OUT/e05.onnx" --error-budget 0.5 --payoff 0 --threads 1 \
     --report "$OUT/e05.json" > "$OUT/e05.txt"
