@@ -8,10 +8,15 @@ MAC cut with ranks free (multiple 1) and in blocks, plus the floor of the blocke
 rank one block: `rank_fraction` -> the smallest rank, rounded up), times them all interleaved
 against the original (one thread, spinning off: `bench.compare_models`), and scores each on the
 first N test images before any recovery: clean accuracy and top-1 agreement with the original.
-That is a cheap proxy for where recovery starts, not robust accuracy.
+That is a cheap proxy for where recovery starts, not robust accuracy. `--floors 4,8` adds models
+with every rank at 4, 8 (blocks of that size), and `--int8` the static INT8 version of each model
+(`optimize(conv="off", quantize="int8")`, calibrated on the training images): the latency floors
+of any spatial SVD of the model, float and INT8.
 
     python tools/ssvd_blocks.py models/vgg16_fmnist_fgsm.onnx --cuts 16,24 --block-cuts 10,12,14 \\
         --multiple 16 --batch 1,32 --runs 100
+    python tools/ssvd_blocks.py models/vgg16_fmnist_fgsm.onnx --cuts "" --block-cuts "" --floors 4,8 \\
+        --int8 --batch 1 --runs 100
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
+from gdws_onnx import optimize  # noqa: E402
 from gdws_onnx.data import load_dataset  # noqa: E402
 from gdws_onnx.peers.spatial_svd import SpatialSVDPass  # noqa: E402
 from gdws_onnx.provenance import versions  # noqa: E402
@@ -36,6 +42,10 @@ def predictions(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """Top-1 classes of `model` on x in ONNX Runtime."""
     sess = make_session(model, threads=1)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(axis=1)
+
+
+def split(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
 
 
 def variant(original: onnx.ModelProto, multiple: int, cut: float | None) -> tuple[onnx.ModelProto, list[int], float]:
@@ -56,13 +66,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=1000, help="test images for the accuracy proxy")
+    ap.add_argument("--floors", default="", help="also every rank at each of these (blocks of that size)")
+    ap.add_argument("--int8", action="store_true", help="also the static INT8 version of each model")
     a = ap.parse_args()
     original = onnx.load(a.model)
     data = load_dataset("fashion-mnist:test")
     x, y = data.x[:a.n].astype(np.float32), data.y[:a.n]
-    variants = {f"/ {c} free": variant(original, 1, float(c)) for c in a.cuts.split(",")}
-    variants |= {f"/ {c} blocks of {a.multiple}": variant(original, a.multiple, float(c)) for c in a.block_cuts.split(",")}
-    variants[f"every rank {a.multiple} (floor)"] = variant(original, a.multiple, None)
+    variants = {f"/ {c} free": variant(original, 1, float(c)) for c in split(a.cuts)}
+    variants |= {f"/ {c} blocks of {a.multiple}": variant(original, a.multiple, float(c)) for c in split(a.block_cuts)}
+    for r in [a.multiple] + [int(f) for f in split(a.floors)]:
+        variants[f"every rank {r} (floor)"] = variant(original, r, None)
+    if a.int8:
+        for k, (model, ranks, cut) in list(variants.items()):
+            q, _ = optimize(model, conv="off", quantize="int8", data="fashion-mnist:train", target="macs", verify=False)
+            variants[f"{k}, INT8"] = (q, ranks, cut)
     env = environment(BenchConfig(threads=a.threads))
     v = versions()
     print(f"{a.model}; {env['cpu']}, onnxruntime {v.get('onnxruntime')}, CPU EP, {a.threads} thread(s), "
