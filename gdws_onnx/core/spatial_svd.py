@@ -61,16 +61,12 @@ def round_rank(rank: int, multiple: int, max_rank: int) -> int:
     factorization is exact). Channel counts that are multiples of ONNX Runtime's NCHWc block
     (8 with AVX2, 16 with AVX-512) keep a conv pair in the blocked layout, which at batch 1
     outweighs the extra MACs (docs/recovery.md, "Channel blocks")."""
-    if multiple <= 1:
-        return min(rank, max_rank)
     return min(-(-rank // multiple) * multiple, max_rank)
 
 
 def block_energy(energy: np.ndarray, multiple: int) -> np.ndarray:
     """Per-rank scores summed over consecutive blocks of `multiple` ranks (the last block
     partial): allocating whole blocks yields ranks that are multiples of it (or the full rank)."""
-    if multiple <= 1:
-        return np.asarray(energy)
     pad = -len(energy) % multiple
     return np.concatenate([energy, np.zeros(pad, energy.dtype)]).reshape(-1, multiple).sum(axis=1)
 

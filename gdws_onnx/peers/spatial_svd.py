@@ -14,12 +14,12 @@ from gdws_onnx.core import allocate
 from gdws_onnx.core.spatial_svd import (
     SpatialGeometry,
     SpatialSpectrum,
-    dense_conv_macs,
     block_energy,
+    dense_conv_macs,
     rank_at_error,
     relative_energy,
-    round_rank,
     relative_error,
+    round_rank,
     spatial_factors,
     spatial_spectrum,
     ssvd_macs_per_rank,
@@ -60,8 +60,7 @@ class _SsvdCandidate:
 def _ranks_by_fraction(cands: list[_SsvdCandidate], fraction: float, multiple: int = 1) -> None:
     """rank = ceil(fraction r_max) per layer, rounded up to `multiple` (`round_rank`)."""
     for c in cands:
-        rank = min(max(math.ceil(fraction * c.spec.max_rank - 1e-9), 1), c.spec.max_rank)
-        c.rank = round_rank(rank, multiple, c.spec.max_rank)
+        c.rank = round_rank(max(math.ceil(fraction * c.spec.max_rank - 1e-9), 1), multiple, c.spec.max_rank)
 
 
 def _ranks_by_error(cands: list[_SsvdCandidate], error: float, multiple: int = 1) -> None:
@@ -78,11 +77,11 @@ def _ranks_by_macs(cands: list[_SsvdCandidate], budget: float, multiple: int = 1
     `block_energy`, cost m ranks), so every rank is a multiple of m or the layer's full rank.
     Returns whether the budget was feasible."""
     layers = [allocate.LayerCost(scores=block_energy(relative_energy(c.spec), multiple)[None, :],
-                                 term_cost=float(c.per_rank * max(multiple, 1)),
+                                 term_cost=float(c.per_rank * multiple),
                                  original_cost=float(c.original)) for c in cands]
     result = allocate.allocate_macs(layers, budget)
     for c, r in zip(cands, result.ranks):
-        c.rank = None if r is None else round_rank(int(r.sum()) * max(multiple, 1), 1, c.spec.max_rank)
+        c.rank = None if r is None else min(int(r.sum()) * multiple, c.spec.max_rank)
         if r is None:
             c.reason = "not chosen by the MAC budget (spatial SVD would not be cheaper)"
     return result.feasible
