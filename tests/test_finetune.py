@@ -299,7 +299,7 @@ def test_qdq_fine_tuning_keeps_the_qdq_structure_and_its_scales(tmp_path, model)
     from gdws_onnx.recover.quantized import quantized_weights
 
     data = classes_data(tmp_path / "d.npz")
-    q, _ = optimize(model, conv="off", quantize="int8", data=data, threads=1)
+    q, _ = optimize(model, conv="off", quantize="int8", data=data, threads=1, mixed_precision=False)
     weights = quantized_weights(q)
     assert any(np.dtype(w.dtype) == np.int8 for w in weights.values())
     names = trainable_names(q, "all")

@@ -47,7 +47,8 @@ def _gdws_conv_names(layers) -> set[str]:
     return {node_name(layer.name, role) for layer in layers for role in (DEPTHWISE, POINTWISE)}
 
 
-GDWS_OPTIONS = dict(error_budget=0.02, skip_first=False, force=True, threads=1, target="macs")
+GDWS_OPTIONS = dict(error_budget=0.02, skip_first=False, force=True, threads=1, target="macs",
+                    mixed_precision=False)  # every conv INT8 (mixed precision: tests/test_mixed_precision.py)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,8 @@ def test_quantized_outputs_agree_with_the_original(fm_int8):
 
 def test_conv_off_quantizes_the_original_convs_only(fashion_mnist):
     model = fm_cnn()
-    out, report = optimize(model, conv="off", quantize="int8", data="fashion-mnist:train", threads=1, target="macs")
+    out, report = optimize(model, conv="off", quantize="int8", data="fashion-mnist:train", threads=1, target="macs",
+                           mixed_precision=False)
     assert not report.rewritten and report.quantize is not None
     names = [n.name for n in model.graph.node if n.op_type == "Conv"]
     assert [n.name for n in out.graph.node if n.op_type == "Conv"] == names  # the same convs, not rewritten
@@ -151,7 +153,8 @@ def test_the_kernel_check_sees_float_convs_and_uint8_activations_avoid_them(tmp_
     float_convs = {k.name for k in conv_kernels(s8).convs if not k.int8}
     assert {"conv0", "conv1"} <= float_convs
     np.savez(tmp_path / "x.npz", x=x)
-    out, report = optimize(model, conv="off", quantize="int8", data=str(tmp_path / "x.npz"), target="macs")
+    out, report = optimize(model, conv="off", quantize="int8", data=str(tmp_path / "x.npz"), target="macs",
+                           mixed_precision=False)
     assert [k.op_type for k in conv_kernels(out).convs] == ["QLinearConv"] * 3
     assert report.quantize.int8_kernels["not_int8"] == []
 
@@ -256,7 +259,8 @@ def test_cli_prints_the_int8_line_and_writes_the_report(runner, cnn_path, tmp_pa
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).random((32, 3, 12, 12)).astype(np.float32))
     r = runner.invoke(main, ["optimize", cnn_path, "-o", str(out), "--error-budget", "0.1", "--quantize", "int8",
-                             "--data", str(tmp_path / "x.npz"), "--report", str(rep), "--target", "macs"])
+                             "--data", str(tmp_path / "x.npz"), "--report", str(rep), "--target", "macs",
+                             "--no-mixed-precision"])
     assert r.exit_code == 0, r.output
     assert "int8: QDQ, per-channel int8 weights" in r.output and "as int8 kernels" in r.output
     assert "include the quantization error" in r.output
@@ -298,7 +302,7 @@ def test_target_latency_with_int8_times_int8_forms_against_int8_alone(tmp_path):
     factory = lambda batch, kind: Int8Probe(kind, {names[1]}, seen)  # noqa: E731
     cache = str(tmp_path / "c.json")
     out, report = optimize(model, target="latency", error_budget=0.3, quantize="int8", data=str(tmp_path / "x.npz"),
-                           cache=cache, probe_factory=factory, payoff=0)
+                           cache=cache, probe_factory=factory, payoff=0, mixed_precision=False)
     assert seen and all(q > 0 for _, q in seen)  # never a float model
     assert {r.name for r in report.rewritten} == {names[1]}
     assert "QuantizeLinear" in {n.op_type for n in out.graph.node}

@@ -50,7 +50,8 @@ def test_the_same_model_as_the_pass_verified_and_reported():
 
 def test_int8_after_spatial_svd_wraps_every_conv(tmp_path):
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).random((32, 3, 12, 12)).astype(np.float32))
-    out, report = optimize(small_cnn(), conv="ssvd", mac_reduction=1.5, quantize="int8", data=str(tmp_path / "x.npz"), target="macs")
+    out, report = optimize(small_cnn(), conv="ssvd", mac_reduction=1.5, quantize="int8", data=str(tmp_path / "x.npz"), target="macs",
+                           mixed_precision=False)
     coverage = int8_coverage(out)
     assert len(coverage.convs) == 5 and len(coverage.wrapped) == 5
     assert report.quantize is not None and report.verification.ran

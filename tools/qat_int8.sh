@@ -5,7 +5,8 @@
 # images (PGD-20 through straight-through gradients, Square beside) and time them.
 #   bash tools/qat_int8.sh            (from the repository root; writes out/qat/)
 # Every step on ONE thread. The default INT8 point is re-planned by measured latency, so its
-# layers can differ from run to run on a noisy machine.
+# layers can differ from run to run on a noisy machine. Every conv INT8, as docs/recovery.md measured it
+# (before mixed precision, the default since: tools/int8_mixed.sh).
 set -euo pipefail
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ N=1000
 STEPS=${STEPS:-150}
 LR=${LR:-0.005}
 mkdir -p "$OUT"
-[ -f "$OUT/int8_default.onnx" ] || onnx-gdws optimize $M -o "$OUT/int8_default.onnx" --quantize int8 \
+[ -f "$OUT/int8_default.onnx" ] || onnx-gdws optimize $M -o "$OUT/int8_default.onnx" --quantize int8 --no-mixed-precision \
     --data fashion-mnist:train --batch 1 --threads 1 --report "$OUT/int8_default.json" > "$OUT/int8_default.txt"
 onnx-gdws finetune "$OUT/int8_default.onnx" -o "$OUT/int8_qat.onnx" --data fashion-mnist:train --teacher $M \
     --attack pgd-2 --steps "$STEPS" --train all --lr "$LR" --threads 1 --report "$OUT/int8_qat.json"

@@ -10,7 +10,7 @@ against the original (one thread, spinning off: `bench.compare_models`), and sco
 first N test images before any recovery: clean accuracy and top-1 agreement with the original.
 That is a cheap proxy for where recovery starts, not robust accuracy. `--floors 4,8` adds models
 with every rank at 4, 8 (blocks of that size), and `--int8` the static INT8 version of each model
-(`optimize(conv="off", quantize="int8")`, calibrated on the training images): the latency floors
+(`optimize(conv="off", quantize="int8", mixed_precision=False)`: every conv INT8, calibrated on the training images): the latency floors
 of any spatial SVD of the model, float and INT8.
 
     python tools/ssvd_blocks.py models/vgg16_fmnist_fgsm.onnx --cuts 16,24 --block-cuts 10,12,14 \\
@@ -78,7 +78,8 @@ def main() -> None:
         variants[f"every rank {r} (floor)"] = variant(original, r, None)
     if a.int8:
         for k, (model, ranks, cut) in list(variants.items()):
-            q, _ = optimize(model, conv="off", quantize="int8", data="fashion-mnist:train", target="macs", verify=False)
+            q, _ = optimize(model, conv="off", quantize="int8", data="fashion-mnist:train", target="macs", verify=False,
+                            mixed_precision=False)
             variants[f"{k}, INT8"] = (q, ranks, cut)
     env = environment(BenchConfig(threads=a.threads))
     v = versions()

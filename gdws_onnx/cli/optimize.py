@@ -82,6 +82,12 @@ PROGRESS_AFTER_S = 2.0  # piped output: steps are reported once a run has taken 
               help="After the rewrites, quantize to INT8 (ONNX Runtime static QDQ: per-channel int8 weights, uint8 "
                    "activations, MinMax calibration on the first 256 samples of --data, which it needs); --conv off "
                    "for INT8 alone. Reports which convs ORT runs as int8 kernels (QLinearConv).")
+@click.option("--mixed-precision/--no-mixed-precision", default=True, show_default=True,
+              help="With --quantize int8 on the CPU EP: leave float the convs whose INT8 kernel ORT's profiler finds "
+                   "slower than their float kernel (a first conv with one input channel), one at a time, each only "
+                   "where the whole model then measures faster (interleaved, at every --batch), and the conv after each "
+                   "one kept. It times on this machine whatever --target: on a host that is not the device, "
+                   "--no-mixed-precision (every conv INT8).")
 @click.option("--finetune", type=float, default=None, metavar="EPOCHS",
               help="Recovery after the rewrites, before --quantize: fine-tune every conv/FC weight for EPOCHS passes "
                    "over --data (training data with labels, never a test split; needs the [validate] extra), "

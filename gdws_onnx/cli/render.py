@@ -273,7 +273,8 @@ def quantize_lines(report: OptimizeReport) -> list[str]:
             f"{k['int8']}/{k['convs']} as int8 kernels{gdws}"
             + (f"; {transposes} layout Transposes in ORT's graph" if transposes else ""))
     floats = [f"{c['name']} ({c['kernel']})" for c in k["not_int8"]]
-    return [line] + ([f"  not int8: {', '.join(floats)}"] if floats else [])
+    mixed = [f"  mixed precision: {q.mixed_precision.summary()}"] if q.mixed_precision is not None else []
+    return [line] + ([f"  not int8: {', '.join(floats)}"] if floats else []) + mixed
 
 
 def spatial_svd_table(ssvd: dict):

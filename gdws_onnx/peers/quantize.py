@@ -132,7 +132,8 @@ class QuantizeInt8Pass:
     """ORT static INT8 quantization: QDQ format, int8 weights (per output channel by default),
     `activation_type` ("int8" or "uint8") activations, MinMax calibration on the first `samples`
     rows of `calibration` (N x C x H x W float32, as the model's input). `preprocess` runs ORT's
-    quant_pre_process first.
+    quant_pre_process first. `exclude`: names of nodes left float (ORT's `nodes_to_exclude`: no
+    QDQ around them; the tensors they share with quantized nodes are still quantized there).
 
     Not in place (`in_place` is False): `call(model)` leaves the model it is given as it is and
     returns the quantized one, with the same graph input/output names and IR version; its
@@ -153,7 +154,7 @@ class QuantizeInt8Pass:
     in_place = False
 
     def __init__(self, calibration: np.ndarray, per_channel: bool = True, samples: int = CALIBRATION_SAMPLES,
-                 activation_type: str = "int8", preprocess: bool = False):
+                 activation_type: str = "int8", preprocess: bool = False, exclude: tuple[str, ...] = ()):
         if activation_type not in ("uint8", "int8"):
             raise OptionError(f"{{0}} must be 'uint8' or 'int8', got {activation_type!r}", "activation_type")
         self.calibration = calibration
@@ -161,6 +162,7 @@ class QuantizeInt8Pass:
         self.samples = samples
         self.activation_type = activation_type
         self.preprocess = preprocess
+        self.exclude = tuple(exclude)
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -187,12 +189,14 @@ class QuantizeInt8Pass:
             with quiet_root_logger():
                 quantize_static(src, out, _reader(inp.name, batches), quant_format=QuantFormat.QDQ,
                                 per_channel=self.per_channel, activation_type=acts[self.activation_type],
-                                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                                nodes_to_exclude=list(self.exclude))
             quantized = onnx.load_model(out)
         restore_ir_version(quantized, original_ir)
         restore_model_info(quantized, model)
         if _io_names(quantized) != io_names:
             raise GDWSError("INT8 quantization changed the model's input/output names")
         message = (f"QDQ, {'per-channel' if self.per_channel else 'per-tensor'} int8 weights, "
-                   f"{self.activation_type} activations, MinMax on {len(x)} calibration samples")
+                   f"{self.activation_type} activations, MinMax on {len(x)} calibration samples"
+                   + (f"; {len(self.exclude)} node(s) left float" if self.exclude else ""))
         return PassResult(quantized, True, PeerReport(method="quantize_int8", message=message))

@@ -6,6 +6,7 @@ through which the latency planner compares the INT8 forms of what it would other
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,8 +15,10 @@ import onnx
 from gdws_onnx.errors import GDWSError
 from gdws_onnx.graph.qdq import int8_coverage
 from gdws_onnx.pipeline.inputs import data_arrays, named_inputs
-from gdws_onnx.pipeline.options import RunOptions
-from gdws_onnx.pipeline.report import QuantizeSummary
+from gdws_onnx.pipeline.measure import layer_probes
+from gdws_onnx.pipeline.mixed_precision import mixed_precision
+from gdws_onnx.pipeline.options import RunOptions, TimingOptions
+from gdws_onnx.pipeline.report import MixedPrecisionReport, QuantizeSummary
 from gdws_onnx.runtime.bench import Ratio
 from gdws_onnx.runtime.kernels import conv_kernels
 
@@ -38,24 +41,47 @@ def require_quantizable(model: onnx.ModelProto) -> None:
         raise GDWSError(problem)
 
 
-def quantize(model: onnx.ModelProto, run: RunOptions) -> tuple[onnx.ModelProto, QuantizeSummary]:
+def quantize(model: onnx.ModelProto, run: RunOptions, timing: TimingOptions | None = None
+             ) -> tuple[onnx.ModelProto, QuantizeSummary]:
     """The rewritten model as INT8 (peers.quantize: ORT static QDQ, per-channel int8 weights,
     QUANTIZE_ACTIVATIONS activations, MinMax) calibrated on the first QUANTIZE_SAMPLES samples of
     `run.data`; with where its convs stand: QDQ-wrapped in the graph (graph.qdq.int8_coverage) and
-    the kernel ORT's CPU EP runs each as (runtime.kernels.conv_kernels). Returns a new model."""
+    the kernel ORT's CPU EP runs each as (runtime.kernels.conv_kernels). Given `timing` (on the CPU
+    EP), convs whose INT8 kernel is slower are left float where the whole model then measures
+    faster (pipeline.mixed_precision). Returns a new model."""
     from gdws_onnx.peers.quantize import QuantizeInt8Pass, calibration_set
 
     x, desc = calibration_inputs(model, run)
     x = calibration_set(model, x, QUANTIZE_SAMPLES)
-    result = QuantizeInt8Pass(x, per_channel=True, samples=len(x), activation_type=QUANTIZE_ACTIVATIONS).call(model)
-    quantized = result.model
+
+    def int8(float_convs: tuple[str, ...] = ()):
+        return QuantizeInt8Pass(x, per_channel=True, samples=len(x), activation_type=QUANTIZE_ACTIVATIONS,
+                                exclude=float_convs).call(model)
+
+    result = int8()
+    quantized, mixed = result.model, None
+    if timing is not None:
+        quantized, mixed = mixed_step(model, quantized, lambda names: int8(tuple(names)).model, timing, run)
     ran = conv_kernels(quantized, run.threads)
     kernels = {k.name: k for k in ran.convs}
     convs = [{"name": c.name, "layer": c.layer, "role": c.role, "wrapped": c.wrapped, "missing": c.missing,
               "kernel": kernels[c.name].op_type, "int8": kernels[c.name].int8}
              for c in int8_coverage(quantized).convs]
-    return quantized, QuantizeSummary(scheme="int8", method=result.report.message, calibration=desc, samples=len(x),
-                                      placement=QUANTIZE_PLACEMENT, convs=convs, op_counts=ran.op_counts)
+    method = result.report.message + (f"; {len(mixed.float_convs)} conv(s) left float (measured faster)"
+                                       if mixed is not None and mixed.float_convs else "")
+    return quantized, QuantizeSummary(scheme="int8", method=method, calibration=desc, samples=len(x),
+                                      placement=QUANTIZE_PLACEMENT, convs=convs, op_counts=ran.op_counts,
+                                      mixed_precision=mixed)
+
+
+def mixed_step(model: onnx.ModelProto, all_int8: onnx.ModelProto, with_float: Callable[[list[str]], onnx.ModelProto],
+               timing: TimingOptions, run: RunOptions) -> tuple[onnx.ModelProto, MixedPrecisionReport]:
+    """pipeline.mixed_precision on `timing`'s model probes; on another EP than the CPU it is not
+    run (the screen profiles ORT's CPU kernels), and says so."""
+    if timing.ep != "cpu":
+        return all_int8, MixedPrecisionReport(message=f"mixed precision not searched: it profiles ORT's CPU "
+                                                      f"kernels, and the EP is {timing.ep}")
+    return mixed_precision(model, all_int8, with_float, layer_probes(timing, run, "model"), run.threads)
 
 
 def calibration_inputs(model: onnx.ModelProto, run: RunOptions) -> tuple[np.ndarray, str]:

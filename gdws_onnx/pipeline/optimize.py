@@ -261,7 +261,8 @@ def _optimize_loaded(loaded: LoadedModel, opts: OptimizeOptions) -> tuple[onnx.M
                 report.finetune = {"accepted": False, "reason": "nothing was rewritten: nothing to fine-tune"}
     if quantizing:
         with clock("quantize"):
-            model, report.quantize = quantize(model, opts.run)
+            timing = opts.timing if opts.calibration.mixed_precision else None
+            model, report.quantize = quantize(model, opts.run, timing)
     with clock("verify"):
         changed = convs_changed or bool(fc is not None and fc.layers) or quantizing
         idle = None if changed else ("no conv was rewritten" if fc is None else "no conv or FC layer was rewritten")

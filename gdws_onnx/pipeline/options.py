@@ -159,6 +159,9 @@ class CalibrationOptions:
     bias_correction: bool = False  # shift rewritten convs' biases by their mean output error on the data
     data_aware: float | None = None  # lam: truncate in the metric (1 - lam) I + lam S_c / s from the data
     quantize: str = "off"  # "int8": static QDQ INT8 of the rewritten model, calibrated on the data
+    # with quantize="int8": leave float the convs whose INT8 kernel is slower, where the whole model
+    # then measures faster on the CPU EP (pipeline.mixed_precision); False: every conv INT8
+    mixed_precision: bool = True
     # recovery (pipeline.recovery): fine-tune the rewritten model for this many epochs of the data,
     # distilling the original, after the rewrites and before INT8; None: no fine-tune
     finetune: float | None = None
@@ -234,8 +237,8 @@ GROUP_OF: dict[str, str] = {f.name: group for group, cls in GROUPS.items() for f
 FLAT = ("error_budget", "mac_reduction", "mismatch_budget", "uniform_rank", "alphas", "skip_first", "include",
         "exclude", "force", "verify", "data", "input_shapes", "max_error", "seed", "bias_correction", "data_aware",
         "width_multiple", "target", "ep", "batches", "threads", "latency_reduction", "cache", "runs", "max_rounds",
-        "measure_seconds", "latency_table", "fc", "conv", "quantize", "payoff", "finetune", "finetune_attack",
-        "finetune_eps",
+        "measure_seconds", "latency_table", "fc", "conv", "quantize", "mixed_precision", "payoff", "finetune",
+        "finetune_attack", "finetune_eps",
         "probe_factory", "progress")  # the flat options, in the order reports list them (callables not)
 
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from gdws_onnx.errors import OptionError
+from gdws_onnx.runtime.bench import format_ratio, ratio_of
 from gdws_onnx.runtime.session import OutputComparison
 
 
@@ -139,6 +140,71 @@ class FCSummary:
 
 
 @dataclass
+class ConvKernelTimes:
+    """One conv's kernel time in ORT's profile, float and INT8 (microseconds)."""
+
+    name: str
+    float_us: float
+    int8_us: float
+
+    @property
+    def loss_us(self) -> float:
+        """What the INT8 kernel costs over the float one (positive: INT8 is slower)."""
+        return self.int8_us - self.float_us
+
+
+@dataclass
+class MixedStep:
+    """One whole-model measurement: the model with `float_convs` float against the best so far."""
+
+    float_convs: list[str]
+    ratios: dict[int, dict]  # batch -> Ratio as a dict (candidate / best so far)
+    kept: bool
+    after: str = ""  # the kept conv this one follows (a grown step), "" for a screened candidate
+
+
+@dataclass
+class MixedPrecisionReport:
+    """What the INT8 step's mixed-precision search (pipeline.mixed_precision) measured and chose."""
+
+    screened: list[ConvKernelTimes] = field(default_factory=list)  # every conv found in both profiles
+    float_convs: list[str] = field(default_factory=list)  # the convs the result leaves float
+    steps: list[MixedStep] = field(default_factory=list)
+    screen_batch: int = 1
+    message: str = ""  # why nothing was searched, when nothing was
+
+    @property
+    def candidates(self) -> list[ConvKernelTimes]:
+        """The screened convs whose INT8 kernel was slower, the largest loss first."""
+        return sorted((t for t in self.screened if t.loss_us > 0), key=lambda t: -t.loss_us)
+
+    def to_dict(self) -> dict:
+        return {"float_convs": self.float_convs, "screen_batch": self.screen_batch, "message": self.message,
+                "candidates": [asdict(t) for t in self.candidates],
+                "screened": [asdict(t) for t in self.screened], "steps": [asdict(s) for s in self.steps]}
+
+    def summary(self) -> str:
+        """One line: each conv left float with its profiled kernel times and the ratio of the model
+        with it float to the model before it; or why none is."""
+        if self.message:
+            return self.message
+        if not self.float_convs:
+            tried = f"; {self.steps[0].float_convs[-1]} float was not measurably faster" if self.steps else ""
+            return f"every conv INT8 ({len(self.candidates)} with a slower INT8 kernel in the profile{tried})"
+        times = {t.name: t for t in self.screened}
+        parts = []
+        for step in (s for s in self.steps if s.kept):
+            name = step.float_convs[-1]
+            t = times.get(name)
+            kernel = f"INT8 kernel {t.int8_us:.0f} us, float {t.float_us:.0f} us" if t is not None else "not profiled"
+            after = f"after {step.after}; " if step.after else ""
+            ratio = ", ".join(f"b{b} {format_ratio(ratio_of(r), 3)}" for b, r in step.ratios.items())
+            parts.append(f"{name} ({after}{kernel}) {ratio}")
+        return (f"{len(self.float_convs)} conv(s) left float, each measured against the model before it: "
+                + "; ".join(parts))
+
+
+@dataclass
 class QuantizeSummary:
     """The INT8 step's part of the report (quantize="int8"): how the rewritten model was quantized
     and calibrated, which convs the graph has QDQ-wrapped (graph.qdq) and which ones ORT's CPU EP
@@ -151,6 +217,7 @@ class QuantizeSummary:
     placement: str  # what was chosen for the QDQ placement, and why
     convs: list[dict] = field(default_factory=list)  # per Conv: name, layer, role, wrapped, missing, kernel
     op_counts: dict[str, int] = field(default_factory=dict)  # op type -> nodes in ORT's optimized graph
+    mixed_precision: MixedPrecisionReport | None = None  # the convs left float, and why (None: not searched)
 
     @property
     def convs_quantized(self) -> int:
@@ -170,7 +237,8 @@ class QuantizeSummary:
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, "method": self.method, "calibration": self.calibration,
                 "samples": self.samples, "placement": self.placement, "convs_quantized": self.convs_quantized,
-                "int8_kernels": self.int8_kernels, "convs": self.convs, "op_counts": self.op_counts}
+                "int8_kernels": self.int8_kernels, "convs": self.convs, "op_counts": self.op_counts,
+                "mixed_precision": None if self.mixed_precision is None else self.mixed_precision.to_dict()}
 
 
 @dataclass

@@ -16,14 +16,19 @@ from gdws_onnx.eval.gradients.classifier import OrtClassifier
 from gdws_onnx.eval.gradients.protocol import GradientSource, softmax
 
 # Logits parity of a BPDA (QDQ) source: max |replica - ORT| <= BPDA_LOGITS_TOL * max(1, max |ORT|),
-# four steps of an 8-bit code spanning the logits. The replica fake-quantizes in float (divide,
+# eight steps of an 8-bit code spanning the logits. The replica fake-quantizes in float (divide,
 # round half to even); ONNX Runtime fuses DQ -> op -> Q into int8 kernels that requantize the
 # int32 accumulator with a float multiplier, so a value within float rounding of a .5 tie can land
 # on the neighbouring code and the flip propagates. Measured on the zoo VGG (ORT static
 # quantization, QDQ, per-channel s8 weights, s8 or u8 activations, 500 test images): 1 step of the
 # output's code in 0.4% of logits, 0 elsewhere, no top-1 change; a wrong scale, zero point or axis
-# is off by tens of steps.
-BPDA_LOGITS_TOL = 4 / 255
+# is off by tens of steps. A conv left float by the INT8 step's mixed precision feeds its whole
+# output (65k values an image for the VGG-16's first conv) to a quantizer from ORT's float kernel,
+# whose summation order differs from torch's, so more values sit at a tie: on the recovered
+# VGG-16 with its first conv float, the gate's 8-image batches at the start of each 100-image
+# shard of the 1000 test images were off by up to 5.3 steps (2.0 with every conv INT8), top-1
+# unchanged on 500 images.
+BPDA_LOGITS_TOL = 8 / 255
 # Median relative error allowed between the STE directional derivative and central differences of
 # the dequantized surrogate (the float gate allows 0.1; the 90%-within-0.5 rule is unchanged). The
 # two are different functions' derivatives: the STE's is taken at rounded activations, so a Relu
