@@ -36,7 +36,7 @@ from gdws_onnx.graph.convs import node_label
 from gdws_onnx.pipeline.measure import Probe, faster
 from gdws_onnx.pipeline.report import ConvKernelTimes, MixedPrecisionReport, MixedStep
 from gdws_onnx.runtime.bench import BenchConfig
-from gdws_onnx.runtime.kernels import conv_kernel_times
+from gdws_onnx.runtime.kernels import INT8_CONV_OPS, conv_kernel_times
 
 SCREEN_RUNS = 50  # profiled runs per model in the screen (after SCREEN_WARMUP)
 SCREEN_WARMUP = 10
@@ -49,7 +49,7 @@ def screen(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, batch: int
     config = BenchConfig(ep="cpu", batch=batch, threads=threads, runs=SCREEN_RUNS, warmup=SCREEN_WARMUP)
     fp, q8 = conv_kernel_times(float_model, config), conv_kernel_times(int8_model, config)
     return [ConvKernelTimes(name, fp[name][1], q8[name][1]) for name in fp
-            if name in q8 and q8[name][0] in ("QLinearConv", "ConvInteger")]
+            if name in q8 and q8[name][0] in INT8_CONV_OPS]
 
 
 def next_conv(model: onnx.ModelProto, name: str) -> str | None:

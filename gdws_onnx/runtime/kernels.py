@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from gdws_onnx.errors import GDWSError
 from gdws_onnx.graph.convs import node_label
-from gdws_onnx.runtime.bench import FUSED_SUFFIXES, BenchConfig
+from gdws_onnx.runtime.bench import FUSED_SUFFIXES, BenchConfig, profile_nodes
 from gdws_onnx.runtime.session import session_options
 
 INT8_CONV_OPS = ("QLinearConv", "ConvInteger")  # int8 conv kernels of ORT (any domain)
@@ -117,8 +117,6 @@ def conv_kernel_times(model: onnx.ModelProto, config: BenchConfig) -> dict[str, 
     """For each Conv of `model` that ORT's CPU EP runs as a node of its own: (that node's op type,
     its median kernel time in microseconds over `config.runs` profiled runs). A Conv fused with
     its activation is timed with it; a Conv not found in the optimized graph is left out."""
-    from gdws_onnx.runtime.bench import profile_nodes
-
     times = profile_nodes(model, config)
     return {k.name: (k.op_type, times[k.node]) for k in conv_kernels(model, config.threads).convs
             if k.node and k.node in times}
